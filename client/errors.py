@@ -1,0 +1,65 @@
+"""Every exception ``veil.client`` raises.
+
+::
+
+    VeilClientError                  base: catch this to catch everything below
+    ├── ConfigurationError           bad arguments or policy file (nothing was sent)
+    ├── AttestationError             the enclave's evidence failed verification;
+    │                                ``.failed_checks`` names every failed check
+    ├── ChannelError                 the encrypted channel failed: tampered, truncated,
+    │                                reordered or replayed data (never a short answer)
+    └── ServerError                  the server answered with a gRPC status;
+        │                            ``.code`` is the status name
+        └── RequestRejectedError     the enclave rejected the request's content
+                                     (sent back inside the encrypted stream)
+
+Errors from ``veil.attestation`` are wrapped into these, with the original as
+``__cause__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AttestationError",
+    "ChannelError",
+    "ConfigurationError",
+    "RequestRejectedError",
+    "ServerError",
+    "VeilClientError",
+]
+
+
+class VeilClientError(Exception):
+    """Base of every error raised by ``veil.client``."""
+
+
+class ConfigurationError(VeilClientError):
+    """Bad arguments or policy; raised before anything is sent."""
+
+
+class AttestationError(VeilClientError):
+    """The enclave's evidence did not satisfy the policy."""
+
+    def __init__(self, message: str, failed_checks: Sequence[str] = ()) -> None:
+        checks = ", ".join(failed_checks)
+        super().__init__(f"{message} (failed: {checks})" if checks else message)
+        self.failed_checks = tuple(failed_checks)
+
+
+class ChannelError(VeilClientError):
+    """The encrypted channel failed authentication or ended early."""
+
+
+class ServerError(VeilClientError):
+    """The server returned a gRPC error status."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RequestRejectedError(ServerError):
+    """The enclave rejected the request's content; the reason came encrypted."""

@@ -1,0 +1,1 @@
+"""Everything that runs inside the TEE: keys, attestation providers, server, engine."""

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf code for veil.v1 (see proto/generate.py)."""

@@ -1,0 +1,37 @@
+"""The ``veil`` command line.
+
+Each sub-command lives with the package it belongs to and is imported only when
+run, so ``veil chat`` never loads the enclave or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# sub-command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("veil.demo", "run an encrypted round trip end to end and show what crossed the wire"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="veil", description="Confidential LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        _module(module_name).add_arguments(p)
+    args = parser.parse_args(argv)
+    code: int = _module(args._module).run(args)
+    return code
+
+
+def _module(name: str):  # type: ignore[no-untyped-def]
+    return importlib.import_module(name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
