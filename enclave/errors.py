@@ -1,0 +1,57 @@
+"""Every exception ``veil.enclave`` raises.
+
+::
+
+    EnclaveError                     base
+    ├── ModelLoadError               a weights file / checkpoint cannot be loaded
+    │                                (missing, truncated, unsupported tensor type or architecture)
+    ├── InvalidRequestError          a request is rejected before it reaches the engine loop
+    │   │                            (empty prompt, max_tokens < 1, temperature < 0, top_p ∉ (0, 1])
+    │   └── PromptTooLongError       prompt (+ max_tokens) longer than the context
+    ├── EngineOverloadedError        the waiting queue is full (the server maps it to
+    │                                RESOURCE_EXHAUSTED)
+    ├── EngineStoppedError           the engine is draining or stopped
+    └── AttestationProviderError     a TEE attestation provider failed to produce evidence
+
+Messages never contain prompt or completion text (data-handling policy).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AttestationProviderError",
+    "EnclaveError",
+    "EngineOverloadedError",
+    "EngineStoppedError",
+    "InvalidRequestError",
+    "ModelLoadError",
+    "PromptTooLongError",
+]
+
+
+class EnclaveError(Exception):
+    """Base of every error raised by ``veil.enclave``."""
+
+
+class ModelLoadError(EnclaveError):
+    """A model file or checkpoint cannot be loaded."""
+
+
+class InvalidRequestError(EnclaveError):
+    """A request's parameters are invalid; nothing was queued."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt does not fit the model's context."""
+
+
+class EngineOverloadedError(EnclaveError):
+    """The engine's queue is full."""
+
+
+class EngineStoppedError(EnclaveError):
+    """The engine is draining or stopped and admits no new requests."""
+
+
+class AttestationProviderError(EnclaveError):
+    """An attestation provider could not produce evidence."""
