@@ -168,3 +168,78 @@ class InferenceService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MetricsServiceStub:
+    """Operator view of a running enclave: metadata only.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetMetrics = channel.unary_unary(
+                '/veil.v1.MetricsService/GetMetrics',
+                request_serializer=veil_dot_v1_dot_service__pb2.GetMetricsRequest.SerializeToString,
+                response_deserializer=veil_dot_v1_dot_service__pb2.Metrics.FromString,
+                _registered_method=True)
+
+
+class MetricsServiceServicer:
+    """Operator view of a running enclave: metadata only.
+    """
+
+    def GetMetrics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MetricsServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=veil_dot_v1_dot_service__pb2.GetMetricsRequest.FromString,
+                    response_serializer=veil_dot_v1_dot_service__pb2.Metrics.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'veil.v1.MetricsService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('veil.v1.MetricsService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MetricsService:
+    """Operator view of a running enclave: metadata only.
+    """
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veil.v1.MetricsService/GetMetrics',
+            veil_dot_v1_dot_service__pb2.GetMetricsRequest.SerializeToString,
+            veil_dot_v1_dot_service__pb2.Metrics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
