@@ -1,0 +1,76 @@
+"""Small shared pieces of the Triton kernels: input checks, launch heuristics, device facts.
+
+Nothing here launches a kernel. The heuristics are starting points chosen from the kernels'
+memory-traffic shape, not measured on a GPU yet: ``bench/kernels.py`` sweeps the configurations on a
+real device and prints the best one, which is how the defaults below must be confirmed or replaced.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from veil.kernels.errors import KernelInputError, KernelUnavailableError
+
+__all__ = [
+    "DEFAULT_SM_COUNT",
+    "check_device",
+    "interpreting",
+    "next_power_of_2",
+    "pick_split",
+    "sm_count",
+]
+
+# An H100 SXM has 132 streaming multiprocessors; used when no device can be asked (the interpreter).
+DEFAULT_SM_COUNT = 132
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Raise unless every tensor sits where a Triton kernel can read it (CUDA, or CPU under the interpreter)."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise KernelInputError(f"tensors are on different devices: {sorted(str(d) for d in devices)}")
+    device = next(iter(devices))
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and interpreting():
+        return
+    raise KernelUnavailableError(
+        f"Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing "
+        "the kernel modules to run them on the CPU"
+    )
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def sm_count(device: torch.device) -> int:
+    """Number of SMs of ``device`` (a fixed H100 figure on the CPU interpreter)."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_SM_COUNT
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def pick_split(tiles: int, steps: int, sms: int, waves: int = 4) -> int:
+    """How many ways to split a reduction of ``steps`` blocks so ``tiles × split`` fills ``waves`` × SMs.
+
+    Memory-bound kernels need enough programs in flight to cover DRAM latency; with few output tiles
+    (decode GEMV, attention over few sequences) the reduction axis is cut instead.
+    """
+    if tiles <= 0 or steps <= 0:
+        return 1
+    want = -(-waves * sms // tiles)
+    return max(1, min(steps, want))
