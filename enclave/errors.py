@@ -11,7 +11,10 @@
     ├── EngineOverloadedError        the waiting queue is full (the server maps it to
     │                                RESOURCE_EXHAUSTED)
     ├── EngineStoppedError           the engine is draining or stopped
-    └── AttestationProviderError     a TEE attestation provider failed to produce evidence
+    ├── EngineInternalError          an internal invariant of the engine broke (a bug, never bad input)
+    ├── AttestationProviderError     a TEE attestation provider failed to produce evidence
+    └── DataPolicyError              the data-handling policy file is malformed or promises
+                                     something this server cannot enforce
 
 Messages never contain prompt or completion text (data-handling policy).
 """
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 __all__ = [
     "AttestationProviderError",
+    "DataPolicyError",
     "EnclaveError",
+    "EngineInternalError",
     "EngineOverloadedError",
     "EngineStoppedError",
     "InvalidRequestError",
@@ -53,5 +58,13 @@ class EngineStoppedError(EnclaveError):
     """The engine is draining or stopped and admits no new requests."""
 
 
+class EngineInternalError(EnclaveError):
+    """An internal invariant of the engine (scheduler, block manager) broke: a bug, never bad input."""
+
+
 class AttestationProviderError(EnclaveError):
     """An attestation provider could not produce evidence."""
+
+
+class DataPolicyError(EnclaveError):
+    """The data-handling policy is malformed or promises what this server cannot enforce."""
