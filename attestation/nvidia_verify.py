@@ -1,0 +1,529 @@
+"""Verify NVIDIA GPU / NVSwitch SPDM reports: signature, certificate chain, FWID, nonce, RIMs.
+
+The *verify* half (signatures, chains, collateral) of NVIDIA attestation, in the manner of
+NVIDIA's local GPU verifier but stricter:
+
+* ``{p}.signature`` — ECDSA P-384 / SHA-384 over request ‖ response-without-signature, with
+  the public key of the chain's leaf certificate (the device's alias key).
+* ``{p}.chain`` — every certificate is issued (name and signature) by the next, issuers are
+  CAs allowed to sign certificates, and the chain ends at the trusted root: the NVIDIA Device
+  Identity CA pinned in this package unless the caller passes another (the simulation root).
+* ``{p}.chain.validity`` — every certificate, root included, is valid at the injected ``now``.
+* ``{p}.chain.leaf`` — the leaf is an end-entity signing key (not a CA), EC P-384.
+* ``{p}.fwid`` — the FWID in the leaf's DICE TcbInfo extension (2.23.133.5.4.1) equals the
+  FWID the firmware put in the opaque data (NVSwitch reports carry none: skipped).
+* ``{p}.nonce`` — the request's nonce is the one the verifier asked for.
+* ``{p}.driver_version`` / ``{p}.vbios_version`` — reported, and equal to the policy's if set.
+* ``{p}.rim.driver`` / ``{p}.rim.vbios`` / ``{p}.measurements`` — see :mod:`.nvidia_rim`.
+* ``{p}.ocsp`` — online only, through an injected HTTP poster; offline it is skipped.
+
+Parsed certificates and chain results are cached, so verifying a report whose chain has been
+seen before costs one ECDSA verification.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+
+from veil.attestation.errors import MalformedInputError
+from veil.attestation.nvidia import SIGNATURE_SIZE, GpuReport, OpaqueFieldType, Signer, parse_gpu_report
+from veil.attestation.nvidia_certs import (
+    NVIDIA_DEVICE_ROOT_SHA256,
+    TCB_INFO_OID,
+    cert_name,
+    chain_problem,
+    check_now,
+    encode_tcb_info_fwid,
+    find_extension,
+    leaf_fwid,
+    leaf_problem,
+    load_cert_chain,
+    nvidia_device_root,
+    validity_problem,
+)
+from veil.attestation.nvidia_rim import (
+    Rim,
+    RimKind,
+    RimSet,
+    compare_measurements,
+    driver_rim_id,
+    switch_bios_rim_id,
+    vbios_rim_id,
+    verify_rim,
+)
+from veil.attestation.verdict import Verdict, VerdictBuilder
+
+__all__ = [
+    "NVIDIA_DEVICE_ROOT_SHA256",
+    "TCB_INFO_OID",
+    "GpuKind",
+    "GpuPolicy",
+    "OcspPost",
+    "check_ocsp",
+    "encode_tcb_info_fwid",
+    "gpu_rim_ids",
+    "leaf_fwid",
+    "load_cert_chain",
+    "nvidia_device_root",
+    "p384_signer",
+    "verify_gpu",
+    "verify_gpu_cert_chain",
+]
+
+GpuKind = Literal["gpu", "nvswitch"]
+OcspPost = Callable[[bytes], bytes]
+"""Sends a DER OCSP request to NVIDIA's responder and returns the DER response; raises on
+transport errors. ``veil.attestation.collateral.CollateralStore.nvidia_ocsp`` is one."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuPolicy:
+    """What a GPU report must state beyond being genuine.
+
+    ``driver_versions`` / ``vbios_versions``: allowed versions (empty = any, shown as a skip-free
+    pass with the version reported). ``require_rims``: fail rather than skip when no RIM for the
+    reported version is available.
+    """
+
+    driver_versions: frozenset[str] = frozenset()
+    vbios_versions: frozenset[str] = frozenset()
+    require_rims: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# signing (simulation) and the report signature
+
+
+def p384_signer(private_key: ec.EllipticCurvePrivateKey) -> Signer:
+    """A :data:`Signer` producing the raw 96-byte ``r ‖ s`` ECDSA P-384 / SHA-384 signature."""
+    if private_key.curve.name != "secp384r1":
+        raise MalformedInputError("the GPU report signing key must be P-384")
+
+    def sign(data: bytes) -> bytes:
+        r, s = decode_dss_signature(private_key.sign(data, ec.ECDSA(hashes.SHA384())))
+        return r.to_bytes(48, "big") + s.to_bytes(48, "big")
+
+    return sign
+
+
+def _signature_ok(report: GpuReport, leaf: x509.Certificate) -> tuple[bool, str]:
+    key = leaf.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
+        return False, "leaf key is not EC P-384"
+    if len(report.signature) != SIGNATURE_SIZE:
+        return False, "signature is not 96 bytes"
+    r = int.from_bytes(report.signature[:48], "big")
+    s = int.from_bytes(report.signature[48:], "big")
+    try:
+        key.verify(encode_dss_signature(r, s), report.signed_bytes, ec.ECDSA(hashes.SHA384()))
+    except InvalidSignature:
+        return False, f"ECDSA P-384 signature does not verify with {cert_name(leaf)}"
+    return True, f"ECDSA P-384/SHA-384 by {cert_name(leaf)} over {len(report.signed_bytes)} bytes"
+
+
+# --------------------------------------------------------------------------------------------
+# public verification
+
+
+def verify_gpu_cert_chain(
+    cert_chain: Sequence[x509.Certificate],
+    *,
+    now: datetime,
+    trusted_root: x509.Certificate | None = None,
+    kind: GpuKind = "gpu",
+    prefix: str | None = None,
+) -> Verdict:
+    """Checks ``{p}.chain``, ``{p}.chain.validity``, ``{p}.chain.leaf`` and ``{p}.fwid``
+    (present in the leaf) for a certificate chain alone, leaf first (e.g. Trustee's chain cases).
+    """
+    check_now(now)
+    p = prefix or kind
+    root = trusted_root if trusted_root is not None else nvidia_device_root()
+    chain = tuple(cert_chain)
+    v = VerdictBuilder()
+    _chain_checks(v, p, chain, root, now)
+    if chain:
+        _fwid_present(v, p, chain[0], kind)
+    return v.build()
+
+
+def _chain_checks(
+    v: VerdictBuilder, p: str, chain: tuple[x509.Certificate, ...], root: x509.Certificate, now: datetime
+) -> None:
+    problem = chain_problem(chain, root)
+    if problem is None:
+        v.passed(f"{p}.chain", f"{len(chain)} certificates to {cert_name(root)}")
+    else:
+        v.fail(f"{p}.chain", problem)
+    certs = chain if chain and chain[-1] == root else (*chain, root)
+    validity = validity_problem(certs, now)
+    if validity is None:
+        v.passed(f"{p}.chain.validity", f"all valid at {now.isoformat()}")
+    else:
+        v.fail(f"{p}.chain.validity", validity)
+    if not chain:
+        v.fail(f"{p}.chain.leaf", "no certificates")
+    elif (problem := leaf_problem(chain[0])) is None:
+        v.passed(f"{p}.chain.leaf", cert_name(chain[0]))
+    else:
+        v.fail(f"{p}.chain.leaf", problem)
+
+
+def _fwid_present(v: VerdictBuilder, p: str, leaf: x509.Certificate, kind: GpuKind) -> bytes | None:
+    try:
+        fwid = leaf_fwid(leaf)
+    except MalformedInputError as exc:
+        v.fail(f"{p}.fwid", f"TcbInfo extension malformed: {exc}")
+        return None
+    if fwid is None:
+        if kind == "gpu":
+            v.fail(
+                f"{p}.fwid",
+                f"FWID (OID {TCB_INFO_OID.dotted_string}) not found in the leaf {cert_name(leaf)}",
+            )
+        else:
+            v.skip(f"{p}.fwid", "NVSwitch leaf carries no FWID")
+        return None
+    v.passed(f"{p}.fwid", f"leaf FWID {fwid.hex()}")
+    return fwid
+
+
+def verify_gpu(
+    report: GpuReport | bytes,
+    cert_chain: Sequence[x509.Certificate],
+    *,
+    nonce: bytes | None,
+    now: datetime,
+    trusted_root: x509.Certificate | None = None,
+    kind: GpuKind = "gpu",
+    rims: RimSet | None = None,
+    policy: GpuPolicy | None = None,
+    rim_root: x509.Certificate | None = None,
+    ocsp_post: OcspPost | None = None,
+    prefix: str | None = None,
+) -> Verdict:
+    """Verify one GPU or NVSwitch report against its certificate chain (leaf first).
+
+    ``trusted_root`` defaults to the pinned NVIDIA Device Identity CA; the simulated provider
+    passes its simulation root. ``nonce`` is the 32-byte nonce the report must carry (None:
+    the check is skipped, which a policy must not accept). ``now`` is the verification time.
+    ``rims`` (driver / VBIOS reference manifests) enable measurement comparison; ``ocsp_post``
+    enables the online revocation check. Every check is named ``{prefix}.…`` (default: kind).
+    Raises only :class:`MalformedInputError` for unusable arguments; evidence problems are
+    failed checks.
+    """
+    check_now(now)
+    p = prefix or kind
+    policy = policy or GpuPolicy()
+    v = VerdictBuilder()
+    if not isinstance(report, GpuReport):
+        try:
+            report = parse_gpu_report(report)
+        except MalformedInputError as exc:
+            v.fail(f"{p}.report.parse", str(exc))
+            return v.build()
+    v.passed(
+        f"{p}.report.parse",
+        f"SPDM 1.1 MEASUREMENTS, {len(report.response.blocks)} blocks"
+        + (f", {len(report.trailing)} trailing zero bytes ignored" if report.trailing else ""),
+    )
+    root = trusted_root if trusted_root is not None else nvidia_device_root()
+    chain = tuple(cert_chain)
+
+    if chain:
+        ok, detail = _signature_ok(report, chain[0])
+        v.check(f"{p}.signature", ok, detail)
+    else:
+        v.fail(f"{p}.signature", "no leaf certificate to verify with")
+    _chain_checks(v, p, chain, root, now)
+    _fwid_check(v, p, report, chain, kind)
+    _nonce_check(v, p, report, nonce)
+    _version_checks(v, p, report, kind, policy)
+    _rim_checks(v, p=p, report=report, kind=kind, rims=rims, policy=policy, rim_root=rim_root, now=now)
+    if ocsp_post is None:
+        v.skip(f"{p}.ocsp", "offline: revocation not checked")
+    else:
+        v.extend(check_ocsp(chain, post=ocsp_post, now=now, prefix=p).checks)
+    return v.build()
+
+
+def _fwid_check(
+    v: VerdictBuilder, p: str, report: GpuReport, chain: tuple[x509.Certificate, ...], kind: GpuKind
+) -> None:
+    reported = report.opaque.fwid
+    if not chain:
+        v.fail(f"{p}.fwid", "no leaf certificate")
+        return
+    if reported is None and kind == "nvswitch":
+        v.skip(f"{p}.fwid", "NVSwitch reports carry no FWID in their opaque data")
+        return
+    if reported is None:
+        v.fail(f"{p}.fwid", "report opaque data carries no FWID")
+        return
+    try:
+        in_leaf = leaf_fwid(chain[0])
+    except MalformedInputError as exc:
+        v.fail(f"{p}.fwid", f"TcbInfo extension malformed: {exc}")
+        return
+    if in_leaf is None:
+        v.fail(
+            f"{p}.fwid",
+            f"FWID (OID {TCB_INFO_OID.dotted_string}) not found in the leaf {cert_name(chain[0])}",
+        )
+    elif hmac.compare_digest(in_leaf, reported):
+        v.passed(f"{p}.fwid", f"leaf FWID = reported FWID {reported.hex()}")
+    else:
+        v.fail(f"{p}.fwid", f"leaf FWID {in_leaf.hex()} != reported {reported.hex()}")
+
+
+def _nonce_check(v: VerdictBuilder, p: str, report: GpuReport, nonce: bytes | None) -> None:
+    if nonce is None:
+        v.skip(f"{p}.nonce", f"no expected nonce given (report carries {report.nonce.hex()})")
+    elif len(nonce) != len(report.nonce):
+        v.fail(f"{p}.nonce", f"expected nonce must be {len(report.nonce)} bytes, got {len(nonce)}")
+    elif hmac.compare_digest(bytes(nonce), report.nonce):
+        v.passed(f"{p}.nonce", report.nonce.hex())
+    else:
+        v.fail(f"{p}.nonce", f"report nonce {report.nonce.hex()} != expected {bytes(nonce).hex()}")
+
+
+def _version_checks(v: VerdictBuilder, p: str, report: GpuReport, kind: GpuKind, policy: GpuPolicy) -> None:
+    for name, allowed, needed in (
+        ("driver_version", policy.driver_versions, kind == "gpu"),
+        ("vbios_version", policy.vbios_versions, True),
+    ):
+        try:
+            version = (
+                report.opaque.driver_version if name == "driver_version" else report.opaque.vbios_version
+            )
+        except MalformedInputError as exc:
+            v.fail(f"{p}.{name}", str(exc))
+            continue
+        if version is None:
+            if needed:
+                v.fail(f"{p}.{name}", "not reported")
+            else:
+                v.skip(f"{p}.{name}", f"not reported by {kind}")
+        elif allowed and version not in allowed:
+            v.fail(f"{p}.{name}", f"{version} not in allowed {sorted(allowed)}")
+        else:
+            v.passed(f"{p}.{name}", version)
+
+
+def _rim_checks(
+    v: VerdictBuilder,
+    *,
+    p: str,
+    report: GpuReport,
+    kind: GpuKind,
+    rims: RimSet | None,
+    policy: GpuPolicy,
+    rim_root: x509.Certificate | None,
+    now: datetime,
+) -> None:
+    missing = v.fail if policy.require_rims else v.skip
+    if rims is None:
+        missing(f"{p}.rim.driver", "no RIMs given")
+        missing(f"{p}.rim.vbios", "no RIMs given")
+        missing(f"{p}.measurements", "no RIMs given")
+        return
+    try:
+        driver_version = report.opaque.driver_version
+        vbios_version = report.opaque.vbios_version
+    except MalformedInputError as exc:
+        v.fail(f"{p}.measurements", f"versions unreadable: {exc}")
+        return
+    chosen: dict[str, Rim | None] = {}
+    pairs: tuple[tuple[RimKind, str | None], ...] = (("driver", driver_version), ("vbios", vbios_version))
+    for which, version in pairs:
+        name = f"{p}.rim.{which}"
+        if which == "driver" and kind == "nvswitch":
+            v.skip(name, "NVSwitches have no driver RIM")
+            chosen[which] = None
+            continue
+        rim = None if version is None else rims.find(which, version)
+        chosen[which] = rim
+        if rim is None:
+            missing(name, f"no {which} RIM for version {version}")
+            continue
+        rim_verdict = verify_rim(rim, trusted_root=rim_root, now=now, prefix=name)
+        if rim_verdict.ok:
+            v.passed(name, f"{rim.tag_id[:16]}… version {rim.version}: signature, chain and validity good")
+        else:
+            v.fail(name, "; ".join(f"{c.name}: {c.detail}" for c in rim_verdict.failed))
+            chosen[which] = None
+    driver_rim, vbios_rim = chosen.get("driver"), chosen.get("vbios")
+    if vbios_rim is None or (kind == "gpu" and driver_rim is None):
+        missing(f"{p}.measurements", "RIMs for this driver and VBIOS are not all available")
+        return
+    nvdec = report.opaque.get(OpaqueFieldType.NVDEC0_STATUS)
+    problems = compare_measurements(
+        report.measurements,
+        driver=driver_rim,
+        vbios=vbios_rim,
+        nvdec0_status=nvdec[0] if nvdec and len(nvdec) == 1 else None,
+    )
+    if problems:
+        v.fail(f"{p}.measurements", "; ".join(problems[:8]))
+    else:
+        v.passed(f"{p}.measurements", f"{len(report.measurements)} blocks match the RIMs")
+
+
+def gpu_rim_ids(report: GpuReport, kind: GpuKind = "gpu") -> dict[RimKind, str]:
+    """The RIM service ids for a report's driver and VBIOS (what to fetch before verifying)."""
+    opaque = report.opaque
+    vbios = opaque.vbios_version
+    ids: dict[RimKind, str] = {}
+    if kind == "nvswitch":
+        if vbios is not None:
+            ids["vbios"] = switch_bios_rim_id(vbios)
+        return ids
+    if opaque.driver_version is not None:
+        ids["driver"] = driver_rim_id(opaque.driver_version)
+    project = opaque.text(OpaqueFieldType.PROJECT)
+    project_sku = opaque.text(OpaqueFieldType.PROJECT_SKU)
+    chip_sku = opaque.text(OpaqueFieldType.CHIP_SKU)
+    if vbios is not None and project and project_sku and chip_sku:
+        ids["vbios"] = vbios_rim_id(project, project_sku, chip_sku, vbios)
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# OCSP (online only)
+
+
+def check_ocsp(
+    cert_chain: Sequence[x509.Certificate],
+    *,
+    post: OcspPost,
+    now: datetime,
+    prefix: str = "gpu",
+    nonce: bytes | None = None,
+) -> Verdict:
+    """Revocation status of every certificate below the root except the device-made leaf.
+
+    As NVIDIA's verifier does: the leaf (generated by firmware at boot) is not registered with
+    the responder, so certificates 1..n-2 are asked about. Each response must be SUCCESSFUL,
+    signed by the issuer or by a responder it delegated (id-kp-OCSPSigning), current at ``now``,
+    about the right serial, echo our nonce when one is sent, and say GOOD.
+    """
+    check_now(now)
+    name = f"{prefix}.ocsp"
+    chain = tuple(cert_chain)
+    v = VerdictBuilder()
+    if len(chain) < 3:
+        v.fail(name, "chain too short for OCSP")
+        return v.build()
+    checked = []
+    for i in range(1, len(chain) - 1):
+        cert, issuer = chain[i], chain[i + 1]
+        problem = _ocsp_one(cert, issuer, post=post, now=now, nonce=nonce)
+        if problem is not None:
+            v.fail(name, f"{cert_name(cert)}: {problem}")
+            return v.build()
+        checked.append(cert_name(cert))
+    v.passed(name, "good: " + ", ".join(checked))
+    return v.build()
+
+
+def _ocsp_one(
+    cert: x509.Certificate,
+    issuer: x509.Certificate,
+    *,
+    post: OcspPost,
+    now: datetime,
+    nonce: bytes | None,
+) -> str | None:
+    builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA384())
+    if nonce is not None:
+        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+    request = builder.build().public_bytes(Encoding.DER)
+    try:
+        raw = post(request)
+    except Exception as exc:  # the injected transport may raise anything
+        return f"OCSP request failed: {type(exc).__name__}"
+    try:
+        resp = ocsp.load_der_ocsp_response(raw)
+    except ValueError:
+        return "OCSP response does not parse"
+    if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
+        return f"OCSP responder answered {resp.response_status.name}"
+    single = next(
+        (r for r in resp.responses if r.serial_number == cert.serial_number),
+        None,
+    )
+    if single is None:
+        return "OCSP response is not about this certificate"
+    expected_issuer_hash = (
+        ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, single.hash_algorithm).build()
+    )
+    if single.issuer_key_hash != expected_issuer_hash.issuer_key_hash:
+        return "OCSP response names another issuer"
+    signer = _ocsp_signer(resp, issuer)
+    if signer is None:
+        return "OCSP response not signed by the issuer or a delegated responder"
+    if nonce is not None:
+        try:
+            echoed = resp.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+        except x509.ExtensionNotFound:
+            return "OCSP response does not echo the nonce"
+        if not hmac.compare_digest(echoed, nonce):
+            return "OCSP response nonce differs"
+    if now < single.this_update_utc or (single.next_update_utc is not None and now > single.next_update_utc):
+        return "OCSP response not current"
+    if single.certificate_status is ocsp.OCSPCertStatus.REVOKED:
+        reason = single.revocation_reason.name if single.revocation_reason else "unspecified"
+        return f"revoked ({reason})"
+    if single.certificate_status is not ocsp.OCSPCertStatus.GOOD:
+        return "status unknown to the responder"
+    return None
+
+
+def _key_hash(cert: x509.Certificate) -> bytes:
+    return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
+
+
+def _ocsp_signer(resp: ocsp.OCSPResponse, issuer: x509.Certificate) -> x509.Certificate | None:
+    candidates = [issuer, *resp.certificates]
+    for cand in candidates:
+        if cand != issuer:
+            try:
+                cand.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                continue
+            eku = find_extension(cand, ExtensionOID.EXTENDED_KEY_USAGE)
+            if (
+                eku is None
+                or not isinstance(eku.value, x509.ExtendedKeyUsage)
+                or ExtendedKeyUsageOID.OCSP_SIGNING not in eku.value
+            ):
+                continue
+        if resp.responder_name is not None and resp.responder_name != cand.subject:
+            continue
+        if resp.responder_key_hash is not None and resp.responder_key_hash != _key_hash(cand):
+            continue
+        key = cand.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or resp.signature_hash_algorithm is None:
+            continue
+        try:
+            key.verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(resp.signature_hash_algorithm))
+        except InvalidSignature:
+            continue
+        return cand
+    return None
