@@ -97,6 +97,7 @@ def paged_attention_decode_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    *,
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
@@ -117,6 +118,7 @@ def paged_attention_prefill_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
+    *,
     context_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
@@ -176,6 +178,7 @@ def rope_kv_write_ref(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *,
     positions: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -184,8 +187,10 @@ def rope_kv_write_ref(
     slot_mapping: torch.Tensor,
     neox: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q ``[T, H, D]`` and k ``[T, KVH, D]`` at ``positions``; write rotated k and v to the caches at
-    ``slot_mapping`` (``block * block_size + offset``; negative = padding, skipped). Returns (q, k) rotated."""
+    """Rotate q ``[T, H, D]`` and k ``[T, KVH, D]`` at ``positions``; write rotated k and v to the caches
+    at ``slot_mapping`` (``block * block_size + offset``; negative = padding, skipped).
+
+    Returns the rotated (q, k)."""
     pos = positions.long()
     qr = _rotate(q.float(), cos[pos], sin[pos], neox).to(q.dtype)
     kr = _rotate(k.float(), cos[pos], sin[pos], neox).to(k.dtype)

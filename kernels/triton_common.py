@@ -33,7 +33,7 @@ def interpreting() -> bool:
 
 
 def check_device(*tensors: torch.Tensor) -> None:
-    """Raise unless every tensor sits where a Triton kernel can read it (CUDA, or CPU under the interpreter)."""
+    """Raise unless all tensors sit where a Triton kernel can read them (CUDA, or CPU when interpreting)."""
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise KernelInputError(f"tensors are on different devices: {sorted(str(d) for d in devices)}")

@@ -84,7 +84,7 @@ def repack_int8(q: torch.Tensor, scales: torch.Tensor) -> Int8Weight:
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Int8Weight:
-    """Symmetric absmax int8 quantization of a float ``[N, K]`` weight; per-channel when ``group_size`` is None."""
+    """Symmetric absmax int8 quantization of a float ``[N, K]`` weight (per-channel if no group size)."""
     if weight.dim() != 2 or not weight.dtype.is_floating_point:
         raise KernelInputError(f"need a float [N, K] weight, got {weight.dtype} {tuple(weight.shape)}")
     n, k = weight.shape
@@ -112,7 +112,7 @@ def repack_q8_0_bytes(raw: torch.Tensor, out_features: int, in_features: int) ->
 
 
 @triton.jit
-def _load_int8_tile(
+def _load_int8_tile(  # noqa: PLR0917
     qw_ptr,
     s_ptr,
     k0,
@@ -145,7 +145,7 @@ def _load_int8_tile(
 
 
 @triton.jit
-def _int8_splitk_kernel(
+def _int8_splitk_kernel(  # noqa: PLR0917
     x_ptr, qw_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_xk, stride_qk, stride_sg, stride_os, stride_om,
     K_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -180,7 +180,7 @@ def _int8_splitk_kernel(
 
 
 @triton.jit
-def _int8_gemm_kernel(
+def _int8_gemm_kernel(  # noqa: PLR0917
     x_ptr, qw_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_xk, stride_qk, stride_sg, stride_om,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,

@@ -118,7 +118,7 @@ def _check_shape(out_features: int, in_features: int) -> None:
 def unpack_q4_1_bytes(
     raw: torch.Tensor, out_features: int, in_features: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split raw GGUF Q4_1 bytes of an ``[N, K]`` tensor into ``(q uint8 [N, K], d fp16, m fp16 [N, K/32])``."""
+    """Split raw GGUF Q4_1 bytes of an ``[N, K]`` tensor into ``q`` uint8 ``[N, K]`` and ``d``, ``m``."""
     _check_shape(out_features, in_features)
     groups = in_features // Q4_1_GROUP
     want = out_features * groups * Q4_1_BLOCK_BYTES
@@ -136,7 +136,7 @@ def unpack_q4_1_bytes(
 
 
 def repack_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> W4A16Weight:
-    """Repack Q4_1 as ``q`` (integers 0..15, ``[N, K]``), ``d`` and ``m`` (``[N, K/32]``) into the kernel layout."""
+    """Repack Q4_1 given as ``q`` (0..15, ``[N, K]``), ``d``, ``m`` (``[N, K/32]``) into the kernel layout."""
     if q.dim() != 2:
         raise KernelInputError(f"q must be 2-D [N, K], got shape {tuple(q.shape)}")
     n, k = q.shape
@@ -172,7 +172,7 @@ def repack_q4_1_bytes(raw: torch.Tensor, out_features: int, in_features: int) ->
 
 
 @triton.jit
-def _dequant_tile(
+def _dequant_tile(  # noqa: PLR0917
     qw_ptr,
     s_ptr,
     m_ptr,
@@ -204,7 +204,7 @@ def _dequant_tile(
 
 
 @triton.jit
-def _w4a16_splitk_kernel(
+def _w4a16_splitk_kernel(  # noqa: PLR0917
     x_ptr,
     qw_ptr,
     s_ptr,
@@ -251,7 +251,7 @@ def _w4a16_splitk_kernel(
 
 
 @triton.jit
-def _w4a16_gemm_kernel(
+def _w4a16_gemm_kernel(  # noqa: PLR0917
     x_ptr,
     qw_ptr,
     s_ptr,
