@@ -399,7 +399,7 @@ def paged_attention_prefill_triton(
     ``q_len`` positions, whose K/V must already be in the cache (``context_lens[b]`` positions in all).
     """
     block_size, kv_heads, head_dim = _check_prefill(
-        q, k_cache, v_cache, block_tables, context_lens, query_start_loc
+        q, k_cache, v_cache, block_tables, context_lens=context_lens, query_start_loc=query_start_loc
     )
     heads = q.shape[1]
     out = torch.empty_like(q)
