@@ -1,0 +1,45 @@
+"""``veil serve``: flags and entry point (heavy imports happen inside :func:`run`)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="GGUF or HF checkpoint (default: the embedded model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    parser.add_argument("--port", type=int, default=0, help="port (default 0: pick a free one and print it)")
+    parser.add_argument(
+        "--tee",
+        choices=["simulated"],
+        default="simulated",
+        help="attestation provider (only 'simulated' today)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="simulation chain + temp files (default: $VEIL_STATE_DIR or ~/.local/state/veil)",
+    )
+    parser.add_argument("--data-policy", default=None, metavar="FILE", help="data-handling policy TOML")
+    parser.add_argument("--max-batch", type=int, default=None, help="most sequences decoded together")
+    parser.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache size in MiB")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
+    parser.add_argument("--evidence-rate", type=float, default=20.0, help="GetEvidence calls per second")
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from veil.enclave.errors import EnclaveError
+    from veil.enclave.server import serve
+
+    try:
+        return asyncio.run(serve(args))
+    except EnclaveError as exc:
+        print(f"veil serve: {type(exc).__name__}: {exc}", flush=True)
+        return 1
+    except OSError as exc:
+        print(f"veil serve: cannot start: {exc.strerror or type(exc).__name__}", flush=True)
+        return 1

@@ -1,0 +1,295 @@
+"""The data-handling policy: what the enclave promises about user data, and how it keeps it.
+
+The policy is a small TOML file (default: ``data_policy.toml`` next to this module;
+``veil serve --data-policy FILE`` picks another). The SHA-256 of the file's exact bytes
+is the ``data_policy_digest`` in the attested claims. This server enforces exactly one
+set of promises, and refuses (:class:`DataPolicyError`) a file that promises anything
+else, because an attested promise the code does not keep would be a lie:
+
+* ``log_content = false`` — :class:`MetadataLogFilter` rewrites every log record that
+  reaches a handler: structured records keep only the policy's ``allowed_fields`` with
+  scalar values; anything else (free text from a library, ``%``-arguments, exception
+  tracebacks, stack info) is replaced by a fixed "redacted" line naming only the logger
+  and, for exceptions, the exception *type*. Error texts the server puts into gRPC
+  statuses are fixed strings chosen in the servicer (never an exception's message).
+* ``retain = "none"`` — nothing about a request outlives its stream: the engine frees
+  its KV blocks on finish, error, cancellation and client disconnect; nothing is written.
+* ``share_kv_across_requests = false`` — the engine never shares KV blocks across requests.
+* ``core_dumps = false`` — :func:`harden_process` sets ``RLIMIT_CORE`` to 0 and calls
+  ``prctl(PR_SET_DUMPABLE, 0)`` (no core file, no ptrace attach by same-uid processes,
+  ``/proc/PID/mem`` closed to them).
+
+Files: :func:`confine_temp_files` points ``tempfile``, ``TMPDIR`` and the torch/triton
+compile caches at ``STATE_DIR/tmp`` (mode 0700, emptied at start and at exit) and turns
+off ``.pyc`` writing, so the process writes nowhere but its state directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from veil.enclave.errors import DataPolicyError
+
+__all__ = [
+    "METADATA_FIELDS",
+    "DataPolicy",
+    "HardeningReport",
+    "MetadataLogFilter",
+    "configure_logging",
+    "confine_temp_files",
+    "harden_process",
+    "install_exception_hooks",
+    "load_data_policy",
+    "log_event",
+    "parse_data_policy",
+    "remove_temp_files",
+]
+
+# Every field the server ever logs; each is metadata by construction (numbers, enum
+# names, a server-chosen request handle). A policy may allow a subset, never more.
+METADATA_FIELDS = frozenset(
+    {
+        "event",
+        "request",
+        "status",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "queue_ms",
+        "ttft_ms",
+        "duration_ms",
+        "running",
+        "waiting",
+        "free_kv_blocks",
+        "total_kv_blocks",
+        "error_type",
+        "port",
+    }
+)
+_REQUIRED = {
+    "log_content": False,
+    "retain": "none",
+    "share_kv_across_requests": False,
+    "core_dumps": False,
+}
+_TOP_KEYS = {"version", *_REQUIRED, "logging"}
+_EVENT = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+_SAFE_STR = re.compile(r"^[A-Za-z0-9_.:-]{0,64}$")
+_MAX_POLICY_BYTES = 64 * 1024
+_FIELDS_ATTR = "veil_fields"
+PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class DataPolicy:
+    """A parsed data-handling policy; ``digest`` = SHA-256 of the file's bytes."""
+
+    version: int
+    log_content: bool
+    retain: str
+    share_kv_across_requests: bool
+    core_dumps: bool
+    allowed_log_fields: frozenset[str]
+    digest: bytes
+    source: str
+
+
+def parse_data_policy(data: bytes, source: str = "<bytes>") -> DataPolicy:
+    """Parse and check a policy file's bytes (pure; no I/O)."""
+    if len(data) > _MAX_POLICY_BYTES:
+        raise DataPolicyError(f"data policy {source} is larger than 64 KiB")
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise DataPolicyError(f"data policy {source} is not UTF-8 TOML: {exc}") from None
+    unknown = sorted(set(doc) - _TOP_KEYS)
+    if unknown:
+        raise DataPolicyError(f"data policy {source}: unknown keys {unknown} (a typo must not pass)")
+    if doc.get("version") != 1:
+        raise DataPolicyError(f"data policy {source}: version must be 1")
+    for key, required in _REQUIRED.items():
+        if key not in doc:
+            raise DataPolicyError(f"data policy {source}: {key} is required")
+        if doc[key] != required or type(doc[key]) is not type(required):
+            raise DataPolicyError(
+                f"data policy {source}: {key} = {doc[key]!r} cannot be enforced by this server "
+                f"(it enforces {key} = {required!r})"
+            )
+    fields = _allowed_fields(doc.get("logging", {}), source)
+    return DataPolicy(
+        version=1,
+        log_content=False,
+        retain="none",
+        share_kv_across_requests=False,
+        core_dumps=False,
+        allowed_log_fields=fields,
+        digest=hashlib.sha256(data).digest(),
+        source=source,
+    )
+
+
+def _allowed_fields(section: object, source: str) -> frozenset[str]:
+    if not isinstance(section, dict) or set(section) - {"allowed_fields"}:
+        raise DataPolicyError(f"data policy {source}: [logging] may only hold allowed_fields")
+    fields = section.get("allowed_fields", ["event"])
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise DataPolicyError(f"data policy {source}: logging.allowed_fields must be a list of strings")
+    extra = sorted(set(fields) - METADATA_FIELDS)
+    if extra:
+        raise DataPolicyError(
+            f"data policy {source}: logging.allowed_fields {extra} are not metadata fields this server knows"
+        )
+    return frozenset(fields) | {"event"}
+
+
+def load_data_policy(path: Path | None = None) -> DataPolicy:
+    """Load the policy at ``path``, or the default shipped in the package."""
+    if path is None:
+        data = resources.files("veil.enclave").joinpath("data_policy.toml").read_bytes()
+        return parse_data_policy(data, "<default data_policy.toml>")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataPolicyError(f"cannot read data policy {path}: {exc.strerror}") from None
+    return parse_data_policy(data, str(path))
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: object) -> None:
+    """Log a structured, metadata-only record: ``event`` plus named scalar fields."""
+    logger.log(level, event, extra={_FIELDS_ATTR: fields})
+
+
+def _safe_value(value: object) -> object | None:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str) and _SAFE_STR.match(value):
+        return value
+    return None
+
+
+class MetadataLogFilter(logging.Filter):
+    """Rewrites every record to metadata only (see the module docstring); never drops a record."""
+
+    def __init__(self, allowed_fields: frozenset[str], *, simulated: bool) -> None:
+        super().__init__()
+        self._allowed = allowed_fields
+        self._tag = "SIMULATED TEE" if simulated else "TEE"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields: dict[str, object] = {}
+        raw = getattr(record, _FIELDS_ATTR, None)
+        structured = isinstance(raw, Mapping) and isinstance(record.msg, str) and not record.args
+        if structured and isinstance(raw, Mapping) and _EVENT.match(str(record.msg)):
+            for key, value in raw.items():
+                safe = _safe_value(value)
+                if key in self._allowed and (safe is not None or value is None):
+                    fields[key] = safe
+        else:
+            record.msg = "record.redacted"
+        if record.exc_info and record.exc_info[0] is not None and "error_type" in self._allowed:
+            fields["error_type"] = record.exc_info[0].__name__
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        setattr(record, _FIELDS_ATTR, fields)
+        record.veil_tag = self._tag
+        record.veil_kv = " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
+        return True
+
+
+_FORMAT = "%(asctime)s %(levelname)s [%(veil_tag)s] %(name)s %(message)s %(veil_kv)s"
+
+
+def configure_logging(
+    policy: DataPolicy, *, simulated: bool, stream: Any = None, level: int = logging.INFO
+) -> logging.Handler:
+    """Send all logging to ``stream`` (stderr) through the metadata filter; filter every root handler."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    flt = MetadataLogFilter(policy.allowed_log_fields, simulated=simulated)
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        existing.addFilter(flt)
+    handler.addFilter(flt)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    return handler
+
+
+@dataclass(frozen=True, slots=True)
+class HardeningReport:
+    core_limit: tuple[int, int]
+    dumpable: bool | None  # None where prctl is unavailable (not Linux)
+
+
+def harden_process() -> HardeningReport:
+    """Disable core dumps: ``RLIMIT_CORE`` = 0 and ``prctl(PR_SET_DUMPABLE, 0)`` (Linux)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    limit = resource.getrlimit(resource.RLIMIT_CORE)
+    if not sys.platform.startswith("linux"):
+        return HardeningReport(limit, None)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise DataPolicyError(f"prctl(PR_SET_DUMPABLE, 0) failed: errno {ctypes.get_errno()}")
+    dumpable = int(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
+    if dumpable != 0:
+        raise DataPolicyError("process is still dumpable after prctl(PR_SET_DUMPABLE, 0)")
+    return HardeningReport(limit, False)
+
+
+_CACHE_ENV = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH", "XDG_CACHE_HOME")
+
+
+def confine_temp_files(state_dir: Path) -> Path:
+    """Make ``STATE_DIR/tmp`` (0700, emptied) the only place temp and cache files can go."""
+    tmp = Path(state_dir) / "tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(mode=0o700, parents=True)
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        os.environ[name] = str(tmp)
+    for name in _CACHE_ENV:
+        os.environ[name] = str(tmp / name.lower())
+    tempfile.tempdir = str(tmp)
+    sys.dont_write_bytecode = True
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    return tmp
+
+
+def remove_temp_files(tmp: Path) -> None:
+    """Delete the temp directory made by :func:`confine_temp_files` (at exit)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_exception_hooks(logger: logging.Logger) -> None:
+    """Uncaught exceptions are logged by type only, never with message or traceback."""
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        log_event(logger, "uncaught_exception", logging.ERROR, error_type=exc_type.__name__)
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        name = args.exc_type.__name__ if args.exc_type is not None else "unknown"
+        log_event(logger, "uncaught_thread_exception", logging.ERROR, error_type=name)
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook
