@@ -9,6 +9,7 @@
     │                                    report version, product)
     ├── VerificationError                evidence parsed, but a named check failed
     ├── CollateralError                  certificates / TCB info / RIMs missing or unfetchable
+    ├── PolicyError                      a verification policy (file or value) is invalid
     └── ChannelError                     the encrypted request/response channel
         ├── StaleKeyError                a request names an enclave key this enclave does
         │                                not hold (it restarted): re-attest
@@ -31,6 +32,7 @@ __all__ = [
     "DecryptionError",
     "MalformedInputError",
     "MessageTooLargeError",
+    "PolicyError",
     "StaleKeyError",
     "StreamError",
     "TruncatedStreamError",
@@ -66,6 +68,10 @@ class VerificationError(VeilAttestationError):
 
 class CollateralError(VeilAttestationError):
     """Collateral (certificates, TCB info, RIMs, CRLs) is missing or could not be fetched."""
+
+
+class PolicyError(VeilAttestationError):
+    """A verification policy is invalid: unknown key, wrong type, unreadable root file."""
 
 
 class ChannelError(VeilAttestationError):

@@ -1,5 +1,37 @@
-"""The Veil client SDK. Imports neither torch nor ``veil.enclave``."""
+"""The Veil client SDK: attested, end-to-end encrypted chat with a Veil enclave.
 
+::
+
+    from veil.client import Client, Policy
+
+    client = Client("localhost:50051", policy=Policy.simulated("state/simulation-root.pem"))
+    reply = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}])
+    print(reply.choices[0].message.content)
+    print(client.attestation.table())
+
+Imports neither torch nor ``veil.enclave``.
+"""
+
+from veil.attestation.policy import Policy
+from veil.attestation.verdict import Check, CheckStatus, Verdict
+from veil.client._client import AsyncClient, AsyncStream, Client, Stream
+from veil.client._transport import (
+    AsyncGrpcTransport,
+    AsyncResponseStream,
+    AsyncTransport,
+    GrpcTransport,
+    ResponseStream,
+    Transport,
+)
+from veil.client._types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    Choice,
+    ChoiceDelta,
+    ChunkChoice,
+    CompletionUsage,
+)
 from veil.client.errors import (
     AttestationError,
     ChannelError,
@@ -10,10 +42,31 @@ from veil.client.errors import (
 )
 
 __all__ = [
+    "AsyncClient",
+    "AsyncGrpcTransport",
+    "AsyncResponseStream",
+    "AsyncStream",
+    "AsyncTransport",
     "AttestationError",
     "ChannelError",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionMessage",
+    "Check",
+    "CheckStatus",
+    "Choice",
+    "ChoiceDelta",
+    "ChunkChoice",
+    "Client",
+    "CompletionUsage",
     "ConfigurationError",
+    "GrpcTransport",
+    "Policy",
     "RequestRejectedError",
+    "ResponseStream",
     "ServerError",
+    "Stream",
+    "Transport",
     "VeilClientError",
+    "Verdict",
 ]

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from veil.attestation.verdict import Verdict
+
 __all__ = [
     "AttestationError",
     "ChannelError",
@@ -40,12 +42,19 @@ class ConfigurationError(VeilClientError):
 
 
 class AttestationError(VeilClientError):
-    """The enclave's evidence did not satisfy the policy."""
+    """The enclave's evidence did not satisfy the policy.
 
-    def __init__(self, message: str, failed_checks: Sequence[str] = ()) -> None:
+    ``failed_checks`` names every failed check; ``verdict`` is the whole verdict
+    (every check with its detail) when verification got that far.
+    """
+
+    def __init__(
+        self, message: str, failed_checks: Sequence[str] = (), verdict: Verdict | None = None
+    ) -> None:
         checks = ", ".join(failed_checks)
         super().__init__(f"{message} (failed: {checks})" if checks else message)
         self.failed_checks = tuple(failed_checks)
+        self.verdict = verdict
 
 
 class ChannelError(VeilClientError):
