@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # sub-command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("veil.demo", "run an encrypted round trip end to end and show what crossed the wire"),
+    "chat": ("veil.client.cli", "chat with an attested enclave, end-to-end encrypted"),
     "measure": ("veil.measure_cli", "compute an expected launch measurement from published artifacts"),
     "serve": ("veil.enclave.cli", "run the enclave: attested, end-to-end encrypted inference over gRPC"),
 }
