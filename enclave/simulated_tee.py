@@ -52,11 +52,12 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from veil.attestation.nvidia import OpaqueFieldType, build_gpu_report
+from veil.attestation.nvidia_verify import p384_signer
 from veil.attestation.snp import Product, TcbVersion, build_snp_report
+from veil.attestation.snp_verify import sign_snp_report
 from veil.enclave.attestation_provider import AttestationProvider, CpuEvidencePart, GpuEvidencePart
 from veil.enclave.errors import AttestationProviderError
 from veil.proto.v1 import evidence_pb2
@@ -455,10 +456,6 @@ def _load(state: Path, now: dt.datetime) -> SimulationAuthority:
 # --- the provider -------------------------------------------------------------------------
 
 
-def _p384_raw_signature(key: ec.EllipticCurvePrivateKey, data: bytes) -> tuple[int, int]:
-    return decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA384())))
-
-
 class SimulatedTeeProvider(AttestationProvider):
     """Emits SIMULATED SEV-SNP + H100 evidence (see the module docstring)."""
 
@@ -484,6 +481,7 @@ class SimulatedTeeProvider(AttestationProvider):
         self._random = random_bytes
         self._snp_chain = authority.snp_chain_pem()
         self._gpu_chain = authority.gpu_chain_pem()
+        self._gpu_signer = p384_signer(authority.gpu_leaf_key)
         self._gpu_measurements = [
             hashlib.sha384(b"veil/simulated-gpu/measurement/v1" + bytes([i])).digest()
             for i in range(1, GPU_MEASUREMENT_COUNT + 1)
@@ -508,8 +506,8 @@ class SimulatedTeeProvider(AttestationProvider):
             report_id=auth.report_id,
             chip_id=auth.chip_id,
         )
-        r, s = _p384_raw_signature(auth.vcek_key, unsigned.signed_bytes())
-        return CpuEvidencePart(unsigned.with_signature(r, s).to_bytes(), self._snp_chain)
+        signed = sign_snp_report(unsigned, auth.vcek_key)
+        return CpuEvidencePart(signed.to_bytes(), self._snp_chain)
 
     def gpu_evidence(self, gpu_nonce: bytes) -> Sequence[GpuEvidencePart]:
         if len(gpu_nonce) != 32:
@@ -517,12 +515,6 @@ class SimulatedTeeProvider(AttestationProvider):
         return [self._gpu_report(gpu_nonce, i) for i in range(self._gpu_count)]
 
     def _gpu_report(self, nonce: bytes, index: int) -> GpuEvidencePart:
-        leaf = self._auth.gpu_leaf_key
-
-        def sign(data: bytes) -> bytes:
-            r, s = _p384_raw_signature(leaf, data)
-            return r.to_bytes(48, "big") + s.to_bytes(48, "big")
-
         opaque = [
             (OpaqueFieldType.VBIOS_VERSION, GPU_VBIOS_VERSION),
             (OpaqueFieldType.PROJECT, b"VEIL-SIM\x00"),
@@ -535,6 +527,6 @@ class SimulatedTeeProvider(AttestationProvider):
             measurements=self._gpu_measurements,
             opaque=[(int(t), v) for t, v in opaque],
             responder_nonce=self._random(32),
-            sign=sign,
+            sign=self._gpu_signer,
         )
         return GpuEvidencePart(evidence_pb2.GpuEvidence.KIND_GPU, "HOPPER", report, self._gpu_chain, index)

@@ -1,0 +1,187 @@
+"""The data-handling policy: parsing, its digest, and each enforcement mechanism."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import secrets
+import subprocess
+import sys
+import textwrap
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from veil.enclave.data_policy import (
+    METADATA_FIELDS,
+    MetadataLogFilter,
+    load_data_policy,
+    log_event,
+    parse_data_policy,
+)
+from veil.enclave.errors import DataPolicyError
+
+DEFAULT = resources.files("veil.enclave").joinpath("data_policy.toml").read_bytes()
+
+
+def test_default_policy_and_digest() -> None:
+    policy = load_data_policy()
+    assert policy.log_content is False
+    assert policy.retain == "none"
+    assert policy.share_kv_across_requests is False
+    assert policy.core_dumps is False
+    assert policy.digest == hashlib.sha256(DEFAULT).digest()
+    assert "request" in policy.allowed_log_fields and "event" in policy.allowed_log_fields
+    assert policy.allowed_log_fields <= METADATA_FIELDS
+
+
+def test_policy_from_file_digest_is_of_the_exact_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_bytes(DEFAULT + b"\n# a comment changes the digest\n")
+    policy = load_data_policy(path)
+    assert policy.digest == hashlib.sha256(path.read_bytes()).digest()
+    assert policy.digest != load_data_policy().digest
+    with pytest.raises(DataPolicyError):
+        load_data_policy(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"log_content = false", b"log_content = true"),
+        (b'retain = "none"', b'retain = "30d"'),
+        (b"share_kv_across_requests = false", b"share_kv_across_requests = true"),
+        (b"core_dumps = false", b"core_dumps = true"),
+        (b"version = 1", b"version = 2"),
+        (b"log_content = false", b"log_content = 0"),
+        (b"log_content = false", b"log_contnet = false"),
+        (b'    "port",', b'    "port",\n    "prompt",'),
+        (b"[logging]", b"[logging]\nextra = 1"),
+        (b"version = 1", b"version = 1\nunknown_promise = true"),
+        (b"version = 1", b"version = = 1"),
+    ],
+)
+def test_unenforceable_or_malformed_policies_are_refused(old: bytes, new: bytes) -> None:
+    assert old in DEFAULT
+    with pytest.raises(DataPolicyError):
+        parse_data_policy(DEFAULT.replace(old, new, 1))
+
+
+def _capture(fields: frozenset[str] | None = None) -> tuple[logging.Logger, io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(veil_tag)s|%(message)s|%(veil_kv)s"))
+    handler.addFilter(MetadataLogFilter(fields or load_data_policy().allowed_log_fields, simulated=True))
+    logger = logging.getLogger(f"veil.test.{secrets.token_hex(4)}")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    return logger, stream
+
+
+def test_filter_keeps_allowed_metadata_only() -> None:
+    canary = f"CANARY-{secrets.token_hex(8)}"
+    logger, out = _capture()
+    log_event(logger, "request.done", request="ab12", prompt_tokens=7, duration_ms=1.5, prompt=canary)
+    log_event(logger, "request.done", status=f"free text {canary}")  # not a safe token → dropped
+    text = out.getvalue()
+    assert "SIMULATED TEE|request.done|duration_ms=1.5 prompt_tokens=7 request=ab12" in text
+    assert canary not in text
+    assert "prompt=" not in text
+
+
+def test_filter_redacts_free_text_arguments_and_tracebacks() -> None:
+    canary = f"CANARY-{secrets.token_hex(8)}"
+    logger, out = _capture()
+    logger.info("user said %s", canary)
+    logger.warning(f"f-string with {canary}")
+    try:
+        raise RuntimeError(canary)
+    except RuntimeError:
+        logger.exception("failed")
+        log_event(logger, "request.failed", logging.ERROR, request="x1")
+    logger.info("stack", stack_info=True)
+    text = out.getvalue()
+    assert canary not in text
+    assert "Traceback" not in text
+    assert text.count("record.redacted") == 4
+    assert "error_type=RuntimeError" in text
+
+
+def test_fields_outside_the_policy_are_dropped() -> None:
+    logger, out = _capture(frozenset({"event", "status"}))
+    log_event(logger, "request.done", status="ok", prompt_tokens=3)
+    assert out.getvalue().strip() == "SIMULATED TEE|request.done|status=ok"
+
+
+def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
+def test_harden_process_disables_core_dumps(tmp_path: Path) -> None:
+    proc = _run(
+        """
+        import ctypes, resource
+        from veil.enclave.data_policy import harden_process
+        report = harden_process()
+        libc = ctypes.CDLL(None)
+        print(resource.getrlimit(resource.RLIMIT_CORE), libc.prctl(3, 0, 0, 0, 0), report.dumpable)
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["(0,", "0)", "0", "False"]
+
+
+def test_temp_files_are_confined_to_the_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    proc = _run(
+        f"""
+        import os, sys, tempfile
+        from pathlib import Path
+        from veil.enclave.data_policy import confine_temp_files, remove_temp_files
+        tmp = confine_temp_files(Path({str(state)!r}))
+        fd, name = tempfile.mkstemp()
+        os.close(fd)
+        print(Path(name).parent == tmp, os.environ["TMPDIR"] == str(tmp), sys.dont_write_bytecode)
+        print(str(Path(os.environ["TRITON_CACHE_DIR"]).parent) == str(tmp))
+        remove_temp_files(tmp)
+        print(tmp.exists())
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "True", "True", "False"]
+
+
+def test_uncaught_exceptions_log_their_type_only(tmp_path: Path) -> None:
+    canary = f"CANARY-{secrets.token_hex(8)}"
+    proc = _run(
+        f"""
+        import logging, threading
+        from veil.enclave.data_policy import configure_logging, install_exception_hooks, load_data_policy
+        configure_logging(load_data_policy(), simulated=True)
+        install_exception_hooks(logging.getLogger("veil.enclave.server"))
+        logging.getLogger("grpc").error("library text %s", {canary!r})
+        t = threading.Thread(target=lambda: 1 / 0 if False else (_ for _ in ()).throw(KeyError({canary!r})))
+        t.start(); t.join()
+        raise ValueError({canary!r})
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == 1
+    assert canary not in proc.stderr + proc.stdout
+    assert "[SIMULATED TEE]" in proc.stderr
+    assert "error_type=ValueError" in proc.stderr
+    assert "error_type=KeyError" in proc.stderr
+    assert "record.redacted" in proc.stderr
