@@ -1,11 +1,12 @@
 """Batched token sampling: greedy, temperature, top-k, top-p, reproducible per-request seeds.
 
-Random sampling uses the exponential race: with ``E_i ~ Exp(1)`` independent, ``argmax_i
-p_i / E_i`` is distributed as ``p``. The noise for a row comes from a generator seeded by
-``mix(seed, step)`` alone (``step`` = the index of the token being sampled), and every other
-operation is row-wise, so a seeded request draws the same tokens whatever else shares its
-batch, and whether or not it was preempted and recomputed. The all-greedy batch is one
-``argmax``.
+Random sampling is inverse-CDF sampling with one uniform number per token, computed from
+the request seed and the token's index alone (``mix_seed``, a splitmix64 finaliser: no
+generator state). Every other operation is row-wise, so a seeded request draws the same
+tokens whatever else shares its batch, and whether or not it was preempted and recomputed.
+Only the rows that use top-k or top-p look at a sorted candidate list (``topk`` of the row,
+widened to a full sort only when the nucleus is larger than the window); the all-greedy
+batch is one ``argmax``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from veil.enclave.errors import EngineInternalError
 from veil.enclave.sampling import SamplingParams
 
-__all__ = ["Sampler", "mix_seed"]
+__all__ = ["Sampler", "mix_seed", "uniform"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -69,28 +70,46 @@ class Sampler:
     ) -> list[int]:
         vocab = logits.shape[1]
         temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        x = logits / temps.unsqueeze(1)
-        if any(p.top_k or p.top_p < 1.0 for p in params):
-            x = _filter_top_k_top_p(x, params, vocab)
-        probs = torch.softmax(x, dim=-1)
-        noise = torch.empty_like(probs)
-        gen = torch.Generator(device="cpu")
-        for r, (seed, step) in enumerate(zip(seeds, steps, strict=True)):
-            gen.manual_seed(mix_seed(seed, step))
-            noise[r].exponential_(generator=gen)
-        noise.clamp_(min=torch.finfo(torch.float32).tiny)
-        return [int(t) for t in (probs / noise).argmax(dim=-1).tolist()]
+        probs = torch.softmax(logits / temps.unsqueeze(1), dim=-1)
+        us = [uniform(seed, step) for seed, step in zip(seeds, steps, strict=True)]
+        out = [0] * len(params)
+        plain = [r for r, p in enumerate(params) if not (0 < p.top_k < vocab) and p.top_p >= 1.0]
+        if plain:
+            cdf = torch.cumsum(probs[plain], dim=-1)
+            targets = torch.tensor([us[r] for r in plain], dtype=torch.float32) * cdf[:, -1]
+            picked = torch.searchsorted(cdf, targets.unsqueeze(1), right=True).squeeze(1)
+            for r, t in zip(plain, picked.clamp_(max=vocab - 1).tolist(), strict=True):
+                out[r] = int(t)
+        for r, p in enumerate(params):
+            if 0 < p.top_k < vocab or p.top_p < 1.0:
+                out[r] = _sample_filtered(probs[r], p, us[r])
+        return out
 
 
-def _filter_top_k_top_p(x: torch.Tensor, params: Sequence[SamplingParams], vocab: int) -> torch.Tensor:
-    """Set to -inf what top-k, then top-p (on the top-k renormalised distribution), exclude."""
-    sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
-    ranks = torch.arange(vocab).unsqueeze(0)
-    ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params]).unsqueeze(1)
-    sorted_x = sorted_x.masked_fill(ranks >= ks, float("-inf"))
-    top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32).unsqueeze(1)
-    sorted_p = torch.softmax(sorted_x, dim=-1)
-    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly ahead of each token
-    drop = (before >= top_ps) & (ranks > 0)  # always keep the most likely token
-    sorted_x = sorted_x.masked_fill(drop & (top_ps < 1.0), float("-inf"))
-    return torch.full_like(x, float("-inf")).scatter_(1, order, sorted_x)
+_WINDOW = 1024  # candidates looked at first for top-p alone
+
+
+def uniform(seed: int, step: int) -> float:
+    """A number in [0, 1) fixed by the request seed and the token index."""
+    return (mix_seed(seed, step) >> 11) * 2.0**-53
+
+
+def _sample_filtered(probs: torch.Tensor, p: SamplingParams, u: float) -> int:
+    """Sample one row under top-k, then top-p on the top-k renormalised distribution."""
+    vocab = probs.shape[0]
+    if 0 < p.top_k < vocab:
+        vals, idx = torch.topk(probs, p.top_k)
+        cdf = torch.cumsum(vals, dim=0)
+    else:
+        vals, idx = torch.topk(probs, min(_WINDOW, vocab))
+        cdf = torch.cumsum(vals, dim=0)
+        if vals.shape[0] < vocab and float(cdf[-1]) < p.top_p:
+            vals, idx = torch.sort(probs, descending=True, stable=True)
+            cdf = torch.cumsum(vals, dim=0)
+    if p.top_p < 1.0:
+        # Keep the tokens whose mass strictly ahead of them is below top_p: a prefix, >= 1.
+        keep = max(1, int(((cdf - vals) < p.top_p * cdf[-1]).sum()))
+        vals, idx, cdf = vals[:keep], idx[:keep], cdf[:keep]
+    target = torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype)
+    j = min(int(torch.searchsorted(cdf, target, right=True)), vals.shape[0] - 1)
+    return int(idx[j])
