@@ -379,13 +379,14 @@ def _check_binding(b: VerdictBuilder, hcl: HclReport) -> None:
 def _check_quote(
     b: VerdictBuilder, quote: TpmQuote, ak: rsa.RSAPublicKey | None, nonce: bytes | None
 ) -> TpmsAttest | None:
+    attest: TpmsAttest | None = None
     try:
-        attest = parse_tpms_attest(quote.message)
+        parsed = parse_tpms_attest(quote.message)
     except MalformedInputError as exc:
         b.fail("azure.tpm.parse", str(exc))
-        attest = None
     else:
-        b.passed("azure.tpm.parse", f"TPM2_Quote, {len(attest.pcr_select)} PCR bank(s)")
+        b.passed("azure.tpm.parse", f"TPM2_Quote, {len(parsed.pcr_select)} PCR bank(s)")
+        attest = parsed
 
     if ak is None:
         b.fail("azure.tpm.signature", "no attestation key (HCL variable data did not parse)")
@@ -415,21 +416,19 @@ def _check_quote(
         )
 
     problem = None
+    selected = attest.pcr_select[0].pcrs if len(attest.pcr_select) == 1 else ()
     if len(attest.pcr_select) != 1 or attest.pcr_select[0].hash_alg != TPM_ALG_SHA256:
         problem = "quote must select one SHA-256 PCR bank"
     elif len(quote.pcrs) != PCR_COUNT or any(len(p) != 32 for p in quote.pcrs):
         problem = f"expected {PCR_COUNT} SHA-256 PCR values"
-    elif max(attest.pcr_select[0].pcrs, default=0) >= PCR_COUNT:
+    elif max(selected, default=0) >= PCR_COUNT:
         problem = "quote selects a PCR beyond 23"
-    else:
-        selected = attest.pcr_select[0].pcrs
-        digest = hashlib.sha256(b"".join(quote.pcrs[i] for i in selected)).digest()
-        if digest != attest.pcr_digest:
-            problem = "SHA-256 over the given PCR values does not equal the quote's pcrDigest"
+    elif hashlib.sha256(b"".join(quote.pcrs[i] for i in selected)).digest() != attest.pcr_digest:
+        problem = "SHA-256 over the given PCR values does not equal the quote's pcrDigest"
     b.check(
         "azure.tpm.pcr_digest",
         problem is None,
-        problem or f"PCRs {_ranges(attest.pcr_select[0].pcrs)} match the quoted digest",
+        problem or f"PCRs {_ranges(selected)} match the quoted digest",
     )
     return attest
 
