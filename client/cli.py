@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="enclave address, host:port (or grpcs://host:port)")
     parser.add_argument("prompt", help="the user message ('-' reads it from stdin)")
     trust = parser.add_mutually_exclusive_group()
-    trust.add_argument("--policy", metavar="FILE", help="appraisal policy (TOML); default: hardware TEEs only")
+    trust.add_argument(
+        "--policy", metavar="FILE", help="appraisal policy (TOML); default: hardware TEEs only"
+    )
     trust.add_argument(
         "--trust-simulated",
         metavar="PEM",
