@@ -188,6 +188,8 @@ def _signature_problem(xml: bytes, signer: x509.Certificate) -> str | None:
         result = XMLVerifier().verify(xml, x509_cert=signer, expect_config=config)
     except (InvalidInput, SignXMLException) as exc:
         return f"XML signature invalid: {type(exc).__name__}: {str(exc)[:160]}"
+    except Exception as exc:  # fail closed on anything signxml/lxml raise for hostile input
+        return f"XML signature not verifiable: {type(exc).__name__}"
     signed = result.signed_xml if not isinstance(result, list) else None
     if signed is None or signed.tag != f"{{{_SWID}}}SoftwareIdentity":
         return "signature does not cover the whole SoftwareIdentity document"
@@ -237,11 +239,18 @@ class RimSet:
     def of(cls, rims: Iterable[Rim]) -> RimSet:
         return cls(tuple(rims))
 
+    def candidates(self, kind: RimKind, version: str) -> tuple[Rim, ...]:
+        """Every distinct RIM of ``kind`` for ``version`` (hex digits compared case-insensitively)."""
+        found: dict[bytes, Rim] = {}
+        for r in self.rims:
+            if r.kind == kind and r.version.upper() == version.upper():
+                found.setdefault(r.xml, r)
+        return tuple(found.values())
+
     def find(self, kind: RimKind, version: str) -> Rim | None:
-        return next(
-            (r for r in self.rims if r.kind == kind and r.version.upper() == version.upper()),
-            None,
-        )
+        """The one RIM for ``version``; None when there is none or the choice is ambiguous."""
+        found = self.candidates(kind, version)
+        return found[0] if len(found) == 1 else None
 
 
 def compare_measurements(

@@ -357,11 +357,15 @@ def _rim_checks(
             v.skip(name, "NVSwitches have no driver RIM")
             chosen[which] = None
             continue
-        rim = None if version is None else rims.find(which, version)
-        chosen[which] = rim
-        if rim is None:
+        found = () if version is None else rims.candidates(which, version)
+        chosen[which] = None
+        if len(found) > 1:
+            v.fail(name, f"{len(found)} different {which} RIMs for version {version}: give exactly one")
+            continue
+        if not found:
             missing(name, f"no {which} RIM for version {version}")
             continue
+        rim = chosen[which] = found[0]
         rim_verdict = verify_rim(rim, trusted_root=rim_root, now=now, prefix=name)
         if rim_verdict.ok:
             v.passed(name, f"{rim.tag_id[:16]}… version {rim.version}: signature, chain and validity good")
@@ -370,7 +374,7 @@ def _rim_checks(
             chosen[which] = None
     driver_rim, vbios_rim = chosen.get("driver"), chosen.get("vbios")
     if vbios_rim is None or (kind == "gpu" and driver_rim is None):
-        missing(f"{p}.measurements", "RIMs for this driver and VBIOS are not all available")
+        missing(f"{p}.measurements", "not compared: no verified RIM for this driver and VBIOS")
         return
     nvdec = report.opaque.get(OpaqueFieldType.NVDEC0_STATUS)
     problems = compare_measurements(
