@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
@@ -50,6 +50,7 @@ from veil.attestation.verdict import Verdict, VerdictBuilder
 
 __all__ = [
     "sign_snp_report",
+    "verify_amd_chain",
     "verify_report_signature",
     "verify_snp",
     "verify_snp_bytes",
@@ -115,6 +116,13 @@ def _link_problem(cert: x509.Certificate, issuer: x509.Certificate) -> str | Non
     return _pss_problem(issuer, cert.signature, cert.tbs_certificate_bytes, cert.signature_algorithm_oid)
 
 
+def _public_key(cert: x509.Certificate) -> object:
+    try:
+        return cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+
+
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -136,7 +144,7 @@ def _serial(cert: x509.Certificate) -> int:
 
 
 def _resolve_product(
-    report: SnpReport, exts: AmdKeyExtensions | None, product: Product | str | None, b: VerdictBuilder
+    report: SnpReport | None, exts: AmdKeyExtensions | None, product: Product | str | None, b: VerdictBuilder
 ) -> Product | None:
     claims: list[tuple[str, Product]] = []
     if product is not None:
@@ -145,7 +153,7 @@ def _resolve_product(
         except UnsupportedError as exc:
             b.fail("snp.product", str(exc))
             return None
-    if report.cpuid_fam_id is not None and report.cpuid_mod_id is not None:
+    if report is not None and report.cpuid_fam_id is not None and report.cpuid_mod_id is not None:
         if report.product is None:
             b.fail(
                 "snp.product",
@@ -170,48 +178,18 @@ def _resolve_product(
     return chosen
 
 
-def verify_snp(
-    report: SnpReport,
+def _verify_chain(
+    b: VerdictBuilder,
     certs: Sequence[x509.Certificate],
     *,
-    trusted_roots: Sequence[x509.Certificate] | None = None,
+    trusted_roots: Sequence[x509.Certificate] | None,
+    prod: Product | None,
+    vlek: bool,
     now: datetime,
-    product: Product | str | None = None,
-    crl: x509.CertificateRevocationList | None = None,
-) -> Verdict:
-    """Verify an SEV-SNP report's signature and its certificate chain at time ``now``.
-
-    ``certs``: the VCEK (or VLEK) first, then the ASK (or ASVK), then optionally the
-    ARK. With the default ``trusted_roots`` (the AMD ARKs pinned in the package) a
-    missing ASK/ASVK is taken from the package too, so a bare VCEK (as Azure hands
-    out) suffices. Pass ``trusted_roots`` to trust another root (the simulated TEE's);
-    then the bundle must carry the intermediate. ``product`` (``"Milan"``, ``"Genoa"``,
-    ``"Turin"``) is checked against the report's CPUID and the VCEK's product name.
-    ``crl``: an optional AMD CRL (signed by the ARK) against which the ASK is checked.
-
-    Checks, in order: ``snp.product``, ``snp.chain.ark``, ``snp.chain.ask``,
-    ``snp.chain.leaf``, ``snp.chain.validity``, ``snp.chain.crl``, ``snp.signature``,
-    ``snp.vcek.signing_key``, ``snp.vcek.product``, ``snp.vcek.tcb``, ``snp.vcek.hwid``.
-    """
-    if now.tzinfo is None:
-        raise MalformedInputError("now must be a timezone-aware datetime")
-    b = VerdictBuilder()
-    if not certs:
-        b.fail("snp.chain.leaf", "no VCEK/VLEK certificate given")
-        b.fail("snp.signature", "no VCEK/VLEK certificate to verify the signature with")
-        return b.build()
+    crl: x509.CertificateRevocationList | None,
+) -> None:
     leaf = certs[0]
-    exts: AmdKeyExtensions | None
-    try:
-        exts = parse_amd_extensions(leaf)
-    except MalformedInputError as exc:
-        exts = None
-        b.fail("snp.vcek.extensions", str(exc))
-    prod = _resolve_product(report, exts, product, b)
-    vlek = report.signing_key == SigningKey.VLEK or (exts is not None and exts.is_vlek)
     leaf_kind = "VLEK" if vlek else "VCEK"
-
-    # The chain: pick the intermediate and the root.
     default_roots = trusted_roots is None
     roots: list[x509.Certificate]
     if trusted_roots is not None:
@@ -283,8 +261,85 @@ def verify_snp(
     )
     _check_crl(b, crl, root, intermediate, now)
 
+
+def verify_amd_chain(
+    certs: Sequence[x509.Certificate],
+    *,
+    trusted_roots: Sequence[x509.Certificate] | None = None,
+    now: datetime,
+    product: Product | str | None = None,
+    crl: x509.CertificateRevocationList | None = None,
+) -> Verdict:
+    """Verify a VCEK/VLEK certificate chain alone (no report), as :func:`verify_snp` does.
+
+    Checks: ``snp.product`` (caller vs the certificate's productName), the
+    ``snp.chain.*`` checks and ``snp.vcek.product``.
+    """
+    if now.tzinfo is None:
+        raise MalformedInputError("now must be a timezone-aware datetime")
+    b = VerdictBuilder()
+    if not certs:
+        b.fail("snp.chain.leaf", "no VCEK/VLEK certificate given")
+        return b.build()
+    try:
+        exts = parse_amd_extensions(certs[0])
+    except MalformedInputError as exc:
+        b.fail("snp.vcek.extensions", str(exc))
+        return b.build()
+    prod = _resolve_product(None, exts, product, b)
+    _verify_chain(b, certs, trusted_roots=trusted_roots, prod=prod, vlek=exts.is_vlek, now=now, crl=crl)
+    if exts.product is None:
+        b.fail("snp.vcek.product", f"productName {exts.product_name!r} names no known product")
+    else:
+        b.passed("snp.vcek.product", f"{exts.product_name}")
+    return b.build()
+
+
+def verify_snp(
+    report: SnpReport,
+    certs: Sequence[x509.Certificate],
+    *,
+    trusted_roots: Sequence[x509.Certificate] | None = None,
+    now: datetime,
+    product: Product | str | None = None,
+    crl: x509.CertificateRevocationList | None = None,
+) -> Verdict:
+    """Verify an SEV-SNP report's signature and its certificate chain at time ``now``.
+
+    ``certs``: the VCEK (or VLEK) first, then the ASK (or ASVK), then optionally the
+    ARK. With the default ``trusted_roots`` (the AMD ARKs pinned in the package) a
+    missing ASK/ASVK is taken from the package too, so a bare VCEK (as Azure hands
+    out) suffices. Pass ``trusted_roots`` to trust another root (the simulated TEE's);
+    then the bundle must carry the intermediate. ``product`` (``"Milan"``, ``"Genoa"``,
+    ``"Turin"``) is checked against the report's CPUID and the VCEK's product name.
+    ``crl``: an optional AMD CRL (signed by the ARK) against which the ASK is checked.
+
+    Checks, in order: ``snp.product``, ``snp.chain.ark``, ``snp.chain.ask``,
+    ``snp.chain.leaf``, ``snp.chain.validity``, ``snp.chain.crl``, ``snp.signature``,
+    ``snp.vcek.signing_key``, ``snp.vcek.product``, ``snp.vcek.tcb``, ``snp.vcek.hwid``.
+    """
+    if now.tzinfo is None:
+        raise MalformedInputError("now must be a timezone-aware datetime")
+    b = VerdictBuilder()
+    if not certs:
+        b.fail("snp.chain.leaf", "no VCEK/VLEK certificate given")
+        b.fail("snp.signature", "no VCEK/VLEK certificate to verify the signature with")
+        return b.build()
+    leaf = certs[0]
+    exts: AmdKeyExtensions | None
+    try:
+        exts = parse_amd_extensions(leaf)
+    except MalformedInputError as exc:
+        exts = None
+        b.fail("snp.vcek.extensions", str(exc))
+    prod = _resolve_product(report, exts, product, b)
+    vlek = report.signing_key == SigningKey.VLEK or (exts is not None and exts.is_vlek)
+    leaf_kind = "VLEK" if vlek else "VCEK"
+
+    _verify_chain(b, certs, trusted_roots=trusted_roots, prod=prod, vlek=vlek, now=now, crl=crl)
+
     # The report itself.
-    problem = verify_report_signature(report.raw, leaf.public_key())
+    problem = verify_report_signature(report.raw, _public_key(leaf))
     b.check(
         "snp.signature", problem is None, problem or f"ECDSA P-384/SHA-384, verified with the {leaf_kind}"
     )
@@ -402,7 +457,7 @@ def verify_snp_bytes(
     except MalformedInputError as exc:
         b.fail("snp.report.parse", str(exc))
         if certs:
-            problem = verify_report_signature(bytes(data), certs[0].public_key())
+            problem = verify_report_signature(bytes(data), _public_key(certs[0]))
             b.check("snp.signature", problem is None, problem or "verifies, but the report does not parse")
         else:
             b.fail("snp.signature", "no VCEK/VLEK certificate to verify the signature with")
