@@ -1,3 +1,5 @@
+# mypy: disable-error-code="untyped-decorator,no-untyped-def"
+# (Triton @jit kernels take untyped pointer/scalar parameters; annotations would change their specialization.)
 """Fused small ops of the decoder layer: RMSNorm + residual add, and RoPE + KV-cache write.
 
 Why fuse: at decode batch sizes every op is memory- and launch-bound. Unfused, a layer's

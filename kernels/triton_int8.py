@@ -1,3 +1,5 @@
+# mypy: disable-error-code="untyped-decorator,no-untyped-def"
+# (Triton @jit kernels take untyped pointer/scalar parameters; annotations would change their specialization.)
 """int8 weight-only matmul: fp16/bf16 activations × int8 weights with a scale per group, fp32 accumulation.
 
 ``y[M, N] = x[M, K] @ W[N, K]ᵀ`` with ``W[n, k] = q[n, k] · s[n, k // G]`` (symmetric, no offset).

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="untyped-decorator,no-untyped-def"
+# (Triton @jit kernels take untyped pointer/scalar parameters; annotations would change their specialization.)
 """Paged attention over the block-table KV cache: a Triton decode kernel and the prefill path.
 
 Cache layout (shared with the engine's model runner)

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="untyped-decorator,no-untyped-def"
+# (Triton @jit kernels take untyped pointer/scalar parameters; annotations would change their specialization.)
 """w4a16 matmul: fp16/bf16 activations × int4 weights (group 32, scale + offset), fp32 accumulation.
 
 ``y[M, N] = x[M, K] @ W[N, K]ᵀ`` where ``W[n, k] = q[n, k] · d[n, k // 32] + m[n, k // 32]`` and

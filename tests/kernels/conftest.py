@@ -1,0 +1,43 @@
+"""Kernel tests: without a CUDA device the Triton kernels run in Triton's CPU interpreter.
+
+``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is defined, so it is set here, before any
+test module of this folder imports a kernel module. (If something imported the kernel modules earlier in
+the same process before this file ran, the ``kernel_device`` fixture notices and skips rather than crash.)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+_IMPORTED_EARLY = sorted(m for m in sys.modules if m.startswith("veil.kernels.triton_"))
+_INTERPRET_WAS_SET = "TRITON_INTERPRET" in os.environ
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> torch.device:
+    """Where the interpreter-sized parity tests run: the GPU when there is one, else the CPU interpreter."""
+    if HAS_CUDA:
+        return torch.device("cuda")
+    pytest.importorskip("triton")
+    from veil.kernels.triton_common import interpreting
+
+    if not interpreting():
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not enabled")
+    if _IMPORTED_EARLY and not _INTERPRET_WAS_SET:
+        pytest.skip(
+            f"{_IMPORTED_EARLY} were imported before TRITON_INTERPRET was set; run tests/kernels alone"
+        )
+    return torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def cuda_device() -> torch.device:
+    """The GPU, for tests marked ``gpu`` (the root conftest skips those when there is none)."""
+    return torch.device("cuda")
