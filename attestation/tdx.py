@@ -34,6 +34,7 @@ import struct
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from veil.attestation.errors import MalformedInputError, UnsupportedError
 
@@ -51,6 +52,7 @@ __all__ = [
     "TdxQuote",
     "TdxQuoteHeader",
     "TdxSignatureData",
+    "load_pem_chain",
     "parse_enclave_report",
     "parse_td_report",
     "parse_tdx_quote",
@@ -325,15 +327,24 @@ def parse_enclave_report(data: bytes) -> EnclaveReport:
     )
 
 
+def load_pem_chain(pem: bytes, where: str) -> tuple[x509.Certificate, ...]:
+    """PEM certificates, each fully decoded now (``cryptography`` decodes fields lazily,
+    so a corrupt subject or key would otherwise surface later as a bare ValueError)."""
+    try:
+        certs = tuple(x509.load_pem_x509_certificates(pem))
+        for cert in certs:
+            _ = (cert.subject, cert.issuer, cert.public_key(), cert.extensions, cert.signature_hash_algorithm)
+            _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise MalformedInputError(f"{where} does not parse: {exc}") from None
+    return certs
+
+
 def _parse_pck_chain(data: bytes) -> PckCertChain:
     pem = data.rstrip(b"\x00")
     if b"-----BEGIN CERTIFICATE-----" not in pem:
         raise MalformedInputError("PCK certification data holds no PEM certificate")
-    try:
-        certs = tuple(x509.load_pem_x509_certificates(pem))
-    except ValueError as exc:
-        raise MalformedInputError(f"PCK certificate chain does not parse: {exc}") from None
-    return PckCertChain(pem=pem, certificates=certs)
+    return PckCertChain(pem=pem, certificates=load_pem_chain(pem, "PCK certificate chain"))
 
 
 def _parse_qe_certification(data: bytes) -> QeReportCertificationData:

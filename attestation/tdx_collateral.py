@@ -22,8 +22,10 @@ from datetime import datetime
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from veil.attestation.errors import MalformedInputError
+from veil.attestation.tdx import load_pem_chain
 
 __all__ = [
     "QeIdentity",
@@ -303,20 +305,20 @@ def parse_qe_identity(signed_json: bytes) -> QeIdentity:
 # ---------------------------------------------------------------- certificates and CRLs
 
 
-def _pem_chain(pem: bytes | str, where: str) -> tuple[x509.Certificate, ...]:
-    data = pem.encode() if isinstance(pem, str) else pem
-    try:
-        certs = tuple(x509.load_pem_x509_certificates(data))
-    except ValueError:
-        raise MalformedInputError(f"{where}: not a PEM certificate chain") from None
-    return certs
+def _pem_chain(pem: object, where: str) -> tuple[x509.Certificate, ...]:
+    if not isinstance(pem, str | bytes):
+        raise MalformedInputError(f"{where}: must be PEM text")
+    return load_pem_chain(pem.encode() if isinstance(pem, str) else pem, where)
 
 
 def _crl(der: bytes, where: str) -> x509.CertificateRevocationList:
     try:
-        return x509.load_der_x509_crl(der)
-    except ValueError:
+        crl = x509.load_der_x509_crl(der)
+        _ = (crl.issuer, crl.last_update_utc, crl.next_update_utc, crl.signature_hash_algorithm)
+        _ = [entry.serial_number for entry in crl]
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise MalformedInputError(f"{where}: not a DER CRL") from None
+    return crl
 
 
 def _signature(raw: bytes, where: str) -> bytes:
@@ -386,7 +388,7 @@ def load_collateral(json_bytes: bytes) -> TdxCollateral:
         qe_identity_signature=_unhex(obj.get("qe_identity_signature"), "qe_identity_signature"),
         qe_identity_issuer_chain=text("qe_identity_issuer_chain"),
         pck_crl=optional_hex("pck_crl"),
-        pck_crl_issuer_chain=obj.get("pck_crl_issuer_chain") or None,
+        pck_crl_issuer_chain=obj.get("pck_crl_issuer_chain") or None,  # type checked by _pem_chain
         root_ca_crl=optional_hex("root_ca_crl"),
     )
 

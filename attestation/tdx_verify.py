@@ -34,7 +34,7 @@ from importlib import resources
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -119,7 +119,7 @@ def _cert_p256_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey | None:
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):
         return False
 
 
@@ -140,7 +140,7 @@ def _chain_problem(chain: Sequence[x509.Certificate], root: x509.Certificate) ->
             return f"{_cn(cert)!r} is not a CA certificate"
         try:
             cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature):
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             return f"{_cn(cert)!r} is not signed by {_cn(issuer)!r}"
     return None
 
