@@ -50,6 +50,7 @@ __all__ = [
     "SpdmRequest",
     "build_gpu_report",
     "build_request",
+    "describe_gpu_report",
     "format_vbios_version",
     "parse_gpu_report",
     "parse_request",
@@ -105,6 +106,15 @@ class OpaqueFieldType(enum.IntEnum):
     CHIP_INFO = 35
     FEATURE_FLAG = 36
     INVALID = 255
+
+
+_TEXT_FIELDS = frozenset(
+    {
+        OpaqueFieldType.PROJECT,
+        OpaqueFieldType.PROJECT_SKU,
+        OpaqueFieldType.CHIP_SKU,
+    }
+)
 
 
 def _u16(data: bytes, offset: int) -> int:
@@ -286,6 +296,56 @@ class GpuReport:
         return {b.index: b.value for b in self.response.blocks}
 
 
+def _safe(fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except MalformedInputError as exc:
+        return f"<malformed: {exc}>"
+
+
+def describe_gpu_report(report: GpuReport) -> dict[str, object]:
+    """Every field of a report, decoded and named (JSON-ready), for ``veil attest show``."""
+    opaque = report.opaque
+    fields: list[dict[str, object]] = []
+    for f in opaque.fields:
+        entry: dict[str, object] = {"type": f.type, "name": f.name, "size": len(f.data), "hex": f.data.hex()}
+        if f.type == OpaqueFieldType.DRIVER_VERSION:
+            entry["value"] = _safe(lambda: opaque.driver_version)
+        elif f.type == OpaqueFieldType.VBIOS_VERSION:
+            entry["value"] = _safe(lambda: opaque.vbios_version)
+        elif f.type == OpaqueFieldType.MSRSCNT:
+            entry["value"] = _safe(lambda: list(opaque.msr_counts))
+        elif f.type in _TEXT_FIELDS:
+            entry["value"] = _safe(lambda t=f.type: opaque.text(t))  # type: ignore[misc]
+        fields.append(entry)
+    req, resp = report.request, report.response
+    return {
+        "request": {
+            "spdm_version": f"{req.version >> 4}.{req.version & 0xF}",
+            "attributes": req.attributes,
+            "signature_requested": bool(req.attributes & _SIGNATURE_REQUESTED),
+            "measurement_operation": req.operation,
+            "nonce": req.nonce.hex(),
+            "slot_id": req.slot_id,
+        },
+        "response": {
+            "spdm_version": f"{resp.version >> 4}.{resp.version & 0xF}",
+            "param1": resp.param1,
+            "param2": resp.param2,
+            "number_of_blocks": len(resp.blocks),
+            "measurements": [
+                {"index": b.index, "spec": b.spec, "value_type": b.value_type, "value": b.value.hex()}
+                for b in resp.blocks
+            ],
+            "responder_nonce": resp.nonce.hex(),
+            "opaque_data": fields,
+            "signature": report.signature.hex(),
+        },
+        "signed_length": len(report.signed_bytes),
+        "trailing_zero_bytes": len(report.trailing),
+    }
+
+
 def parse_request(data: bytes) -> SpdmRequest:
     """Parse a 37-byte SPDM 1.1 GET_MEASUREMENTS request (extra bytes are the caller's)."""
     _need(data, 0, REQUEST_SIZE, "GET_MEASUREMENTS request")
@@ -347,6 +407,8 @@ def parse_gpu_report(data: bytes) -> GpuReport:
         raise MalformedInputError(f"response SPDM version 0x{r[0]:02x} differs from the request's")
     if r[1] != MEASUREMENTS:
         raise MalformedInputError(f"response code 0x{r[1]:02x} is not MEASUREMENTS (0x60)")
+    if r[3] & 0x0F != request.slot_id & 0x0F:
+        raise MalformedInputError(f"response slot {r[3] & 0x0F} differs from the requested {request.slot_id}")
     count, record_len = r[4], int.from_bytes(r[5:8], "little")
     _need(r, 8, record_len, "measurement record")
     blocks = _parse_blocks(r[8 : 8 + record_len], count)

@@ -18,6 +18,7 @@ from veil.attestation.nvidia import (
     OpaqueFieldType,
     build_gpu_report,
     build_request,
+    describe_gpu_report,
     format_vbios_version,
     parse_gpu_report,
 )
@@ -212,3 +213,25 @@ def test_fuzz_mutations_raise_only_typed_errors(gpu0: bytes, switch0: bytes, dat
 def test_fuzz_random_bytes(blob: bytes) -> None:
     with contextlib.suppress(VeilAttestationError):
         parse_gpu_report(build_request(bytes(32)) + blob)
+
+
+def test_slot_mismatch_is_rejected(gpu0: bytes) -> None:
+    tampered = bytearray(gpu0)
+    tampered[REQUEST_SIZE + 3] = 0x01  # response Param2 names slot 1; slot 0 was requested
+    with pytest.raises(MalformedInputError, match="slot"):
+        parse_gpu_report(bytes(tampered))
+
+
+def test_describe_names_every_field(gpu0: bytes, switch0: bytes) -> None:
+    described = describe_gpu_report(parse_gpu_report(gpu0))
+    json.dumps(described)  # JSON-ready
+    assert described["request"]["nonce"] == NONCE.hex()  # type: ignore[index]
+    response = described["response"]
+    assert isinstance(response, dict)
+    assert response["number_of_blocks"] == 64 and len(response["measurements"]) == 64
+    names = {f["name"]: f.get("value") for f in response["opaque_data"]}
+    assert names["DRIVER_VERSION"] == "590.12" and names["VBIOS_VERSION"] == "96.00.A5.00.01"
+    assert names["PROJECT"] == "G520" and names["CHIP_SKU"] == "885" and "FWID" in names
+    assert len(names["MSRSCNT"]) == 64  # type: ignore[arg-type]
+    switch = describe_gpu_report(parse_gpu_report(switch0))["response"]
+    assert "DRIVER_VERSION" not in {f["name"] for f in switch["opaque_data"]}  # type: ignore[index]

@@ -10,18 +10,30 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from veil.attestation.errors import MalformedInputError
 from veil.attestation.nvidia import parse_gpu_report
 from veil.attestation.nvidia_certs import (
     NVIDIA_DEVICE_ROOT_SHA256,
     NVIDIA_RIM_ROOT_SHA256,
+    TCB_INFO_OID,
+    encode_tcb_info_fwid,
     leaf_fwid,
     load_cert_chain,
     nvidia_device_root,
     nvidia_rim_root,
 )
-from veil.attestation.nvidia_verify import GpuPolicy, gpu_rim_ids, verify_gpu, verify_gpu_cert_chain
+from veil.attestation.nvidia_verify import (
+    GpuPolicy,
+    gpu_rim_ids,
+    load_nvtrust_evidence,
+    verify_gpu,
+    verify_gpu_cert_chain,
+    verify_gpus,
+)
 from veil.attestation.verdict import CheckStatus, Verdict
 
 NONCE = bytes.fromhex("4760e30534a0621357d458b1a7936551b5dc4cd1e69718adf7ed9fb0252a537e")
@@ -268,3 +280,69 @@ def test_shipped_roots_equal_the_vendor_files(evidence_dir: Path) -> None:
     assert (REPO_ROOTS / "nvidia_rim_root.pem").read_bytes() == (
         gpu / "nv-local-gpu-verifier-2.7.3/verifier_RIM_root.pem"
     ).read_bytes()
+
+
+# -- NVIDIA's evidence-list JSON, the whole HGX system at once ----------------------------------
+
+
+def test_whole_hgx_system_from_nvidia_json(evidence_dir: Path) -> None:
+    base = evidence_dir / "nvidia_gpu" / "nvtrust"
+    entries = load_nvtrust_evidence((base / "gpu_evidence.json").read_bytes()) + load_nvtrust_evidence(
+        (base / "switch_evidence.json").read_bytes()
+    )
+    assert [e.kind for e in entries] == ["gpu"] * 8 + ["nvswitch"] * 4
+    assert {e.nonce for e in entries} == {NONCE}
+    devices = [(e.report, e.cert_chain, e.kind) for e in entries]
+    v = verify_gpus(devices, nonce=NONCE, now=NOW)
+    assert v.ok, v.table()
+    assert v.get("gpu[7].fwid").status is PASS and v.get("nvswitch[3].signature").status is PASS  # type: ignore[union-attr]
+    assert not verify_gpus(devices, nonce=bytes(32), now=NOW).ok
+    assert not verify_gpus([], nonce=NONCE, now=NOW).ok
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [b"", b"{}", b"[]", b"[1]", b'[{"arch": "AMPERE"}]', b'[{"arch": "HOPPER", "nonce": "zz"}]'],
+)
+def test_bad_evidence_lists_are_typed(doc: bytes) -> None:
+    with pytest.raises(MalformedInputError):
+        load_nvtrust_evidence(doc)
+
+
+@settings(max_examples=80, deadline=None)
+@given(value=st.binary(max_size=200))
+def test_fuzz_tcb_info_extension(value: bytes) -> None:
+    cert = _cert_with_tcb_info(value)
+    try:
+        fwid = leaf_fwid(cert)
+    except MalformedInputError:
+        return
+    assert fwid is None or isinstance(fwid, bytes)
+
+
+_FUZZ_KEY = ec.generate_private_key(ec.SECP384R1())
+
+
+def _cert_with_tcb_info(value: bytes) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "fuzz")])
+    return (
+        x509.CertificateBuilder(
+            issuer_name=name,
+            subject_name=name,
+            public_key=_FUZZ_KEY.public_key(),
+            serial_number=1,
+            not_valid_before=NOW,
+            not_valid_after=NOW,
+        )
+        .add_extension(x509.UnrecognizedExtension(TCB_INFO_OID, value), critical=False)
+        .sign(_FUZZ_KEY, hashes.SHA384())
+    )
+
+
+def test_tcb_info_encodings() -> None:
+    fwid = bytes(range(48))
+    assert leaf_fwid(_cert_with_tcb_info(encode_tcb_info_fwid(fwid))) == fwid
+    with pytest.raises(MalformedInputError):
+        leaf_fwid(_cert_with_tcb_info(b"\x30\x00"))  # a TcbInfo without an FWID
+    with pytest.raises(MalformedInputError):
+        encode_tcb_info_fwid(b"short")
