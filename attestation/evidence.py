@@ -37,6 +37,7 @@ from datetime import datetime
 from cryptography import x509
 from google.protobuf.message import DecodeError
 
+from veil.attestation.amd_certs import load_certificates
 from veil.attestation.binding import NONCE_SIZE, Claims, gpu_nonce, report_data
 from veil.attestation.channel import HpkeSuite, PublicKey
 from veil.attestation.errors import MalformedInputError
@@ -259,7 +260,7 @@ def _verify_cpu(
             v.fail("snp.chain.ark", "the policy trusts no AMD root")
             return None
     try:
-        certs = list(load_cert_chain(bytes(msg.cpu_cert_chain))) if msg.cpu_cert_chain else []
+        certs = load_certificates(bytes(msg.cpu_cert_chain)) if msg.cpu_cert_chain else []
     except MalformedInputError as exc:
         v.fail("snp.chain.parse", str(exc))
         certs = []

@@ -338,8 +338,8 @@ class Client(_BaseClient):
             self._core.check_model(model, attestation)
             sealed, reader = self._core.seal(attestation, chat, params)
             call = self._transport.generate(sealed, self.timeout)
-            payloads = iter(call)
             try:
+                payloads = iter(call)
                 header = next(payloads)
             except StopIteration:
                 raise ChannelError("response stream ended before its header") from None
@@ -559,8 +559,8 @@ class AsyncClient(_BaseClient):
             self._core.check_model(model, attestation)
             sealed, reader = self._core.seal(attestation, chat, params)
             call = self._transport.generate(sealed, self.timeout)
-            payloads = aiter(call)
             try:
+                payloads = aiter(call)
                 header = await anext(payloads)
             except StopAsyncIteration:
                 raise ChannelError("response stream ended before its header") from None

@@ -20,6 +20,7 @@ crosses the wire, and it can tamper with it.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -195,7 +196,10 @@ class _Connection:
         return self._responses.setdefault(stream_id, _Stream())
 
     def start(self) -> None:
-        for src, dst, direction in ((self.client, self.server, self.c2s), (self.server, self.client, self.s2c)):
+        for src, dst, direction in (
+            (self.client, self.server, self.c2s),
+            (self.server, self.client, self.s2c),
+        ):
             threading.Thread(target=self._pump, args=(src, dst, direction), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, direction: _Direction) -> None:
@@ -218,10 +222,8 @@ class _Connection:
 
     def close(self) -> None:
         for s in (self.client, self.server):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
 

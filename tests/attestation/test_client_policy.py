@@ -1,0 +1,158 @@
+"""The client appraisal Policy: defaults, TOML files, typed errors, the simulated opt-in."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from veil.attestation.errors import PolicyError
+from veil.attestation.policy import HARDWARE_PLATFORMS, PlatformName, Policy, TrustedRoots
+from veil.attestation.snp import TcbVersion, build_snp_report
+from veil.client import Policy as ClientPolicy
+from veil.enclave.simulated_tee import load_or_create_simulation
+
+ROOTS = Path(__file__).resolve().parents[2] / "attestation" / "roots"
+
+
+@pytest.fixture(scope="module")
+def sim_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    state = tmp_path_factory.mktemp("sim")
+    load_or_create_simulation(state)
+    return state / "simulation-root.pem"
+
+
+def _sha(cert: object) -> str:
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()  # type: ignore[attr-defined]
+
+
+def test_client_reexports_policy() -> None:
+    assert ClientPolicy is Policy
+
+
+def test_default_is_production_strict() -> None:
+    p = Policy()
+    assert p.platforms == HARDWARE_PLATFORMS
+    assert not p.allows_simulated and not p.allow_debug
+    assert not p.trusted_roots.simulation
+    # vendor roots shipped in the package, one ARK per product and the NVIDIA device root
+    shipped_arks = {_sha(c) for c in p.trusted_roots.amd}
+    assert len(shipped_arks) == 3
+    assert {_sha(c) for c in p.trusted_roots.nvidia} == {
+        "102bf659d5419614c9d8e6aecebc80454eb26b1df6a769ac720b9a690b167b48"
+    }
+
+
+def test_vendor_roots_equal_the_shared_evidence_copies(evidence_dir: Path) -> None:
+    from veil.attestation.amd_certs import load_certificates
+
+    ark = load_certificates((ROOTS / "amd_milan_ark.pem").read_bytes())[0]
+    shared = load_certificates((evidence_dir / "snp" / "virtee-sev" / "milan_ark.pem").read_bytes())[0]
+    assert _sha(ark) == _sha(shared)
+    assert _sha(ark) in {_sha(c) for c in TrustedRoots.vendor().amd}
+
+
+def test_simulated_is_explicit_and_loud(sim_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="veil.attestation.policy"):
+        p = Policy.simulated(sim_root)
+    assert p.platforms == {PlatformName.SIMULATED_SEV_SNP}
+    assert p.allows_simulated
+    assert len(p.trusted_roots.simulation) == 2  # SNP ARK and GPU root
+    assert not p.trusted_roots.amd and not p.trusted_roots.nvidia  # trusts nothing else
+    assert "TRUSTING A SIMULATED TEE" in caplog.text
+    with pytest.raises(PolicyError, match="no simulation root"):
+        Policy(platforms=frozenset({PlatformName.SIMULATED_SEV_SNP}))
+    with pytest.raises(PolicyError, match="not an allowed platform"):
+        Policy(trusted_roots=TrustedRoots(simulation=p.trusted_roots.simulation))
+    with pytest.raises(PolicyError, match="cannot read"):
+        Policy.simulated(sim_root.parent / "missing.pem")
+
+
+def test_from_file_full(tmp_path: Path, sim_root: Path) -> None:
+    (tmp_path / "sim.pem").write_bytes(sim_root.read_bytes())
+    measurement = "ab" * 48
+    model = "cd" * 32
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(
+        f"""
+platforms = ["SIMULATED_SEV_SNP", "SEV_SNP"]
+allow_debug = false
+min_tcb = {{ bootloader = 3, tee = 0, snp = 8, microcode = 115 }}
+measurements = ["{measurement}"]
+gpu_count = 1
+model_digests = ["sha256:{model}"]
+data_policy_digest = "{"ef" * 32}"
+
+[roots]
+simulation = "sim.pem"
+
+[snp]
+vmpls = [0]
+require_smt_disabled = true
+"""
+    )
+    p = Policy.from_file(policy_file)
+    assert p.platforms == {PlatformName.SIMULATED_SEV_SNP, PlatformName.SEV_SNP}
+    assert p.min_tcb == {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}
+    assert p.measurements == {bytes.fromhex(measurement)}
+    assert p.model_digests == {bytes.fromhex(model)}
+    assert p.data_policy_digest == bytes.fromhex("ef" * 32)
+    assert p.gpu_count == 1
+    assert len(p.trusted_roots.simulation) == 2 and len(p.trusted_roots.amd) == 3
+    assert p.snp.vmpls == {0} and p.snp.require_smt_disabled
+    # the SNP field policy for a report merges the top-level settings in the report's TCB layout
+    report = build_snp_report(report_data=bytes(64), measurement=bytes.fromhex(measurement))
+    snp = p.snp_policy(report, bytes(64))
+    assert snp.minimum_tcb == TcbVersion.from_parts(bootloader=3, tee=0, snp=8, microcode=115)
+    assert snp.measurements == {bytes.fromhex(measurement)} and snp.vmpls == {0}
+    assert not snp.allow_debug
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("colour = 'blue'", "unknown policy key"),
+        ("platforms = ['SGX']", "unknown platform"),
+        ("platforms = []", "no platform"),
+        ("platforms = 'SEV_SNP'", "list of str"),
+        ("allow_debug = 'no'", "allow_debug must be a bool"),
+        ("gpu_count = -1", "non-negative"),
+        ("gpu_count = true", "integer"),
+        ("min_tcb = { bootloader = 300 }", "0..255"),
+        ("min_tcb = { firmware = 1 }", "unknown component"),
+        ("measurements = ['zz']", "not hex"),
+        ("measurements = ['abcd']", "48 bytes"),
+        ("model_digests = ['00']", "32 bytes"),
+        ("data_policy_digest = 'xyz'", "not hex"),
+        ("[roots]\nintel = 'x.pem'", "unknown \\[roots\\] key"),
+        ("[roots]\namd = 'missing.pem'", "cannot read"),
+        ("[snp]\nallow_debug = true", "top-level"),
+        ("[snp]\nvmpls = [7]", "VMPL"),
+        ("[snp]\nbogus = 1", "unknown SNP policy key"),
+        ("this is = not toml ]", "not valid TOML"),
+    ],
+)
+def test_bad_policies_raise_policy_error(text: str, match: str, tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=match):
+        Policy.from_toml(text, base_dir=tmp_path)
+
+
+def test_unreadable_policy_file(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="cannot read policy file"):
+        Policy.from_file(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("colour = 1")
+    with pytest.raises(PolicyError, match=r"bad\.toml: unknown policy key"):
+        Policy.from_file(bad)
+
+
+def test_describe_and_replace(sim_root: Path) -> None:
+    p = Policy.simulated(sim_root, gpu_count=2)
+    assert p.gpu_count == 2
+    text = "\n".join(p.describe())
+    assert "SIMULATED_SEV_SNP" in text and "GPUs required: 2" in text and "simulation 2" in text
+    with pytest.raises(PolicyError):
+        p.replace(allow_debug="yes")
