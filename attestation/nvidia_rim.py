@@ -37,6 +37,7 @@ from veil.attestation.nvidia_certs import (
     nvidia_rim_root,
     validity_problem,
 )
+from veil.attestation.nvidia_ocsp import OcspPost, check_ocsp
 from veil.attestation.verdict import Verdict, VerdictBuilder
 
 __all__ = [
@@ -207,8 +208,10 @@ def verify_rim(
     now: datetime,
     trusted_root: x509.Certificate | None = None,
     prefix: str = "rim",
+    ocsp_post: OcspPost | None = None,
 ) -> Verdict:
-    """``{p}.signature``, ``{p}.chain`` and ``{p}.chain.validity`` of one RIM.
+    """``{p}.signature``, ``{p}.chain`` and ``{p}.chain.validity`` of one RIM, plus ``{p}.ocsp``
+    (every certificate below the root, signer included) when ``ocsp_post`` is given.
 
     ``trusted_root`` defaults to the pinned NVIDIA CoRIM signing Root CA.
     """
@@ -226,6 +229,8 @@ def verify_rim(
     certs = chain if chain and chain[-1] == root else (*chain, root)
     validity = validity_problem(certs, now)
     v.check(f"{prefix}.chain.validity", validity is None, validity or f"valid at {now.isoformat()}")
+    if ocsp_post is not None:
+        v.extend(check_ocsp(chain, post=ocsp_post, now=now, prefix=prefix, root=root, skip_leaf=False).checks)
     return v.build()
 
 

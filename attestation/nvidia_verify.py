@@ -255,11 +255,21 @@ def verify_gpu(
     _fwid_check(v, p, report, chain, kind)
     _nonce_check(v, p, report, nonce)
     _version_checks(v, p, report, kind, policy)
-    _rim_checks(v, p=p, report=report, kind=kind, rims=rims, policy=policy, rim_root=rim_root, now=now)
+    _rim_checks(
+        v,
+        p=p,
+        report=report,
+        kind=kind,
+        rims=rims,
+        policy=policy,
+        rim_root=rim_root,
+        now=now,
+        ocsp_post=ocsp_post,
+    )
     if ocsp_post is None:
         v.skip(f"{p}.ocsp", "offline: revocation not checked")
     else:
-        v.extend(check_ocsp(chain, post=ocsp_post, now=now, prefix=p).checks)
+        v.extend(check_ocsp(chain, post=ocsp_post, now=now, prefix=p, root=root).checks)
     return v.build()
 
 
@@ -336,6 +346,7 @@ def _rim_checks(
     policy: GpuPolicy,
     rim_root: x509.Certificate | None,
     now: datetime,
+    ocsp_post: OcspPost | None,
 ) -> None:
     missing = v.fail if policy.require_rims else v.skip
     if rims is None:
@@ -366,7 +377,7 @@ def _rim_checks(
             missing(name, f"no {which} RIM for version {version}")
             continue
         rim = chosen[which] = found[0]
-        rim_verdict = verify_rim(rim, trusted_root=rim_root, now=now, prefix=name)
+        rim_verdict = verify_rim(rim, trusted_root=rim_root, now=now, prefix=name, ocsp_post=ocsp_post)
         if rim_verdict.ok:
             v.passed(name, f"{rim.tag_id[:16]}… version {rim.version}: signature, chain and validity good")
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,10 +19,12 @@ from nvidia_fakes import FakeGpuCa, later, make_fake_ca
 
 from veil.attestation.collateral import CollateralStore, Endpoints
 from veil.attestation.errors import CollateralError
+from veil.attestation.nvidia_rim import parse_rim, verify_rim
 from veil.attestation.nvidia_verify import check_ocsp, verify_gpu
 from veil.attestation.verdict import CheckStatus
 
 NOW = later(400)
+RIM_NOW = datetime(2024, 6, 1, tzinfo=UTC)
 NONCE = bytes(range(32))
 
 
@@ -42,7 +44,11 @@ class Responder:
         by_serial = {c.serial_number: (c, i) for i, c in enumerate(self.ca.chain)}
         cert, i = by_serial[req.serial_number]
         issuer = self.ca.chain[i + 1]
-        issuer_key = {self.ca.ica: self.ca.ica_key, self.ca.root: self.ca.root_key}[issuer]
+        issuer_key = {
+            self.ca.brom: self.ca.brom_key,
+            self.ca.ica: self.ca.ica_key,
+            self.ca.root: self.ca.root_key,
+        }[issuer]
         self.seen.append(cert)
         status = (
             ocsp.OCSPCertStatus.REVOKED if cert.serial_number in self.revoked else ocsp.OCSPCertStatus.GOOD
@@ -89,6 +95,34 @@ def test_good_chain(ca: FakeGpuCa) -> None:
     v = check_ocsp(ca.chain, post=responder, now=NOW, nonce=b"n" * 16)
     assert v.ok, v.table()
     assert responder.seen == [ca.brom, ca.ica]  # the device-made leaf and the root are not asked about
+
+
+def test_chain_without_root_and_leaf_included(ca: FakeGpuCa) -> None:
+    responder = Responder(ca)
+    assert check_ocsp(ca.chain[:-1], post=responder, now=NOW, root=ca.root).ok
+    assert responder.seen == [ca.brom, ca.ica]
+    responder.seen.clear()
+    assert check_ocsp(ca.chain, post=responder, now=NOW, skip_leaf=False).ok
+    assert responder.seen == [ca.leaf, ca.brom, ca.ica]
+    assert not check_ocsp(ca.chain[:1], post=responder, now=NOW).ok
+
+
+def test_rim_chain_ocsp_is_wired(evidence_dir: Path) -> None:
+    """RIM signing chains are asked about from the signer up; a junk answer fails ``….ocsp``."""
+    rim = parse_rim(
+        (evidence_dir / "nvidia_gpu/nv-local-gpu-verifier-2.7.3/Driver_RIM_test_no_gpu.swidtag").read_bytes()
+    )
+    asked: list[bytes] = []
+
+    def junk(request: bytes) -> bytes:
+        asked.append(request)
+        return b"junk"
+
+    v = verify_rim(rim, now=RIM_NOW, prefix="rim.driver", ocsp_post=junk)
+    assert [c.name for c in v.failed] == ["rim.driver.ocsp"]
+    assert "HCC RIM L4 Signer" in v.failed[0].detail
+    assert ocsp.load_der_ocsp_request(asked[0]).serial_number == rim.certificates[0].serial_number
+    assert verify_rim(rim, now=RIM_NOW).get("rim.ocsp") is None  # offline: no OCSP check at all
 
 
 def test_revoked_intermediate(ca: FakeGpuCa) -> None:
