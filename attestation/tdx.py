@@ -37,6 +37,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from veil.attestation.errors import MalformedInputError, UnsupportedError
+from veil.attestation.tdx_pck import parse_pck_extensions
 
 __all__ = [
     "ATTESTATION_KEY_TYPE_ECDSA_P256",
@@ -52,10 +53,12 @@ __all__ = [
     "TdxQuote",
     "TdxQuoteHeader",
     "TdxSignatureData",
+    "describe_tdx_quote",
     "load_pem_chain",
     "parse_enclave_report",
     "parse_td_report",
     "parse_tdx_quote",
+    "td_attribute_names",
 ]
 
 HEADER_SIZE = 48
@@ -437,3 +440,114 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
         signed_length=signed_length,
         trailing=data[end:],
     )
+
+
+_TD_ATTRIBUTE_BITS = {0: "DEBUG", 28: "SEPT_VE_DISABLE", 29: "MIGRATABLE", 30: "PKS", 31: "KL", 63: "PERFMON"}
+
+
+def td_attribute_names(td: TdReport) -> list[str]:
+    """Names of the TD attribute bits that are set (``BIT<n>`` for ones without a name)."""
+    value = td.td_attributes_value
+    return [_TD_ATTRIBUTE_BITS.get(bit, f"BIT{bit}") for bit in range(64) if value >> bit & 1]
+
+
+def _hexes(obj: object, names: tuple[str, ...]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name in names:
+        value = getattr(obj, name)
+        out[name] = value.hex() if isinstance(value, bytes) else value
+    return out
+
+
+def describe_tdx_quote(quote: TdxQuote) -> dict[str, object]:
+    """Every field of a quote, decoded and named (JSON-ready), for ``veil attest show``."""
+    td = quote.td_report
+    td_fields = (
+        "tee_tcb_svn",
+        "mr_seam",
+        "mr_signer_seam",
+        "seam_attributes",
+        "td_attributes",
+        "xfam",
+        "mr_td",
+        "mr_config_id",
+        "mr_owner",
+        "mr_owner_config",
+        "rtmr0",
+        "rtmr1",
+        "rtmr2",
+        "rtmr3",
+        "report_data",
+        "tee_tcb_svn2",
+        "mr_service_td",
+    )
+    td_dict = _hexes(td, td_fields if td.tee_tcb_svn2 is not None else td_fields[:-2])
+    td_dict["version"] = td.version
+    td_dict["td_attribute_flags"] = td_attribute_names(td)
+    qe = quote.signature_data.qe_certification
+    report = qe.qe_report
+    chain: list[dict[str, object]] = []
+    for cert in quote.pck_chain.certificates:
+        chain.append(
+            {
+                "subject": cert.subject.rfc4514_string(),
+                "issuer": cert.issuer.rfc4514_string(),
+                "serial": format(cert.serial_number, "x"),
+                "not_before": cert.not_valid_before_utc.isoformat(),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+            }
+        )
+    try:
+        ext = parse_pck_extensions(quote.pck_chain.leaf)
+        pck: dict[str, object] = {
+            "fmspc": ext.fmspc.hex(),
+            "pce_id": ext.pce_id.hex(),
+            "pce_svn": ext.pce_svn,
+            "cpu_svn": ext.cpu_svn.hex(),
+            "tcb_components": list(ext.tcb_components),
+            "ppid": ext.ppid.hex(),
+            "sgx_type": ext.sgx_type,
+            "platform_instance_id": ext.platform_instance_id.hex() if ext.platform_instance_id else None,
+            "dynamic_platform": ext.dynamic_platform,
+            "cached_keys": ext.cached_keys,
+            "smt_enabled": ext.smt_enabled,
+        }
+    except MalformedInputError as exc:
+        pck = {"error": str(exc)}
+    return {
+        "format": "Intel TDX quote",
+        "header": _hexes(
+            quote.header,
+            ("version", "attestation_key_type", "tee_type", "qe_svn", "pce_svn", "qe_vendor_id", "user_data"),
+        ),
+        "body_descriptor": (
+            _hexes(quote.body_descriptor, ("body_type", "body_size")) if quote.body_descriptor else None
+        ),
+        "td_report": td_dict,
+        "signature_data": {
+            "length": quote.signature_data_length,
+            "signature": quote.signature_data.signature.hex(),
+            "attestation_key": quote.signature_data.attestation_key.hex(),
+            "certification_data_type": quote.signature_data.certification_data_type,
+            "qe_report": _hexes(
+                report,
+                (
+                    "cpu_svn",
+                    "misc_select",
+                    "attributes",
+                    "mr_enclave",
+                    "mr_signer",
+                    "isv_prod_id",
+                    "isv_svn",
+                    "report_data",
+                ),
+            ),
+            "qe_report_signature": qe.qe_report_signature.hex(),
+            "qe_auth_data": qe.qe_auth_data.hex(),
+            "pck_cert_chain_type": qe.pck_cert_chain_type,
+            "pck_cert_chain": chain,
+            "pck_extensions": pck,
+        },
+        "signed_length": quote.signed_length,
+        "trailing_unsigned_bytes": len(quote.trailing),
+    }

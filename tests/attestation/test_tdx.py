@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from veil.attestation.tdx import (
     INTEL_QE_VENDOR_ID,
     TD_REPORT_10_SIZE,
     TdxQuote,
+    describe_tdx_quote,
     parse_enclave_report,
     parse_td_report,
     parse_tdx_quote,
@@ -225,3 +227,20 @@ def test_pck_chain_garbage_is_typed(quotes: dict[str, bytes]) -> None:
     raw[start : start + 20] = b"!" * 20
     with pytest.raises(MalformedInputError):
         parse_tdx_quote(bytes(raw))
+
+
+@pytest.mark.parametrize("name", ["spr_e4_v4", "v5_sample"])
+def test_describe_names_every_field(quotes: dict[str, bytes], name: str) -> None:
+    q = parse_tdx_quote(quotes[name])
+    d = describe_tdx_quote(q)
+    json.dumps(d)  # JSON-ready
+    td = d["td_report"]
+    assert isinstance(td, dict)
+    assert td["mr_td"] == q.td_report.mr_td.hex()
+    assert td["td_attribute_flags"] == (["PKS"] if q.version == 4 else ["SEPT_VE_DISABLE"])
+    assert ("mr_service_td" in td) == (q.version == 5)
+    sig = d["signature_data"]
+    assert isinstance(sig, dict)
+    assert sig["pck_extensions"]["fmspc"] == VECTORS[name][3]  # type: ignore[index]
+    assert len(sig["pck_cert_chain"]) == 3  # type: ignore[arg-type]
+    assert d["trailing_unsigned_bytes"] == len(q.trailing)
