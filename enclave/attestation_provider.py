@@ -57,7 +57,7 @@ __all__ = [
 class GpuEvidencePart:
     """One GPU's (or NVSwitch's) SPDM report and its PEM certificate chain (leaf first)."""
 
-    kind: evidence_pb2.GpuEvidence.Kind.ValueType
+    kind: evidence_pb2.GpuEvidence.Kind
     arch: str
     report: bytes
     cert_chain: bytes
@@ -81,7 +81,7 @@ class CpuEvidencePart:
 class EvidenceParts:
     """What a provider produced for one nonce (the server adds key, claims and nonce)."""
 
-    platform: evidence_pb2.Platform.ValueType
+    platform: evidence_pb2.Platform
     cpu: CpuEvidencePart
     gpus: tuple[GpuEvidencePart, ...]
     simulated: bool
@@ -91,7 +91,7 @@ class AttestationProvider(abc.ABC):
     """A source of attestation evidence (see the module docstring)."""
 
     #: ``evidence_pb2.Platform`` of the CPU report.
-    platform: evidence_pb2.Platform.ValueType
+    platform: evidence_pb2.Platform
     #: True for software providers; stated in the claims and in ``Evidence.simulated``.
     simulated: bool
     #: A short human-readable name for start-up output.

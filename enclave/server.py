@@ -86,7 +86,7 @@ class EnclaveServer:
         self.options = options
         self.metrics = ServerMetrics(simulated=provider.simulated)
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._inference = InferenceServicer(identity, engine, self.metrics, max_inflight=options.max_inflight)
         self.port = 0
 
@@ -101,16 +101,15 @@ class EnclaveServer:
             ],
             maximum_concurrent_rpcs=o.max_inflight + 64,
         )
-        service_pb2_grpc.add_AttestationServiceServicer_to_server(
+        service_pb2_grpc.add_AttestationServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AttestationServicer(
                 self.identity, self.provider, TokenBucket(o.evidence_rate, o.evidence_burst), self.metrics
             ),
             server,
         )
-        service_pb2_grpc.add_InferenceServiceServicer_to_server(self._inference, server)
-        service_pb2_grpc.add_MetricsServiceServicer_to_server(
-            MetricsServicer(self.metrics, self.engine), server
-        )
+        service_pb2_grpc.add_InferenceServiceServicer_to_server(self._inference, server)  # type: ignore[no-untyped-call]
+        metrics = MetricsServicer(self.metrics, self.engine)
+        service_pb2_grpc.add_MetricsServiceServicer_to_server(metrics, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host = f"[{o.host}]" if ":" in o.host and not o.host.startswith("[") else o.host
         port = server.add_insecure_port(f"{host}:{o.port}")

@@ -27,7 +27,6 @@ period cancels the handler task; its ``finally`` closes the engine stream and ca
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import secrets
 import time
@@ -262,16 +261,15 @@ class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
         status, finish, usage, ttft_ms = "cancelled", "", (0, 0), -1.0
         try:
             try:
-                ereq = _engine_request(rid, plain)
-                self._engine.validate(ereq)
+                # Builds and checks the sampling parameters; the engine tokenizes and checks the
+                # prompt when the stream starts, and raises from the first delta.
+                stream = self._engine.generate(_engine_request(rid, plain))
+                delta: Delta | None = await anext(stream)
             except InvalidRequestError as exc:
                 status, finished = "invalid_request", True
                 yield service_pb2.EncryptedChunk(payload=enc.header)
                 yield service_pb2.EncryptedChunk(payload=enc.encrypt(_error_chunk(exc), final=True))
                 return
-            stream = self._engine.generate(ereq)
-            try:
-                delta: Delta | None = await anext(stream)
             except EngineOverloadedError:
                 status = "overloaded"
                 self._reject()
@@ -339,9 +337,7 @@ class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
     async def _cancel(self, rid: str, stream: AsyncIterator[Delta] | None) -> None:
         """Stop the engine work for ``rid`` and free its KV blocks (idempotent)."""
         try:
-            result = self._engine.cancel(rid)
-            if inspect.isawaitable(result):
-                await result
+            self._engine.cancel(rid)
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
