@@ -1,0 +1,251 @@
+"""Data-handling policy: a canary prompt never leaves the enclave process in the clear.
+
+The real ``veil serve --tee simulated`` runs in a subprocess with its own state dir and
+``TMPDIR``; all client traffic goes through ``tests/relay.py``, which records every byte
+on the wire and HPACK-decodes every header block. Requests carry a random marker in
+the system and user messages (and ask the model to repeat it, so the completion tends
+to carry it too). Afterwards the marker, and pieces of the decrypted completion, are
+searched for in: every gRPC frame in both directions (raw and decoded headers), the
+server's stdout / stderr / log files, every file under the state dir and the server's
+temp dir, the metrics and health responses, and every error status the client got.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from relay import Relay
+
+from veil.attestation.channel import PublicKey, seal_request
+from veil.attestation.evidence import verify_evidence
+from veil.attestation.stream import StreamDecryptor
+from veil.client import Client, Policy
+from veil.local_server import LocalServer
+from veil.proto.v1 import generate_pb2, service_pb2
+
+pytestmark = pytest.mark.slow
+
+GET_EVIDENCE = "/veil.v1.AttestationService/GetEvidence"
+GENERATE = "/veil.v1.InferenceService/Generate"
+GET_METRICS = "/veil.v1.MetricsService/GetMetrics"
+
+
+@dataclass
+class Run:
+    marker: str
+    server: LocalServer
+    relay: Relay
+    tmpdir: Path
+    completions: list[str] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)  # code + details of every error status
+    side_channels: list[bytes] = field(default_factory=list)  # metrics / health responses
+    encrypted_errors: list[generate_pb2.ChunkError] = field(default_factory=list)
+
+
+def _raw_generate(address: str, request: generate_pb2.GenerateRequest, key: PublicKey) -> list[bytes]:
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_stream(
+            GENERATE,
+            request_serializer=service_pb2.EncryptedRequest.SerializeToString,
+            response_deserializer=service_pb2.EncryptedChunk.FromString,
+        )
+        return [c.payload for c in call(seal_request(request, key), timeout=60)]
+
+
+def _decrypt(
+    payloads: list[bytes], request: generate_pb2.GenerateRequest
+) -> list[generate_pb2.ResponseChunk]:
+    dec = StreamDecryptor(request.response_key, request.request_id, payloads[0])
+    chunks = [dec.decrypt(p)[0] for p in payloads[1:]]
+    dec.close()  # FINAL was there
+    return chunks
+
+
+def _request(
+    marker: str, params: generate_pb2.SamplingParams, prompt_repeat: int = 1
+) -> generate_pb2.GenerateRequest:
+    text = " ".join([f"Please repeat the code word {marker} exactly."] * prompt_repeat)
+    return generate_pb2.GenerateRequest(
+        request_id=secrets.token_bytes(16),
+        response_key=secrets.token_bytes(32),
+        chat=generate_pb2.ChatMessages(
+            messages=[
+                generate_pb2.ChatMessage(role="system", content=f"The secret code word is {marker}."),
+                generate_pb2.ChatMessage(role="user", content=text),
+            ]
+        ),
+        params=params,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    base = tmp_path_factory.mktemp("canary")
+    tmpdir = base / "server-tmp"
+    tmpdir.mkdir()
+    marker = f"CANARY{secrets.token_hex(8).upper()}"
+    server = LocalServer(base / "state", log_dir=base / "logs", env={"TMPDIR": str(tmpdir)}).start()
+    relay = Relay((server.host, server.port)).start()
+    r = Run(marker, server, relay, tmpdir)
+    try:
+        _exercise(r)
+    finally:
+        relay.close()
+        r.server.stop()
+    assert not relay.errors, relay.errors
+    yield r
+
+
+def _exercise(r: Run) -> None:
+    policy = Policy.simulated(r.server.root_pem)
+    messages = [
+        {"role": "system", "content": f"The secret code word is {r.marker}."},
+        {"role": "user", "content": f"Repeat the code word {r.marker} three times."},
+    ]
+    with Client(r.relay.address, policy=policy) as client:
+        reply = client.chat.completions.create(messages=messages, max_tokens=16, temperature=0.0)
+        r.completions.append(reply.choices[0].message.content)
+        stream = client.chat.completions.create(messages=messages, max_tokens=16, seed=7, stream=True)
+        r.completions.append("".join(c.choices[0].delta.content or "" for c in stream))
+
+    # Requests whose plaintext is invalid: the error must come back inside the encrypted stream.
+    with grpc.insecure_channel(r.relay.address) as channel:
+        nonce = secrets.token_bytes(32)
+        evidence = channel.unary_unary(
+            GET_EVIDENCE,
+            request_serializer=service_pb2.GetEvidenceRequest.SerializeToString,
+            response_deserializer=lambda b: b,
+        )(service_pb2.GetEvidenceRequest(nonce=nonce), timeout=30)
+    verified = verify_evidence(evidence, policy=policy, nonce=nonce, now=datetime.now(UTC))
+    assert verified.ok and verified.public_key is not None
+    key = verified.public_key
+    invalid = [
+        _request(r.marker, generate_pb2.SamplingParams(max_tokens=8, temperature=-3.0)),
+        _request(r.marker, generate_pb2.SamplingParams(max_tokens=8, top_p=7.0)),
+        _request(r.marker, generate_pb2.SamplingParams(max_tokens=8), prompt_repeat=2500),  # too long
+    ]
+    for request in invalid:
+        payloads = _raw_generate(r.relay.address, request, key)  # gRPC status OK: nothing in clear
+        chunks = _decrypt(payloads, request)
+        assert len(chunks) == 1 and chunks[0].HasField("error"), chunks
+        assert chunks[0].finish_reason == generate_pb2.FINISH_REASON_ERROR
+        r.encrypted_errors.append(chunks[0].error)
+
+    # Transport-level errors: their statuses are searched too.
+    for sealed in (
+        service_pb2.EncryptedRequest(key_id=bytes(16), ciphertext=secrets.token_bytes(200)),  # stale key
+        service_pb2.EncryptedRequest(key_id=key.key_id, ciphertext=secrets.token_bytes(200)),  # undecryptable
+    ):
+        with grpc.insecure_channel(r.relay.address) as channel:
+            call = channel.unary_stream(
+                GENERATE,
+                request_serializer=service_pb2.EncryptedRequest.SerializeToString,
+                response_deserializer=lambda b: b,
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                list(call(sealed, timeout=30))
+            err = info.value
+            r.statuses.append(f"{err.code().name} {err.details()}")  # type: ignore[attr-defined]
+    with grpc.insecure_channel(r.server.address) as channel:  # direct: the marker is in this request
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(
+                GET_EVIDENCE,
+                request_serializer=service_pb2.GetEvidenceRequest.SerializeToString,
+                response_deserializer=lambda b: b,
+            )(service_pb2.GetEvidenceRequest(nonce=r.marker.encode()), timeout=30)
+        r.statuses.append(f"{info.value.code().name} {info.value.details()}")  # type: ignore[attr-defined]
+        metrics = channel.unary_unary(
+            GET_METRICS,
+            request_serializer=service_pb2.GetMetricsRequest.SerializeToString,
+            response_deserializer=lambda b: b,
+        )(service_pb2.GetMetricsRequest(), timeout=30)
+        r.side_channels.append(metrics)
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+        r.side_channels.append(health.SerializeToString())
+        parsed = service_pb2.Metrics.FromString(metrics)
+        assert parsed.requests_completed >= 5 and parsed.simulated
+
+
+def _needles(r: Run) -> list[bytes]:
+    """The marker in every encoding we can think of, plus distinctive pieces of the completions."""
+    token = r.marker.removeprefix("CANARY")
+    out = set()
+    for text in (r.marker, token, token.lower()):
+        out |= {text.encode(), text.encode("utf-16-le"), text.encode().hex().encode()}
+    for completion in r.completions:
+        words = completion.replace(r.marker, " ").strip()
+        for i in range(0, max(0, len(words) - 15), 5):
+            piece = words[i : i + 16]
+            if len(set(piece)) > 6:
+                out.add(piece.encode())
+    return sorted(out)
+
+
+def _assert_clean(where: str, blob: bytes, needles: list[bytes]) -> None:
+    found = [n for n in needles if n in blob]
+    assert not found, f"plaintext {found[:3]!r} found in {where}"
+
+
+def test_the_canary_reached_the_model(run: Run) -> None:
+    # Sanity: the marker was really sent, and the channel decrypted fine end to end.
+    assert all(c.strip() for c in run.completions)
+    assert run.relay.all_bytes()  # traffic went through the relay
+
+
+def test_no_plaintext_on_the_wire(run: Run) -> None:
+    needles = _needles(run)
+    _assert_clean("client->server bytes", bytes(run.relay.raw["c2s"]), needles)
+    _assert_clean("server->client bytes", bytes(run.relay.raw["s2c"]), needles)
+    _assert_clean("decoded HTTP/2 headers", run.relay.header_text().encode(), needles)
+    for message in run.relay.messages:
+        _assert_clean(f"gRPC message on {message.path}", message.data, needles)
+    assert any(m.path == GENERATE for m in run.relay.messages)
+
+
+def test_no_plaintext_in_server_output_or_files(run: Run) -> None:
+    needles = _needles(run)
+    _assert_clean("server stdout", run.server.stdout_path.read_bytes(), needles)
+    _assert_clean("server stderr", run.server.stderr_path.read_bytes(), needles)
+    searched = 0
+    for root in (run.server.state_dir, run.tmpdir, run.server.log_dir):
+        for path in root.rglob("*"):
+            if path.is_file():
+                _assert_clean(str(path), path.read_bytes(), needles)
+                searched += 1
+    assert searched >= 3  # logs and the simulation chain at least
+
+
+def test_no_plaintext_in_metrics_health_or_statuses(run: Run) -> None:
+    needles = _needles(run)
+    for blob in run.side_channels:
+        _assert_clean("metrics/health response", blob, needles)
+    assert len(run.statuses) == 3
+    for status in run.statuses:
+        _assert_clean(f"status {status!r}", status.encode(), needles)
+    assert run.statuses[0].startswith("FAILED_PRECONDITION")
+    assert run.statuses[1].startswith("INVALID_ARGUMENT")
+    assert run.statuses[2].startswith("INVALID_ARGUMENT")
+
+
+def test_invalid_plaintext_is_answered_inside_the_stream(run: Run) -> None:
+    codes = [e.code for e in run.encrypted_errors]
+    assert codes == [
+        generate_pb2.ChunkError.CODE_INVALID_REQUEST,
+        generate_pb2.ChunkError.CODE_INVALID_REQUEST,
+        generate_pb2.ChunkError.CODE_PROMPT_TOO_LONG,
+    ]
+    for error in run.encrypted_errors:
+        assert run.marker not in error.message  # even the encrypted error names fields, not text
+    # and the wire carried no clear-text error for them: every Generate that got an encrypted
+    # error ended with grpc-status 0
+    trailers = [h for d, _, h in run.relay.headers if d == "s2c" and any(k == "grpc-status" for k, _ in h)]
+    assert sum(("grpc-status", "0") in h for h in trailers) >= 5
