@@ -134,16 +134,16 @@ def _load_int8_tile(  # noqa: PLR0917
         mask=(offs_k[:, None] < K) & n_mask[None, :],
         other=0,
     ).to(tl.float32)
-    if PER_CHANNEL:
-        return q
-    offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-    s = tl.load(
-        s_ptr + offs_g[:, None] * stride_sg + offs_n[None, :],
-        mask=(offs_g[:, None] < K // GROUP) & n_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    w = tl.reshape(q, (BLOCK_K // GROUP, GROUP, BLOCK_N)) * s[:, None, :]
-    return tl.reshape(w, (BLOCK_K, BLOCK_N))
+    if not PER_CHANNEL:
+        # Scale of each k row (k // GROUP): repeated loads of a group's scales come from L1, and no
+        # register reshape is needed.
+        s = tl.load(
+            s_ptr + (offs_k // GROUP)[:, None] * stride_sg + offs_n[None, :],
+            mask=(offs_k[:, None] < K) & n_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        q = q * s
+    return q
 
 
 @triton.jit

@@ -19,21 +19,25 @@ At load time :func:`repack_q4_1` rewrites each weight into three dense, N-contig
 * ``scales`` fp16 ``[K // 32, N]`` (GGUF's ``d``, kept in fp16: converting to bf16 would round it);
 * ``mins`` fp16 ``[K // 32, N]`` (GGUF's ``m``).
 
-A program owning ``BLOCK_N`` output columns then reads ``[BLOCK_K / 8, BLOCK_N]`` words and
-``[BLOCK_K / 32, BLOCK_N]`` scales/mins as rows of consecutive addresses (coalesced, vectorizable),
-unpacks eight nibbles per word with shifts in registers, dequantizes in fp32 and feeds the tile to
-``tl.dot`` (or a broadcast multiply-sum for a single row). Bytes per weight stay 0.5 + 4/32 = 0.625,
-the same as GGUF, so the kernel is bound by reading the same bytes llama.cpp reads.
+A program owning ``BLOCK_N`` output columns then reads ``[BLOCK_K / 8, BLOCK_N]`` words and the
+matching scales/mins as rows of consecutive addresses (coalesced, vectorizable). Bytes per weight stay
+0.5 + 4/32 = 0.625, the same as GGUF, so the kernels are bound by reading the bytes llama.cpp reads.
+Because the eight nibbles of a word are eight consecutive k, nibble ``j`` of all words in a tile is a
+``[BLOCK_K / 8, BLOCK_N]`` slab for ``k = 8r + j``; the GEMV unpacks slab by slab with a shift and a
+mask and never reshapes registers (a reshape can cost a trip through shared memory). Each packed row
+lies inside one group, so its scale and min are per row: the single-row path accumulates ``Σ x·q`` and
+``Σ x`` per row and applies ``d`` and ``m`` once per row (one FMA per weight instead of two).
 
 Two kernels, one dispatcher (:func:`w4a16_matmul`):
 
 * **split-K GEMV** for decode (``M ≤ 16``): few output tiles, so K is cut into ``split_k`` slices that
   run as separate programs and write fp32 partials ``[split_k, M, N]``; a deterministic sum over the
-  slices finishes (no atomics: a row's result never depends on the order programs ran, so results are
-  reproducible whatever the batch-mates). ``M == 1`` uses a broadcast multiply-sum instead of a padded
-  16-row ``tl.dot``.
+  slices finishes (no atomics, so a rerun is bit-identical). ``M == 1`` uses the multiply-sum above
+  instead of a padded 16-row ``tl.dot``; ``2 ≤ M ≤ 16`` issues one ``tl.dot`` per nibble slab.
 * **tiled GEMM** for prefill (``M > 16``): the usual blocked matmul, dequantizing the weight tile in
-  the K loop, with grouped program ordering so neighbouring programs share weight tiles in L2.
+  the K loop (unpacked and reshaped to ``[BLOCK_K, BLOCK_N]`` for one large ``tl.dot``: at prefill
+  sizes the dot's operand staging dominates), with grouped program ordering so neighbouring programs
+  share weight tiles in L2.
 
 Block sizes are starting points picked from the memory-traffic shape; ``bench/kernels.py`` sweeps them
 on a GPU and its figures (not guesses) must set the defaults. Nothing here has been timed yet.
@@ -235,19 +239,38 @@ def _w4a16_splitk_kernel(  # noqa: PLR0917
     m_mask = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_s * K_PER_SPLIT
+    rows = tl.arange(0, BLOCK_K // 8)
     for i in range(0, K_PER_SPLIT // BLOCK_K):
-        k0 = k_begin + i * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & (offs_k[None, :] < K),
-            other=0.0,
+        # Packed row r holds k = 8r .. 8r + 7 and belongs to group r // 4. Nibble j of every row is one
+        # [BLOCK_K / 8, BLOCK_N] slab (k = 8r + j): the words are unpacked slab by slab, never reshaped.
+        r = (k_begin + i * BLOCK_K) // 8 + rows
+        r_mask = r < K // 8
+        w_mask = r_mask[:, None] & n_mask[None, :]
+        words = tl.load(qw_ptr + r[:, None] * stride_qk + offs_n[None, :], mask=w_mask, other=0)
+        s = tl.load(s_ptr + (r // 4)[:, None] * stride_sg + offs_n[None, :], mask=w_mask, other=0.0).to(
+            tl.float32
         )
-        w = _dequant_tile(qw_ptr, s_ptr, m_ptr, k0, offs_n, n_mask, K, stride_qk, stride_sg, BLOCK_K, BLOCK_N)
+        mn = tl.load(m_ptr + (r // 4)[:, None] * stride_sg + offs_n[None, :], mask=w_mask, other=0.0).to(
+            tl.float32
+        )
         if BLOCK_M == 1:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+            # Σ_k x·(q·d + m) = d·Σ x·q + m·Σ x per packed row: one FMA per weight, scales applied per row.
+            xq = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_ptr + (r * 8 + j) * stride_xk, mask=r_mask, other=0.0).to(tl.float32)
+                xq += xj[:, None] * ((words >> (4 * j)) & 0xF).to(tl.float32)
+                xs += xj
+            acc += tl.sum(xq * s + mn * xs[:, None], axis=0)[None, :]
         else:
-            acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
+            for j in tl.static_range(8):
+                xj = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + (r * 8 + j)[None, :] * stride_xk,
+                    mask=m_mask[:, None] & r_mask[None, :],
+                    other=0.0,
+                )
+                wj = ((words >> (4 * j)) & 0xF).to(tl.float32) * s + mn
+                acc = tl.dot(xj, wj.to(xj.dtype), acc, input_precision=DOT_PRECISION)
     out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -322,7 +345,7 @@ def default_gemv_config(m: int, n: int, k: int, device: torch.device) -> MatmulC
     """Split-K GEMV launch for ``m ≤ 16`` rows (a starting point: confirm with ``bench/kernels.py``)."""
     block_m = 1 if m == 1 else max(16, next_power_of_2(m))
     block_n = 64
-    block_k = 128 if k >= 128 else 32 * next_power_of_2(k // 32)
+    block_k = (256 if k >= 256 else 32 * next_power_of_2(k // 32)) if m == 1 else 128
     tiles = triton.cdiv(n, block_n)
     split = pick_split(tiles, triton.cdiv(k, block_k), sm_count(device))
     return MatmulConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=3)
@@ -342,8 +365,11 @@ def w4a16_gemv(x: torch.Tensor, w: W4A16Weight, config: MatmulConfig | None = No
     if m > GEMV_MAX_M:
         raise KernelInputError(f"w4a16_gemv takes at most {GEMV_MAX_M} rows, got {m}")
     cfg = config or default_gemv_config(m, n, k, x2.device)
-    if cfg.block_k % Q4_1_GROUP or cfg.block_k < Q4_1_GROUP:
-        raise KernelInputError(f"block_k must be a multiple of {Q4_1_GROUP}, got {cfg.block_k}")
+    if cfg.block_k % Q4_1_GROUP or cfg.block_k < (Q4_1_GROUP if m == 1 else 128):
+        raise KernelInputError(
+            f"block_k must be a multiple of {Q4_1_GROUP} (and ≥ 128 for more than one row: each of the 8 "
+            f"nibble slabs feeds tl.dot with block_k / 8 ≥ 16), got {cfg.block_k}"
+        )
     steps = triton.cdiv(k, cfg.block_k)
     split = max(1, min(cfg.split_k or 1, steps))
     k_per_split = triton.cdiv(steps, split) * cfg.block_k

@@ -139,11 +139,13 @@ def _layer(n: int, k: int, device: torch.device, seed: int = 0) -> W4A16Weight:
 def test_gemv_matches_reference(
     m: int, split_k: int, dtype: torch.dtype, kernel_device: torch.device
 ) -> None:
-    # N = 40 leaves a tail tile of 8 columns; K = 160 = 5 groups, so a 64-wide K block ends mid-block
-    # and the three K splits own 2, 2 and 1 steps.
-    w = _layer(40, 160, kernel_device, seed=m)
-    x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m)).to(kernel_device, dtype)
-    out = w4a16_gemv(x, w, MatmulConfig(16, 32, 64, split_k=split_k))
+    # N = 40 leaves a tail tile of 8 columns. K = 320 is 10 groups; with 64-wide K blocks (one row) it is
+    # 5 steps split 2/2/1, with 128-wide blocks (several rows: tl.dot per nibble slab) 3 steps whose last
+    # ends mid-block.
+    block_k = 64 if m == 1 else 128
+    w = _layer(40, 320, kernel_device, seed=m)
+    x = torch.randn(m, 320, generator=torch.Generator().manual_seed(m)).to(kernel_device, dtype)
+    out = w4a16_gemv(x, w, MatmulConfig(16, 32, block_k, split_k=split_k))
     assert out.shape == (m, 40) and out.dtype == dtype
     _assert_close(out, w4a16_matmul_ref(x, w.qweight, w.scales, w.mins))
 
@@ -182,9 +184,9 @@ def test_dispatcher_handles_leading_dims_and_default_configs(kernel_device: torc
 
 
 def test_gemv_is_deterministic_with_split_k(kernel_device: torch.device) -> None:
-    w = _layer(32, 256, kernel_device, seed=9)
-    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(9)).to(kernel_device)
-    cfg = MatmulConfig(16, 32, 32, split_k=4)
+    w = _layer(32, 512, kernel_device, seed=9)
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(9)).to(kernel_device)
+    cfg = MatmulConfig(16, 32, 128, split_k=4)
     a = w4a16_gemv(x, w, cfg)
     # Partials are summed in a fixed order (no atomics), so a rerun is bit-identical.
     assert torch.equal(a, w4a16_gemv(x, w, cfg))
@@ -201,6 +203,8 @@ def test_inputs_are_checked(kernel_device: torch.device) -> None:
         w4a16_gemv(torch.zeros(17, 64, device=kernel_device), w)
     with pytest.raises(KernelInputError):
         w4a16_gemv(torch.zeros(1, 64, device=kernel_device), w, MatmulConfig(1, 16, 48))
+    with pytest.raises(KernelInputError):  # several rows need 16-deep nibble slabs for tl.dot
+        w4a16_gemv(torch.zeros(2, 64, device=kernel_device), w, MatmulConfig(16, 16, 64))
 
 
 # ------------------------------------------------------------------------------------------------ GPU
