@@ -151,10 +151,8 @@ def parse_rim(xml_bytes: bytes, *, kind: RimKind | None = None) -> Rim:
     root = _xml_root(xml_bytes)
     if root.tag != f"{{{_SWID}}}SoftwareIdentity":
         raise MalformedInputError("RIM root element is not a swid SoftwareIdentity")
+    version = _meta_version(root)
     meta = root.find(f"{{{_SWID}}}Meta")
-    if meta is None or not meta.get("colloquialVersion"):
-        raise MalformedInputError("RIM Meta/colloquialVersion missing")
-    version = str(meta.get("colloquialVersion"))
     detected: RimKind = "vbios" if _VBIOS_VERSION.match(version) else "driver"
     certs: list[x509.Certificate] = []
     for el in root.iterfind(f".//{{{_DS}}}X509Certificate"):
@@ -173,9 +171,17 @@ def parse_rim(xml_bytes: bytes, *, kind: RimKind | None = None) -> Rim:
     )
 
 
+def _meta_version(root: Any) -> str:
+    meta = root.find(f"{{{_SWID}}}Meta")
+    if meta is None or not meta.get("colloquialVersion"):
+        raise MalformedInputError("RIM Meta/colloquialVersion missing")
+    return str(meta.get("colloquialVersion"))
+
+
 @functools.lru_cache(maxsize=64)
-def _signature_problem(xml: bytes, signer: x509.Certificate) -> str | None:
-    """XMLDSig check with ``signer``'s key; the time is pinned inside its validity (checked apart)."""
+def _signed_content(xml: bytes, signer: x509.Certificate) -> tuple[str, tuple[RimMeasurement, ...]] | str:
+    """XMLDSig check with ``signer``'s key → (version, measurements) read from the signed element,
+    or why not. The time is pinned inside the signer's validity, which is checked apart."""
     from signxml.algorithms import SignatureMethod
     from signxml.exceptions import InvalidInput, SignXMLException
     from signxml.verifier import SignatureConfiguration, XMLVerifier
@@ -195,11 +201,9 @@ def _signature_problem(xml: bytes, signer: x509.Certificate) -> str | None:
     if signed is None or signed.tag != f"{{{_SWID}}}SoftwareIdentity":
         return "signature does not cover the whole SoftwareIdentity document"
     try:
-        if _measurements(signed) != _measurements(_xml_root(xml)):
-            return "measurements outside the signed content"
+        return _meta_version(signed), _measurements(signed)
     except MalformedInputError as exc:
         return f"signed content malformed: {exc}"
-    return None
 
 
 def verify_rim(
@@ -222,8 +226,13 @@ def verify_rim(
     if not chain:
         v.fail(f"{prefix}.signature", "RIM carries no signing certificate")
     else:
-        problem = _signature_problem(rim.xml, chain[0])
-        v.check(f"{prefix}.signature", problem is None, problem or f"XMLDSig by {cert_name(chain[0])}")
+        signed = _signed_content(rim.xml, chain[0])
+        if isinstance(signed, str):
+            v.fail(f"{prefix}.signature", signed)
+        elif signed != (rim.version, rim.measurements):
+            v.fail(f"{prefix}.signature", "version or measurements differ from the signed content")
+        else:
+            v.passed(f"{prefix}.signature", f"XMLDSig by {cert_name(chain[0])}")
     problem = chain_problem(chain, root)
     v.check(f"{prefix}.chain", problem is None, problem or f"{len(chain)} certificates to {cert_name(root)}")
     certs = chain if chain and chain[-1] == root else (*chain, root)

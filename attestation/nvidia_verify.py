@@ -96,9 +96,9 @@ GpuKind = Literal["gpu", "nvswitch"]
 class GpuPolicy:
     """What a GPU report must state beyond being genuine.
 
-    ``driver_versions`` / ``vbios_versions``: allowed versions (empty = any, shown as a skip-free
-    pass with the version reported). ``require_rims``: fail rather than skip when no RIM for the
-    reported version is available.
+    ``driver_versions`` / ``vbios_versions``: allowed versions (empty: any; the check still
+    passes only when the version is reported, and names it). ``require_rims``: fail rather than
+    skip when no RIM for the reported driver / VBIOS is given.
     """
 
     driver_versions: frozenset[str] = frozenset()
@@ -350,7 +350,10 @@ def _rim_checks(
 ) -> None:
     missing = v.fail if policy.require_rims else v.skip
     if rims is None:
-        missing(f"{p}.rim.driver", "no RIMs given")
+        if kind == "nvswitch":
+            v.skip(f"{p}.rim.driver", "NVSwitches have no driver RIM")
+        else:
+            missing(f"{p}.rim.driver", "no RIMs given")
         missing(f"{p}.rim.vbios", "no RIMs given")
         missing(f"{p}.measurements", "no RIMs given")
         return

@@ -22,6 +22,7 @@ from veil.attestation.nvidia_certs import load_cert_chain, nvidia_device_root
 from veil.attestation.nvidia_rim import (
     NVDEC0_DISABLED,
     Rim,
+    RimMeasurement,
     RimSet,
     compare_measurements,
     parse_rim,
@@ -105,6 +106,20 @@ def test_rim_signed_by_another_certificate_fails(vbios_rim: Rim, driver_rim: Rim
     assert driver_rim.certificates[0] != vbios_rim.certificates[0]
     v = verify_rim(swapped, now=NOW)
     assert v.get("rim.signature").status is FAIL  # type: ignore[union-attr]
+
+
+def test_rim_fields_must_be_the_signed_ones(vbios_rim: Rim) -> None:
+    """A Rim whose fields were altered after parsing (same signed XML) is refused."""
+    fields = {f: getattr(vbios_rim, f) for f in Rim.__dataclass_fields__}
+    m0 = vbios_rim.measurements[0]
+    forged = (
+        RimMeasurement(m0.index, m0.name, m0.active, m0.size, (b"\x01" * 48,)),
+        *vbios_rim.measurements[1:],
+    )
+    for change in ({"measurements": forged}, {"version": "96.00.74.00.1A"}):
+        v = verify_rim(Rim(**{**fields, **change}), now=NOW)
+        assert [c.name for c in v.failed] == ["rim.signature"]
+        assert v.failed[0].detail == "version or measurements differ from the signed content"
 
 
 def test_rim_chain_must_end_at_the_rim_root(driver_rim: Rim) -> None:
