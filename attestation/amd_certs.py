@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from veil.attestation.errors import MalformedInputError, UnsupportedError
@@ -33,6 +34,7 @@ from veil.attestation.snp import Product, TcbVersion
 __all__ = [
     "PINNED_FINGERPRINTS",
     "AmdKeyExtensions",
+    "ensure_decodable",
     "fingerprint",
     "load_certificates",
     "parse_amd_extensions",
@@ -71,11 +73,44 @@ def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
+def ensure_decodable(cert: x509.Certificate) -> x509.Certificate:
+    """Decode every field verification reads, now, so bad DER is a :class:`MalformedInputError`.
+
+    ``cryptography`` parses names, extensions and keys lazily; a certificate that
+    loaded can still fail on first access to its issuer.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SERIAL_WARNING)
+        try:
+            _ = (
+                cert.serial_number,
+                cert.subject,
+                cert.issuer,
+                cert.not_valid_before_utc,
+                cert.not_valid_after_utc,
+            )
+            _ = (
+                cert.signature_algorithm_oid,
+                cert.signature,
+                cert.tbs_certificate_bytes,
+                list(cert.extensions),
+            )
+            cert.public_key()
+        except (
+            ValueError,
+            UnsupportedAlgorithm,
+            x509.DuplicateExtension,
+            x509.UnsupportedGeneralNameType,
+        ) as exc:
+            raise MalformedInputError(f"certificate does not decode: {exc}") from None
+    return cert
+
+
 def _load_der(der: bytes) -> x509.Certificate:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SERIAL_WARNING)
         try:
-            return x509.load_der_x509_certificate(der)
+            return ensure_decodable(x509.load_der_x509_certificate(der))
         except ValueError as exc:
             raise MalformedInputError(f"not a DER X.509 certificate: {exc}") from None
 
@@ -84,7 +119,7 @@ def _load_pem(block: bytes) -> x509.Certificate:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SERIAL_WARNING)
         try:
-            return x509.load_pem_x509_certificate(block)
+            return ensure_decodable(x509.load_pem_x509_certificate(block))
         except ValueError as exc:
             raise MalformedInputError(f"not a PEM X.509 certificate: {exc}") from None
 
@@ -216,7 +251,7 @@ def parse_amd_extensions(cert: x509.Certificate) -> AmdKeyExtensions:
     values: dict[str, bytes] = {}
     try:
         extensions = list(cert.extensions)
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise MalformedInputError(f"certificate extensions do not parse: {exc}") from None
     for ext in extensions:
         oid = ext.oid.dotted_string

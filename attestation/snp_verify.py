@@ -31,6 +31,7 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 
 from veil.attestation.amd_certs import (
     AmdKeyExtensions,
+    ensure_decodable,
     fingerprint,
     parse_amd_extensions,
     pinned_ark,
@@ -114,6 +115,16 @@ def _link_problem(cert: x509.Certificate, issuer: x509.Certificate) -> str | Non
     if cert.issuer != issuer.subject:
         return f"issuer {cert.issuer.rfc4514_string()} is not {issuer.subject.rfc4514_string()}"
     return _pss_problem(issuer, cert.signature, cert.tbs_certificate_bytes, cert.signature_algorithm_oid)
+
+
+def _decodable(b: VerdictBuilder, certs: Sequence[x509.Certificate]) -> bool:
+    for i, cert in enumerate(certs):
+        try:
+            ensure_decodable(cert)
+        except MalformedInputError as exc:
+            b.fail("snp.chain.parse", f"certificate {i}: {exc}")
+            return False
+    return True
 
 
 def _public_key(cert: x509.Certificate) -> object:
@@ -281,6 +292,8 @@ def verify_amd_chain(
     if not certs:
         b.fail("snp.chain.leaf", "no VCEK/VLEK certificate given")
         return b.build()
+    if not _decodable(b, certs):
+        return b.build()
     try:
         exts = parse_amd_extensions(certs[0])
     except MalformedInputError as exc:
@@ -324,6 +337,9 @@ def verify_snp(
     if not certs:
         b.fail("snp.chain.leaf", "no VCEK/VLEK certificate given")
         b.fail("snp.signature", "no VCEK/VLEK certificate to verify the signature with")
+        return b.build()
+    if not _decodable(b, certs):
+        b.fail("snp.signature", "no usable VCEK/VLEK certificate to verify the signature with")
         return b.build()
     leaf = certs[0]
     exts: AmdKeyExtensions | None
@@ -456,7 +472,7 @@ def verify_snp_bytes(
         report = parse_snp_report(data)
     except MalformedInputError as exc:
         b.fail("snp.report.parse", str(exc))
-        if certs:
+        if certs and _decodable(b, certs[:1]):
             problem = verify_report_signature(bytes(data), _public_key(certs[0]))
             b.check("snp.signature", problem is None, problem or "verifies, but the report does not parse")
         else:
