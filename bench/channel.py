@@ -1,0 +1,174 @@
+"""The confidentiality tax: Veil's full encrypted path vs the same engine in process.
+
+Two figures, measured on this machine in one run:
+
+1. **Aggregate tokens/s at N concurrent streams** (default 16): the same greedy requests
+   (a) through ``veil serve --tee simulated`` on loopback — attested client, HPKE-sealed
+   requests, secretstream-encrypted chunks, gRPC — and (b) driven directly on an
+   in-process :class:`~veil.enclave.engine.AsyncEngine` with the same model and batch size.
+   Rounds alternate (in-process, served, in-process, …) after a warm-up of each, and the
+   median round counts. Target: served ≥ 0.97 × in-process.
+2. **Attestation handshake**: ``GetEvidence`` (simulated SEV-SNP report + 1 GPU report,
+   fresh per nonce) plus full client verification (chains, signatures, binding, policy),
+   as ``Client.attest()`` does it. Target: p50 ≤ 50 ms.
+
+Run: ``python bench/channel.py`` (``--help`` for the knobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works.",
+    "Describe the water cycle in detail.",
+    "List some facts about the Moon.",
+    "Tell me about the history of tea.",
+    "How do airplanes stay in the air?",
+    "Write a poem about autumn leaves.",
+    "What makes a good cup of coffee?",
+]
+
+
+def _messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" (variant {i})"}]
+
+
+async def _in_process_round(engine: object, streams: int, max_tokens: int) -> tuple[int, float]:
+    from veil.enclave.engine import AsyncEngine, EngineRequest, SamplingParams
+
+    assert isinstance(engine, AsyncEngine)
+
+    async def one(i: int) -> int:
+        request = EngineRequest(
+            request_id=uuid.uuid4().hex,
+            params=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+            messages=_messages(i),
+        )
+        tokens = 0
+        async for delta in engine.generate(request):
+            if delta.finish_reason is not None:
+                tokens = delta.completion_tokens
+        return tokens
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(streams)))
+    return sum(counts), time.perf_counter() - t0
+
+
+async def _served_round(client: object, streams: int, max_tokens: int) -> tuple[int, float]:
+    from veil.client import AsyncClient
+
+    assert isinstance(client, AsyncClient)
+
+    async def one(i: int) -> int:
+        stream = await client.chat.completions.create(
+            messages=_messages(i), max_tokens=max_tokens, temperature=0.0, stream=True
+        )
+        async for _ in stream:
+            pass
+        return stream.usage.completion_tokens if stream.usage else 0
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(streams)))
+    return sum(counts), time.perf_counter() - t0
+
+
+def _handshakes(address: str, root: Path, n: int) -> tuple[list[float], list[float]]:
+    """(total ms, verification-only ms) per handshake."""
+    from veil.client import Client, GrpcTransport, Policy
+    from veil.client._core import ClientCore
+
+    policy = Policy.simulated(root)
+    totals, verify = [], []
+    transport = GrpcTransport(address)
+    core = ClientCore(policy, clock=lambda: datetime.now(UTC), random_bytes=secrets.token_bytes)
+    client = Client(transport=transport, policy=policy)
+    client.attest()  # warm the channel and the caches
+    for _ in range(n):
+        t0 = time.perf_counter()
+        client.attest()
+        totals.append((time.perf_counter() - t0) * 1000)
+        nonce = core.new_nonce()
+        evidence = transport.get_evidence(nonce, 10)
+        t1 = time.perf_counter()
+        core.accept(evidence, nonce)
+        verify.append((time.perf_counter() - t1) * 1000)
+    client.close()
+    return totals, verify
+
+
+async def main(args: argparse.Namespace) -> int:
+    import logging
+
+    from veil.client import AsyncClient, Policy
+    from veil.enclave.engine import AsyncEngine
+    from veil.local_server import LocalServer
+
+    logging.getLogger("veil.attestation.policy").setLevel(logging.ERROR)  # the simulated-root warning
+    print(f"bench/channel.py: {args.streams} concurrent streams x {args.max_tokens} tokens, greedy")
+    engine = AsyncEngine.from_model(max_batch=args.max_batch)
+    await engine.start()
+    with tempfile.TemporaryDirectory(prefix="veil-bench-") as tmp:
+        server = LocalServer(
+            Path(tmp) / "state",
+            log_dir=Path(tmp) / "logs",
+            extra_args=["--max-batch", str(args.max_batch), "--evidence-rate", "10000"],
+        )
+        server.start()
+        try:
+            client = AsyncClient(server.address, policy=Policy.simulated(server.root_pem), timeout=600)
+            await client.attest()
+            # warm-up both paths
+            await _in_process_round(engine, args.streams, 8)
+            await _served_round(client, args.streams, 8)
+            local, served = [], []
+            for r in range(args.rounds):
+                tok, dt = await _in_process_round(engine, args.streams, args.max_tokens)
+                local.append(tok / dt)
+                tok2, dt2 = await _served_round(client, args.streams, args.max_tokens)
+                served.append(tok2 / dt2)
+                print(
+                    f"  round {r + 1}: in-process {tok} tok in {dt:.2f} s = {tok / dt:7.1f} tok/s | "
+                    f"encrypted gRPC {tok2} tok in {dt2:.2f} s = {tok2 / dt2:7.1f} tok/s"
+                )
+            await client.close()
+            await engine.stop(1.0)
+            totals, verify = await asyncio.to_thread(
+                _handshakes, server.address, server.root_pem, args.handshakes
+            )
+        finally:
+            server.stop()
+    lm, sm = statistics.median(local), statistics.median(served)
+    ratio = sm / lm
+    q = statistics.quantiles(totals, n=10)
+    print(
+        f"aggregate tok/s  in-process {lm:.1f}  encrypted gRPC {sm:.1f}  ratio {ratio:.3f} (target >= 0.97)"
+    )
+    print(
+        f"handshake        p50 {statistics.median(totals):.1f} ms  p90 {q[-1]:.1f} ms  "
+        f"(verification alone p50 {statistics.median(verify):.1f} ms; target p50 <= 50 ms)"
+    )
+    ok = ratio >= 0.97 and statistics.median(totals) <= 50
+    print("targets met" if ok else "targets NOT met")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--handshakes", type=int, default=50)
+    sys.exit(asyncio.run(main(parser.parse_args())))
