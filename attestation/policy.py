@@ -77,6 +77,7 @@ class PlatformName(enum.Enum):
 
     @classmethod
     def parse(cls, name: str) -> PlatformName:
+        """``"SEV_SNP"`` or ``"PLATFORM_SEV_SNP"`` (any case); raises :class:`PolicyError`."""
         key = str(name).upper().removeprefix("PLATFORM_")
         try:
             return cls[key]

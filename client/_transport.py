@@ -45,7 +45,9 @@ class ResponseStream(Protocol):
     """The raw payloads of one ``Generate`` call; ``cancel()`` abandons it."""
 
     def __iter__(self) -> Iterator[bytes]: ...
-    def cancel(self) -> None: ...
+    def cancel(self) -> None:
+        """Abandon the call (the server cancels the request and frees its resources)."""
+        ...
 
 
 class Transport(Protocol):
@@ -68,7 +70,9 @@ class AsyncResponseStream(Protocol):
     """Asynchronous twin of :class:`ResponseStream`."""
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
-    def cancel(self) -> None: ...
+    def cancel(self) -> None:
+        """Abandon the call (the server cancels the request and frees its resources)."""
+        ...
 
 
 class AsyncTransport(Protocol):
