@@ -141,6 +141,8 @@ def test_genoa_vcek_chains_to_the_genoa_ark(evidence_dir: Path) -> None:
         verdict = verify_amd_chain([*vcek, *extra], now=GENOA_NOW)
         assert verdict.ok, verdict.table()
         assert "ARK-Genoa" in (verdict.get("snp.chain.ark") or pytest.fail()).detail
+    assert failed(verify_amd_chain(vcek, now=LATE)) == {"snp.chain.validity"}
+    assert failed(verify_amd_chain(vcek, now=datetime(2025, 1, 1, tzinfo=UTC))) == {"snp.chain.validity"}
 
 
 @pytest.mark.parametrize(
