@@ -139,8 +139,14 @@ class CompletionTracker:
             self._emitted = len(self._text)
 
     def take_delta(self) -> tuple[str, tuple[int, ...]]:
-        """Text ready to stream and the token ids sampled since the last call."""
+        """Text ready to stream, and the token ids sampled since the last delta.
+
+        While no text is ready (and the completion goes on) this returns ``("", ())`` and the
+        ids wait for the next delta, so ids are never lost between deltas.
+        """
         end = len(self._text) if self.finished else max(self._emitted, len(self._text) - self._holdback)
+        if end == self._emitted and not self.finished:
+            return "", ()
         text = self._text[self._emitted : end]
         self._emitted = end
         ids = tuple(self._pending_ids)

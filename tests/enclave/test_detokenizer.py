@@ -78,13 +78,19 @@ def test_truncated_character_is_flushed_as_replacement(tok: Any) -> None:
 def track(tok: Any, text: str, params: SamplingParams, eos: int, extra: list[int] | None = None) -> Any:
     tracker = CompletionTracker(tok, tok.encode("Q:"), params, {eos})
     deltas: list[str] = []
+    fed: list[int] = []
+    got: list[int] = []
     for t in [*tok.encode(text), *(extra or [])]:
         tracker.append(t)
+        fed.append(t)
         text_delta, ids = tracker.take_delta()
-        assert ids == (t,)
+        assert bool(ids) == bool(text_delta) or tracker.finished
+        got.extend(ids)
         deltas.append(text_delta)
         if tracker.finished:
             break
+    if tracker.finished:
+        assert got == fed  # every sampled id is reported exactly once
     return tracker, deltas
 
 
@@ -157,5 +163,5 @@ def test_abort_drops_held_text(tok: Any, eos: int) -> None:
     assert tracker.finish_reason == FINISH_CANCELLED
     tracker.append(5)  # ignored once finished
     text, ids = tracker.take_delta()
-    assert ids == (*tok.encode("partial text"),)
+    assert ids == (*tok.encode("partial text"),)  # reported with the final delta
     assert text == "" and tracker.completion_tokens == len(tok.encode("partial text"))
