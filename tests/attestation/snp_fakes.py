@@ -65,7 +65,7 @@ def issue(
     *,
     ca: bool,
     extensions: tuple[x509.ExtensionType, ...] = (),
-    pss: padding.AsymmetricPadding | None = PSS48,
+    pss: padding.PSS | padding.PKCS1v15 | None = PSS48,
     serial: int = 1,
     not_before: datetime = START,
     not_after: datetime = END,

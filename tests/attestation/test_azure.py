@@ -8,8 +8,10 @@ import functools
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -281,7 +283,7 @@ def test_tpms_attest_fields_and_errors(evidence_dir: Path) -> None:
 
 def test_evidence_json_errors(evidence_dir: Path) -> None:
     doc = json.loads((evidence_dir / AZ / "evidence-v1.json").read_text())
-    for mutate in (
+    mutations: tuple[Callable[[dict[str, Any]], object], ...] = (
         lambda d: d.update(version=7),
         lambda d: d.update(version=True),
         lambda d: d.pop("vcek"),
@@ -290,7 +292,8 @@ def test_evidence_json_errors(evidence_dir: Path) -> None:
         lambda d: d["tpm_quote"].update(pcrs="x"),
         lambda d: d["tpm_quote"].update(message=[1, 256]),
         lambda d: d["tpm_quote"].update(signature="zz"),
-    ):
+    )
+    for mutate in mutations:
         bad = json.loads(json.dumps(doc))
         mutate(bad)
         with pytest.raises(MalformedInputError):
@@ -341,7 +344,7 @@ def test_fuzz_tpms_attest(evidence_dir: Path, name: str, flips: list[tuple[int, 
 def test_fuzz_random_inputs(data: bytes) -> None:
     for parse in (parse_tpms_attest, parse_hcl_report, parse_runtime_data, parse_azure_evidence_json):
         with contextlib.suppress(VeilAttestationError):
-            parse(data)  # type: ignore[operator]
+            parse(data)
 
 
 @_FUZZ

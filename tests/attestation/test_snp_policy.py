@@ -218,7 +218,7 @@ def test_policy_field_sizes_are_checked() -> None:
         {"vmpls": frozenset({4})},
     ):
         with pytest.raises(MalformedInputError):
-            SnpPolicy(**bad)  # type: ignore[arg-type]
+            SnpPolicy(**bad)
 
 
 def test_from_mapping(evidence_dir: Path) -> None:
