@@ -41,7 +41,7 @@ from veil.client._transport import (
     ResponseStream,
     Transport,
 )
-from veil.client._types import ChatCompletion, ChatCompletionChunk
+from veil.client._types import ChatCompletion, ChatCompletionChunk, CompletionUsage
 from veil.client.errors import ChannelError, ConfigurationError, ServerError
 from veil.proto.v1 import generate_pb2
 
@@ -75,7 +75,6 @@ class _BaseClient:
         )
         self.timeout = timeout
         self._attestation: Attestation | None = None
-        self._generation = 0
 
     @property
     def policy(self) -> Policy:
@@ -99,7 +98,6 @@ class _BaseClient:
 
     def _install(self, attestation: Attestation) -> Attestation:
         self._attestation = attestation
-        self._generation += 1
         return attestation
 
     @staticmethod
@@ -148,8 +146,8 @@ class Stream:
         return self._reader.finish_reason
 
     @property
-    def usage(self) -> Any:
-        """Token counts (``CompletionUsage``), once the FINAL chunk arrived."""
+    def usage(self) -> CompletionUsage | None:
+        """Token counts, once the FINAL chunk arrived."""
         return self._reader.usage
 
     def __iter__(self) -> Iterator[ChatCompletionChunk]:
@@ -377,8 +375,8 @@ class AsyncStream:
         return self._reader.finish_reason
 
     @property
-    def usage(self) -> Any:
-        """Token counts (``CompletionUsage``), once the FINAL chunk arrived."""
+    def usage(self) -> CompletionUsage | None:
+        """Token counts, once the FINAL chunk arrived."""
         return self._reader.usage
 
     async def _iterate(self) -> AsyncIterator[ChatCompletionChunk]:

@@ -47,6 +47,19 @@ class Run:
     statuses: list[str] = field(default_factory=list)  # code + details of every error status
     side_channels: list[bytes] = field(default_factory=list)  # metrics / health responses
     encrypted_errors: list[generate_pb2.ChunkError] = field(default_factory=list)
+    files_while_running: dict[str, bytes] = field(default_factory=dict)
+
+
+def _snapshot(*roots: Path) -> dict[str, bytes]:
+    out = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file():
+                try:
+                    out[str(path)] = path.read_bytes()
+                except OSError:  # removed meanwhile
+                    continue
+    return out
 
 
 def _raw_generate(address: str, request: generate_pb2.GenerateRequest, key: PublicKey) -> list[bytes]:
@@ -96,6 +109,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     r = Run(marker, server, relay, tmpdir)
     try:
         _exercise(r)
+        r.files_while_running = _snapshot(r.server.state_dir, tmpdir, r.server.log_dir)
     finally:
         relay.close()
         r.server.stop()
@@ -215,13 +229,11 @@ def test_no_plaintext_in_server_output_or_files(run: Run) -> None:
     needles = _needles(run)
     _assert_clean("server stdout", run.server.stdout_path.read_bytes(), needles)
     _assert_clean("server stderr", run.server.stderr_path.read_bytes(), needles)
-    searched = 0
-    for root in (run.server.state_dir, run.tmpdir, run.server.log_dir):
-        for path in root.rglob("*"):
-            if path.is_file():
-                _assert_clean(str(path), path.read_bytes(), needles)
-                searched += 1
-    assert searched >= 3  # logs and the simulation chain at least
+    after = _snapshot(run.server.state_dir, run.tmpdir, run.server.log_dir)
+    for files, when in ((run.files_while_running, "while running"), (after, "after shutdown")):
+        for path, data in files.items():
+            _assert_clean(f"{path} ({when})", data, needles)
+    assert len(after) >= 3  # logs and the simulation chain at least
 
 
 def test_no_plaintext_in_metrics_health_or_statuses(run: Run) -> None:
