@@ -230,26 +230,37 @@ class AsyncEngine:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        engine = self._engine
+        wake = self._wake
+        if wake is None:
+            return
         try:
             while True:
-                self._apply_pending()
-                if not engine.has_unfinished():
-                    if self._closing:
-                        return
-                    assert self._wake is not None
-                    self._wake.clear()
-                    if not (self._pending_adds or self._pending_cancels or self._closing):
-                        await self._wake.wait()
-                    continue
                 try:
-                    outputs = await loop.run_in_executor(self._executor, engine.step)
+                    self._apply_pending()
+                    if not self._engine.has_unfinished():
+                        if self._closing:
+                            return
+                        wake.clear()
+                        if not (self._pending_adds or self._pending_cancels or self._closing):
+                            await wake.wait()
+                        continue
+                    outputs = await loop.run_in_executor(self._executor, self._engine.step)
                 except Exception as exc:  # a bug: fail what is in flight, keep serving
                     log_event(log, "engine.step_failed", logging.ERROR, error_type=type(exc).__name__)
-                    outputs = engine.abort_all(FINISH_ERROR)
+                    outputs = self._abort_everything()
                 self._dispatch(outputs)
         finally:
             self._fail_streams()
+
+    def _abort_everything(self) -> list[RequestOutput]:
+        """After an engine bug: end every request with ``error`` and start from a clean state."""
+        try:
+            return self._engine.abort_all(FINISH_ERROR)
+        except Exception:
+            # The bookkeeping itself is broken: rebuild the core; open streams get an error.
+            self._engine = self._engine.fresh()
+            self._fail_streams()
+            return []
 
     def _apply_pending(self) -> None:
         engine = self._engine

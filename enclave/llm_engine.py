@@ -144,10 +144,22 @@ class LLMEngine:
             self.block_manager, max_num_seqs=max_batch, max_num_batched_tokens=max_num_batched_tokens
         )
         self.sampler = Sampler()
+        self._settings = (max_batch, max_num_batched_tokens)
         self._rng = rng if rng is not None else random.SystemRandom()
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, _Request] = {}
         self._next_seq_id = 0
+
+    def fresh(self) -> LLMEngine:
+        """A new engine over the same runner and settings, with no requests."""
+        max_batch, max_tokens = self._settings
+        return LLMEngine(
+            self.runner,
+            max_batch=max_batch,
+            max_num_batched_tokens=max_tokens,
+            rng=self._rng,
+            decode_tokenizer=self.decode_tokenizer,
+        )
 
     # ------------------------------------------------------------------ requests
 
