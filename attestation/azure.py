@@ -52,6 +52,7 @@ __all__ = [
     "parse_hcl_report",
     "parse_runtime_data",
     "parse_tpms_attest",
+    "tpms_attest_to_dict",
     "verify_azure_snp",
 ]
 
@@ -101,6 +102,20 @@ class HclReport:
         if self.report_type != REPORT_TYPE_TDX:
             raise UnsupportedError(f"HCL report type {self.report_type} is not TDX")
         return self.hw_report[:TD_REPORT_SIZE]
+
+    def to_dict(self) -> dict[str, object]:
+        """The header and IGVM fields, JSON-ready (the hardware report and var_data as hex / text)."""
+        return {
+            "version": self.version,
+            "report_size": self.report_size,
+            "request_type": self.request_type,
+            "status": self.status,
+            "igvm_version": self.igvm_version,
+            "report_type": {REPORT_TYPE_SNP: "SEV-SNP", REPORT_TYPE_TDX: "TDX"}[self.report_type],
+            "report_data_hash_type": _HASH_NAMES[self.report_data_hash_type],
+            "variable_data": self.variable_data.decode("utf-8", "replace"),
+            "hw_report": self.hw_report.hex(),
+        }
 
     def variable_data_digest(self) -> bytes:
         """H(variable data) with the hash the report names; it must prefix the hardware report_data."""
@@ -287,6 +302,21 @@ def parse_tpms_attest(data: bytes) -> TpmsAttest:
         pcr_digest=pcr_digest,
         raw=data,
     )
+
+
+def tpms_attest_to_dict(attest: TpmsAttest) -> dict[str, object]:
+    """A TPMS_ATTEST's fields, JSON-ready."""
+    return {
+        "qualified_signer": attest.qualified_signer.hex(),
+        "extra_data": attest.extra_data.hex(),
+        "clock": attest.clock,
+        "reset_count": attest.reset_count,
+        "restart_count": attest.restart_count,
+        "safe": attest.safe,
+        "firmware_version": f"0x{attest.firmware_version:016x}",
+        "pcr_select": [{"hash_alg": f"0x{s.hash_alg:04x}", "pcrs": list(s.pcrs)} for s in attest.pcr_select],
+        "pcr_digest": attest.pcr_digest.hex(),
+    }
 
 
 @dataclass(frozen=True, slots=True)

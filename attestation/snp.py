@@ -292,6 +292,28 @@ class SnpReport:
     def firmware_committed(self) -> tuple[int, int, int]:
         return (self.committed_major, self.committed_minor, self.committed_build)
 
+    def to_dict(self) -> dict[str, object]:
+        """Every field, JSON-ready (bytes as hex, TCBs by component), plus the decoded bit fields."""
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "raw":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, bytes):
+                out[f.name] = value.hex()
+            elif isinstance(value, TcbVersion):
+                out[f.name] = {**value.components(), "raw": f"0x{value.raw:016x}"}
+            else:
+                out[f.name] = value
+        out["product"] = self.product.value if self.product else None
+        out["guest_policy_bits"] = dataclasses.asdict(self.guest_policy)
+        out["platform_info_bits"] = dataclasses.asdict(self.platform)
+        try:
+            out["signing_key_name"] = SigningKey(self.signing_key).name
+        except ValueError:
+            out["signing_key_name"] = f"reserved ({self.signing_key})"
+        return out
+
     def with_signature(self, r: int, s: int) -> SnpReport:
         """A copy carrying the ECDSA signature (r, s) in the report's little-endian form."""
         try:

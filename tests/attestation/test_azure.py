@@ -25,6 +25,7 @@ from veil.attestation.azure import (
     parse_hcl_report,
     parse_runtime_data,
     parse_tpms_attest,
+    tpms_attest_to_dict,
     verify_azure_snp,
 )
 from veil.attestation.errors import MalformedInputError, UnsupportedError, VeilAttestationError
@@ -120,6 +121,11 @@ def test_products_and_versions(evidence_dir: Path) -> None:
     assert genoa is not None and genoa.version == 3 and genoa.product is Product.GENOA
     v0 = parse_hcl_report(evidence(evidence_dir, "v0").hcl_report)
     assert v0.version == 1 and v0.report_type == 2 and v0.report_data_hash_type == 1
+    assert json.loads(json.dumps(v0.to_dict()))["report_data_hash_type"] == "SHA-256"
+    attest = tpms_attest_to_dict(parse_tpms_attest(evidence(evidence_dir, "v0").quote.message))
+    assert attest["extra_data"] == b"challenge".hex() and attest["pcr_select"] == [
+        {"hash_alg": "0x000b", "pcrs": list(range(24))}
+    ]
     runtime = parse_runtime_data(v0.variable_data)
     assert runtime.attestation_key.key_size == 2048
     assert runtime.vm_configuration.get("tpm-enabled") is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import struct
 from pathlib import Path
 
@@ -225,3 +226,20 @@ def test_fuzz_mutations_and_truncations(
     if report is not None:
         assert report.to_bytes() == bytes(raw)
     _parse_or_typed_error(bytes(raw[:cut]))
+
+
+def test_to_dict_names_every_field(reports: dict[str, bytes]) -> None:
+    report = parse_snp_report(reports["azure-genoa"])
+    fields = report.to_dict()
+    json.dumps(fields)  # JSON-ready
+    assert {f.name for f in dataclasses.fields(report)} - {"raw"} <= set(fields)
+    assert fields["product"] == "Genoa" and fields["signing_key_name"] == "VCEK"
+    assert fields["reported_tcb"] == {
+        "bootloader": 10,
+        "tee": 0,
+        "snp": 23,
+        "microcode": 84,
+        "raw": "0x541700000000000a",
+    }
+    assert fields["guest_policy_bits"]["smt"] is True  # type: ignore[index]
+    assert fields["measurement"] == report.measurement.hex()
