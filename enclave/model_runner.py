@@ -1,0 +1,84 @@
+"""The one owner of model tensors and the KV cache: runs scheduled steps, returns logits.
+
+The scheduler (pure Python) decides which sequences run and which KV blocks they own; it hands
+the runner a list of :class:`SeqStep` and gets back the logits of the last position of each step
+that asked for them. The runner knows nothing about requests, sampling or text.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from veil.enclave.errors import InvalidRequestError
+from veil.enclave.model import BatchPlan, KVCache, LlamaModel
+from veil.enclave.model_config import ModelConfig
+from veil.enclave.model_loader import LoadedModel, default_model_path, load_model
+
+__all__ = ["ModelRunner", "SeqStep", "default_model_path", "load_model"]
+
+
+@dataclass(slots=True)
+class SeqStep:
+    """One sequence's work in a step."""
+
+    seq_id: int
+    token_ids: list[int]  # tokens to run now: a prefill chunk, or 1 token in decode
+    start_pos: int  # tokens of this sequence already in the KV cache
+    block_table: list[int] = field(default_factory=list)  # physical blocks covering [0, start_pos + n)
+    want_logits: bool = True  # only the last position's logits are returned
+
+
+class ModelRunner:
+    """Executes batches of :class:`SeqStep` against a paged KV cache of ``num_kv_blocks`` blocks."""
+
+    def __init__(
+        self, model: LoadedModel, num_kv_blocks: int, block_size: int = 16, threads: int | None = None
+    ) -> None:
+        if num_kv_blocks < 1 or block_size < 1:
+            raise InvalidRequestError("the KV cache needs at least one block of at least one slot")
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.config: ModelConfig = model.config
+        self.tokenizer = model.tokenizer
+        self.chat_template: str | None = model.chat_template
+        self.eos_token_ids: frozenset[int] = model.eos_token_ids
+        self.model_digest: bytes = model.model_digest
+        self.max_context: int = model.config.max_context
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks
+        self.model = LlamaModel(model.config, model.weights)
+        self.cache = KVCache(model.config, num_kv_blocks, block_size)
+
+    @staticmethod
+    def blocks_for_budget(config: ModelConfig, kv_cache_bytes: int, block_size: int = 16) -> int:
+        """How many KV blocks fit in ``kv_cache_bytes``."""
+        return max(0, kv_cache_bytes // (config.kv_bytes_per_token * block_size))
+
+    def execute(self, steps: list[SeqStep]) -> torch.Tensor:
+        """Run ``steps``; fp32 logits [number of steps with want_logits, vocab], in step order."""
+        if not steps:
+            return torch.empty(0, self.config.vocab)
+        bs = self.block_size
+        for s in steps:
+            n = len(s.token_ids)
+            end = s.start_pos + n
+            if n == 0 or s.start_pos < 0:
+                raise InvalidRequestError(f"sequence {s.seq_id}: empty step or negative start position")
+            if end > self.max_context:
+                raise InvalidRequestError(f"sequence {s.seq_id}: position {end} exceeds the context")
+            if len(s.block_table) * bs < end:
+                raise InvalidRequestError(f"sequence {s.seq_id}: block table too short for {end} tokens")
+            if any(b < 0 or b >= self.num_kv_blocks for b in s.block_table[: (end + bs - 1) // bs]):
+                raise InvalidRequestError(f"sequence {s.seq_id}: block id out of range")
+            if any(t < 0 or t >= self.config.vocab for t in s.token_ids):
+                raise InvalidRequestError(f"sequence {s.seq_id}: token id out of range")
+        plan = BatchPlan.build(
+            [(s.token_ids, s.start_pos, s.block_table, s.want_logits) for s in steps],
+            bs,
+            self.model.cos,
+            self.model.sin,
+        )
+        with torch.inference_mode():
+            return self.model.forward(plan, self.cache)

@@ -1,0 +1,180 @@
+"""Weight-only quantized linear layers for the CPU, over PyTorch's packed int4 / int8 ops.
+
+Why this layout
+---------------
+Decoding one token of a small Llama reads every weight once, so the step is bound by memory
+bandwidth and by per-op overhead, not by FLOPs. Weights therefore stay quantized in memory and
+are expanded inside the matmul kernel:
+
+* **int4, group 32** — ``torch.ops.aten._weight_int4pack_mm_for_cpu``. PyTorch dequantizes
+  ``(q - 8) * scale + zero`` per group of 32 input features. GGUF ``Q4_1`` stores ``q * d + m``, so
+  ``scale = d`` and ``zero = m + 8 d`` reproduce it; ``Q4_0`` stores ``(q - 8) * d``, so
+  ``zero = 0``. The weight is packed once at load by ``_convert_weight_to_int4pack_for_cpu``
+  (two codes per byte, the op's own tiling).
+* **int8, per output channel** — ``torch.ops.aten._weight_int8pack_mm``.
+* **dense** — an ordinary ``linear`` (bf16 or fp32 weight), for small or unquantized tensors.
+
+PyTorch's fast CPU paths for both ops take **bf16 activations**, and the scale/zero tensor must
+have the activation's dtype; the fp32 and fp16 variants fall back to a scalar loop that is 50×
+slower. So activations enter these layers as bf16 and scales are rounded to bf16 (relative error
+≤ 2⁻⁹). The model keeps norms, the residual stream and the logits in fp32; the tests bound the
+effect against an fp32 reference. Each class has an fp32 twin in :mod:`veil.kernels.reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from veil.kernels.reference import dequantize_int4, dequantize_int8
+
+__all__ = [
+    "COMPUTE_DTYPE",
+    "DenseLinear",
+    "Int4Linear",
+    "Int4Spec",
+    "Int8Linear",
+    "Int8Spec",
+    "QuantizedLinear",
+    "quantize_int4",
+    "quantize_int8",
+]
+
+COMPUTE_DTYPE = torch.bfloat16
+"""Activation dtype the fast CPU kernels take."""
+
+
+class QuantizedLinear(Protocol):
+    """``y = x @ W.T`` for ``x`` [M, in_features] in :data:`COMPUTE_DTYPE`."""
+
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+@dataclass(slots=True)
+class Int4Spec:
+    """Unpacked int4 weight: codes [N, K] in 0..15; scale, zero [N, K // group] fp32."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int = 32
+
+    @staticmethod
+    def concat(specs: list[Int4Spec]) -> Int4Spec:
+        """Stack along the output dimension (fuses Q/K/V or gate/up into one matmul)."""
+        return Int4Spec(
+            torch.cat([s.codes for s in specs]),
+            torch.cat([s.scale for s in specs]),
+            torch.cat([s.zero for s in specs]),
+            specs[0].group_size,
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4(self.codes, self.scale.t(), self.zero.t(), self.group_size)
+
+    def as_kernel_sees(self) -> Int4Spec:
+        """The same spec with scale and zero rounded to the kernel's dtype."""
+        r = self.scale.to(COMPUTE_DTYPE).float(), self.zero.to(COMPUTE_DTYPE).float()
+        return Int4Spec(self.codes, r[0], r[1], self.group_size)
+
+
+@dataclass(slots=True)
+class Int8Spec:
+    """int8 weight: codes [N, K]; per-output-channel scale [N] fp32."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    @staticmethod
+    def concat(specs: list[Int8Spec]) -> Int8Spec:
+        return Int8Spec(torch.cat([s.codes for s in specs]), torch.cat([s.scale for s in specs]))
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.codes, self.scale)
+
+    def as_kernel_sees(self) -> Int8Spec:
+        return Int8Spec(self.codes, self.scale.to(COMPUTE_DTYPE).float())
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 32) -> Int4Spec:
+    """Asymmetric min/max int4 quantization per group of ``group_size`` input features."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group_size, group_size)
+    lo = w.amin(dim=2)
+    hi = w.amax(dim=2)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+    codes = torch.round((w - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+    return Int4Spec(codes.reshape(n, k), scale, lo + 8.0 * scale, group_size)
+
+
+def quantize_int8(weight: torch.Tensor) -> Int8Spec:
+    """Symmetric per-output-channel int8 quantization."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Spec(codes, scale)
+
+
+class Int4Linear:
+    """Group-wise int4 weight packed for ``_weight_int4pack_mm_for_cpu``."""
+
+    __slots__ = ("group_size", "in_features", "out_features", "packed", "scale_zero")
+
+    def __init__(self, spec: Int4Spec) -> None:
+        n, k = spec.codes.shape
+        if k % spec.group_size or spec.scale.shape != (n, k // spec.group_size):
+            raise ValueError(f"int4 weight {n}x{k} does not fit group {spec.group_size}")  # internal
+        self.out_features, self.in_features, self.group_size = n, k, spec.group_size
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(spec.codes.to(torch.int32), 1)
+        # [K // group, N, 2]: (scale, zero) per group and output channel.
+        self.scale_zero = torch.stack([spec.scale.t(), spec.zero.t()], dim=2).to(COMPUTE_DTYPE).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_zero)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.scale_zero.numel() * 2
+
+
+class Int8Linear:
+    """Per-channel int8 weight for ``_weight_int8pack_mm``."""
+
+    __slots__ = ("codes", "in_features", "out_features", "scale")
+
+    def __init__(self, spec: Int8Spec) -> None:
+        self.out_features, self.in_features = spec.codes.shape
+        self.codes = spec.codes.contiguous()
+        self.scale = spec.scale.to(COMPUTE_DTYPE).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scale)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scale.numel() * 2
+
+
+class DenseLinear:
+    """An unquantized weight [N, K]; the compute dtype follows the weight's dtype."""
+
+    __slots__ = ("in_features", "out_features", "weight")
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.contiguous()
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
