@@ -77,12 +77,16 @@ def ensure_decodable(cert: x509.Certificate) -> x509.Certificate:
     """Decode every field verification reads, now, so bad DER is a :class:`MalformedInputError`.
 
     ``cryptography`` parses names, extensions and keys lazily; a certificate that
-    loaded can still fail on first access to its issuer.
+    loaded can still fail on first access to its issuer. A warning while decoding
+    (say, a country name that is not two letters) also makes it malformed; only the
+    serial-number-0 warning that every AMD VCEK triggers is tolerated.
     """
     with warnings.catch_warnings():
+        warnings.simplefilter("error")
         warnings.filterwarnings("ignore", message=_SERIAL_WARNING)
         try:
             _ = (
+                cert.version,
                 cert.serial_number,
                 cert.subject,
                 cert.issuer,
@@ -97,10 +101,12 @@ def ensure_decodable(cert: x509.Certificate) -> x509.Certificate:
             )
             cert.public_key()
         except (
+            Warning,
             ValueError,
             UnsupportedAlgorithm,
             x509.DuplicateExtension,
             x509.UnsupportedGeneralNameType,
+            x509.InvalidVersion,
         ) as exc:
             raise MalformedInputError(f"certificate does not decode: {exc}") from None
     return cert
@@ -111,7 +117,7 @@ def _load_der(der: bytes) -> x509.Certificate:
         warnings.filterwarnings("ignore", message=_SERIAL_WARNING)
         try:
             return ensure_decodable(x509.load_der_x509_certificate(der))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise MalformedInputError(f"not a DER X.509 certificate: {exc}") from None
 
 
@@ -120,7 +126,7 @@ def _load_pem(block: bytes) -> x509.Certificate:
         warnings.filterwarnings("ignore", message=_SERIAL_WARNING)
         try:
             return ensure_decodable(x509.load_pem_x509_certificate(block))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise MalformedInputError(f"not a PEM X.509 certificate: {exc}") from None
 
 

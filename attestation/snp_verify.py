@@ -204,7 +204,13 @@ def _verify_chain(
     default_roots = trusted_roots is None
     roots: list[x509.Certificate]
     if trusted_roots is not None:
-        roots = list(trusted_roots)
+        roots = []
+        for i, r in enumerate(trusted_roots):
+            try:
+                roots.append(ensure_decodable(r))
+            except MalformedInputError as exc:
+                b.fail("snp.chain.ark", f"trusted root {i}: {exc}")
+                return
     else:
         roots = [pinned_ark(prod)] if prod is not None else [pinned_ark(p) for p in Product]
     intermediate: x509.Certificate | None = certs[1] if len(certs) > 1 else None
@@ -225,7 +231,8 @@ def _verify_chain(
         if not candidates:
             b.fail("snp.chain.ark", f"no trusted root named {intermediate.issuer.rfc4514_string()}")
         else:
-            root = candidates[0]
+            # Several trusted roots may share a name; prefer the one whose key signed the intermediate.
+            root = next((r for r in candidates if _link_problem(intermediate, r) is None), candidates[0])
             problem = _link_problem(root, root)
             if problem is None and not _is_ca(root):
                 problem = "root is not a CA certificate (basic constraints)"
@@ -251,6 +258,11 @@ def _verify_chain(
         problem = _link_problem(leaf, intermediate)
         if problem is None and _is_ca(leaf):
             problem = "the signing key's certificate must not be a CA"
+        leaf_key = _public_key(leaf)
+        if problem is None and not (
+            isinstance(leaf_key, ec.EllipticCurvePublicKey) and isinstance(leaf_key.curve, ec.SECP384R1)
+        ):
+            problem = "the signing key is not an EC P-384 key"
         b.check(
             "snp.chain.leaf", problem is None, f"{leaf_kind}: {problem or 'signed by ' + _name(intermediate)}"
         )

@@ -194,7 +194,7 @@ def test_signing_key_none_parses(reports: dict[str, bytes]) -> None:
     assert report.signing_key == SigningKey.NONE
 
 
-_FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _parse_or_typed_error(data: bytes) -> SnpReport | None:

@@ -331,8 +331,19 @@ def test_leaf_key_must_be_p384(fake: FakeAmd) -> None:
     key, _ = fake.leaf(MILAN_TCB)
     report = signed_report(key, version=3, reported_tcb=MILAN_TCB)
     verdict = verify_snp(report, [leaf, fake.ask], trusted_roots=[fake.ark], now=INSIDE)
-    assert "snp.signature" in failed(verdict)
+    assert {"snp.signature", "snp.chain.leaf"} <= failed(verdict)
     assert "snp.vcek.tcb" in failed(verdict)  # no AMD extensions at all
+
+
+def test_trusted_roots_sharing_a_name(fake: FakeAmd) -> None:
+    key, vcek = fake.leaf(MILAN_TCB)
+    report = signed_report(key, version=3, reported_tcb=MILAN_TCB, chip_id=bytes(range(64)))
+    impostor_key = rsa_key(4)
+    impostor = issue("ARK-Milan", fake.ark.subject, impostor_key.public_key(), impostor_key, ca=True)
+    verdict = verify_snp(report, [vcek, fake.ask], trusted_roots=[impostor, fake.ark], now=INSIDE)
+    assert verdict.ok, verdict.table()
+    only_impostor = verify_snp(report, [vcek, fake.ask], trusted_roots=[impostor], now=INSIDE)
+    assert failed(only_impostor) == {"snp.chain.ask"}
 
 
 def _crl(
