@@ -257,7 +257,14 @@ def harden_process() -> HardeningReport:
     return HardeningReport(limit, False)
 
 
-_CACHE_ENV = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH", "XDG_CACHE_HOME")
+_CACHE_ENV = (
+    "TRITON_CACHE_DIR",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "CUDA_CACHE_PATH",
+    "XDG_CACHE_HOME",
+    "HF_HOME",
+    "TORCH_HOME",
+)
 
 
 def confine_temp_files(state_dir: Path) -> Path:

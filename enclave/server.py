@@ -193,6 +193,11 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
     from veil.enclave.keys import build_digest, create_identity, measurement_from_build_digest
     from veil.enclave.simulated_tee import SimulatedTeeProvider, load_or_create_simulation, root_fingerprints
 
+    stop = asyncio.Event()  # SIGTERM / SIGINT from here on drain instead of killing
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
     authority = load_or_create_simulation(state_dir)
     fingerprints = root_fingerprints(authority.root_bundle_pem())
     _say("SIMULATED TEE: evidence is signed by a software simulation root, not by AMD or NVIDIA hardware")
@@ -230,11 +235,6 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
         _say(f"SIMULATED TEE: enclave key id {identity.key_id.hex()}, build sha256 {digest.hex()}")
         host = f"[{args.host}]" if ":" in args.host else args.host
         _say(f"listening on {host}:{port}")
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await server.drain(args.grace)
     finally:

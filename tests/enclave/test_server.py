@@ -39,6 +39,7 @@ from veil.proto.v1 import evidence_pb2, generate_pb2, service_pb2, service_pb2_g
 
 T = TypeVar("T")
 PROMPT = "Name one colour."
+LONG = {"prompt": "Write a long essay about the sea.", "temperature": 1.0, "seed": 7}  # runs to max_tokens
 
 
 class Harness:
@@ -308,7 +309,7 @@ def test_overload_is_resource_exhausted(harness: Harness) -> None:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             stub = service_pb2_grpc.InferenceServiceStub(ch)
-            first_req = _request(max_tokens=256)
+            first_req = _request(max_tokens=256, **LONG)
             first = stub.Generate(seal_request(first_req, harness.identity.public_key), timeout=60)
             next(first)  # the header: the first request is admitted and running
             err = _status(lambda: list(stub.Generate(seal_request(_request(), harness.identity.public_key))))
@@ -325,7 +326,7 @@ def test_client_disconnect_cancels_and_frees_kv_blocks(harness: Harness, channel
     total = engine.stats().total_kv_blocks
     cancelled_before = harness_server_metrics(channel).requests_cancelled
     stub = service_pb2_grpc.InferenceServiceStub(channel)
-    req = _request(max_tokens=400, temperature=0.0)
+    req = _request(max_tokens=400, **LONG)
     call = stub.Generate(seal_request(req, harness.identity.public_key), timeout=60)
     messages = iter(call)
     next(messages)  # header
@@ -338,7 +339,7 @@ def test_client_disconnect_cancels_and_frees_kv_blocks(harness: Harness, channel
 
 def test_deadline_is_honoured_and_frees_kv_blocks(harness: Harness, channel: grpc.Channel) -> None:
     stub = service_pb2_grpc.InferenceServiceStub(channel)
-    req = _request(max_tokens=400, temperature=0.0)
+    req = _request(max_tokens=400, **LONG)
     started = time.monotonic()
     err = _status(lambda: list(stub.Generate(seal_request(req, harness.identity.public_key), timeout=0.5)))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -362,6 +363,17 @@ def test_metrics_are_metadata_only(channel: grpc.Channel) -> None:
 # --- graceful drain (a real `veil serve` process) ----------------------------------------------------
 
 
+def _refused(address: str) -> bool:
+    with grpc.insecure_channel(address) as ch:
+        try:
+            service_pb2_grpc.AttestationServiceStub(ch).GetEvidence(
+                service_pb2.GetEvidenceRequest(nonce=secrets.token_bytes(32)), timeout=2
+            )
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAVAILABLE
+    return False
+
+
 def test_sigterm_drains_in_flight_streams_then_exits_zero(tmp_path: Path) -> None:
     srv = LocalServer(tmp_path / "state", extra_args=["--grace", "20", "--kv-cache-mb", "32"])
     with srv:
@@ -374,12 +386,14 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(tmp_path: Path) -> Non
             )
             key = PublicKey.from_proto(ev.enclave_key)
             stub = service_pb2_grpc.InferenceServiceStub(ch)
-            req = _request(max_tokens=8, temperature=0.0)
+            req = _request(max_tokens=48, **LONG)
             call = stub.Generate(seal_request(req, key), timeout=60)
             messages = iter(call)
             header = next(messages)
             assert srv.process is not None
             os.kill(srv.process.pid, signal.SIGTERM)
+            # new calls are refused while the in-flight stream drains
+            assert _wait_for(lambda: _refused(srv.address), timeout=10)
             # the in-flight stream still completes, FINAL included
             chunks = _decrypt(req, iter([header, *messages]))
             assert chunks[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
