@@ -360,3 +360,14 @@ def test_fuzz_evidence_json(evidence_dir: Path, name: str, offset: int, value: i
     raw[offset % len(raw)] = value
     with contextlib.suppress(VeilAttestationError):
         parse_azure_evidence_json(bytes(raw))
+
+
+def test_unpaired_quote_files_do_not_verify(evidence_dir: Path) -> None:
+    # tpm-quote.msg / .sig ship beside hcl-report.bin but were made by another attestation key.
+    message = (evidence_dir / AZ / "tpm-quote.msg").read_bytes()
+    assert parse_tpms_attest(message).extra_data == b"challenge"
+    ev = standalone(evidence_dir)
+    quote = TpmQuote(message, (evidence_dir / AZ / "tpm-quote.sig").read_bytes(), ev.quote.pcrs)
+    _, verdict = verify_azure_snp(ev.hcl_report, quote, ev.certs, now=NOW, nonce=b"challenge")
+    assert status(verdict, "azure.tpm.signature") is CheckStatus.FAIL
+    assert not verdict.ok
