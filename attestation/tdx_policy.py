@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from veil.attestation.errors import MalformedInputError
 from veil.attestation.tdx import TdxQuote
 from veil.attestation.tdx_collateral import TCB_STATUSES
+from veil.attestation.tdx_tcb import RELAUNCH_STATUSES
 from veil.attestation.verdict import Verdict, VerdictBuilder
 
 __all__ = ["TdxPolicy", "validate_tdx"]
@@ -59,7 +60,7 @@ class TdxPolicy:
         rtmr = tuple(_digests(r, 48, f"RTMR{i}") for i, r in enumerate(self.rtmr))
         object.__setattr__(self, "rtmr", rtmr)
         statuses = frozenset(self.allowed_tcb_statuses)
-        unknown = statuses - set(TCB_STATUSES)
+        unknown = statuses - {*TCB_STATUSES, *RELAUNCH_STATUSES}
         if unknown:
             raise MalformedInputError(f"unknown TCB statuses in policy: {sorted(unknown)}")
         object.__setattr__(self, "allowed_tcb_statuses", statuses)

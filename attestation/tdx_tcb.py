@@ -1,21 +1,28 @@
 """TDX TCB appraisal: which TCB level a quote's platform, TDX module and QE sit at.
 
-Follows Intel's Quote Verification Library (and go-tdx-guest):
+Follows Intel's Quote Verification Library (``checkTcbLevel`` / ``tdxEvaluateTCB``),
+as dcap-qvl 0.7 does:
 
 * **Platform level** — levels in canonical order (SGX components, then PCE SVN,
   then TDX components, highest first); the first whose 16 SGX components and PCE
-  SVN are all ≤ the PCK certificate's and whose TDX components are all ≤ the TD
-  report's ``tee_tcb_svn`` (from index 2 when ``tee_tcb_svn[1] > 0``: bytes 0–1 are
-  then the module's SVN and version, appraised by the module identity instead).
-* **TDX module** — ``tdxModule`` names the expected MRSIGNERSEAM and SEAM
-  attributes (under a mask); when ``tee_tcb_svn[1] > 0`` the ``tdxModuleIdentities``
-  entry ``TDX_<version as 2 hex digits>`` overrides them and its levels, matched by
-  ISV SVN ``tee_tcb_svn[0]``, give the module's own status.
+  SVN are all ≤ the PCK certificate's and whose TDX components are all ≤ the TEE
+  TCB SVN (from index 2 when ``tee_tcb_svn[1] > 0``: bytes 0–1 are then the TDX
+  module's ISV SVN and version, appraised by its module identity instead).
+* **TDX module** — ``tdxModule`` names the expected MRSIGNERSEAM and SEAM attributes
+  (under a mask); when ``tee_tcb_svn[1] > 0`` the ``tdxModuleIdentities`` entry
+  ``TDX_<version, 2 hex digits>`` replaces them and its levels, matched by ISV SVN
+  ``tee_tcb_svn[0]``, give the module's status.
 * **QE** — MRSIGNER, ISVPRODID, MISCSELECT and ATTRIBUTES (masked) against the QE
-  identity; its levels, matched by the QE report's ISV SVN, give the QE status.
-* **Merge** — worst of the three, where "out of date" and "configuration needed"
-  combine into ``OutOfDateConfigurationNeeded`` as Intel's QVL does; advisory IDs
-  are the union, in order of first appearance.
+  identity; its levels, matched by the QE report's ISV SVN, give the QE's status.
+* **Convergence** — the platform status, worsened by a component (module, then QE)
+  that is ``OutOfDate`` (``ConfigurationNeeded`` platforms become
+  ``OutOfDateConfigurationNeeded``) or ``Revoked``; other component statuses leave
+  it as it is. Advisory IDs are the union, in order of first appearance.
+* **Relaunch** (TD report 1.5) — the same evaluation runs on ``tee_tcb_svn2``, the
+  *current* TEE TCB after TD-preserving module updates (it must match a level too);
+  when the launch TCB is out of date but the current one is not, the status is
+  ``TDRelaunchAdvised`` (or ``TDRelaunchAdvisedConfigurationNeeded``): relaunching
+  the TD would make it current. Advisories stay those of the launch TCB.
 """
 
 from __future__ import annotations
@@ -28,17 +35,27 @@ from veil.attestation.tdx_collateral import QeIdentity, QeTcbLevel, TcbInfo, Tcb
 from veil.attestation.tdx_pck import PckExtensions
 
 __all__ = [
+    "RELAUNCH_STATUSES",
     "TcbAppraisal",
     "TcbError",
+    "TdxTcbEvaluation",
+    "check_for_relaunch",
+    "converge",
+    "evaluate_tdx_tcb",
     "match_platform_level",
     "match_qe_identity",
     "match_tdx_module",
-    "merge_status",
 ]
 
-_OUT_OF_DATE = {"OutOfDate", "OutOfDateConfigurationNeeded"}
-_CONFIG = {"ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded", "OutOfDateConfigurationNeeded"}
-_SW = {"SWHardeningNeeded", "ConfigurationAndSWHardeningNeeded"}
+_OUT_OF_DATE = ("OutOfDate", "OutOfDateConfigurationNeeded")
+_CONFIG = (
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDateConfigurationNeeded",
+    "TDRelaunchAdvisedConfigurationNeeded",
+)
+_CURRENT_OK = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded")
+RELAUNCH_STATUSES = ("TDRelaunchAdvised", "TDRelaunchAdvisedConfigurationNeeded")
 
 
 class TcbError(Exception):
@@ -50,35 +67,39 @@ class TcbError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class TcbAppraisal:
-    """A status with its advisory IDs and where it came from."""
+    """A status with its advisory IDs and the TCB date of the level it came from."""
 
     status: str
     advisory_ids: tuple[str, ...]
     tcb_date: str = ""
 
 
-def merge_status(a: str, b: str) -> str:
-    """The worse of two TCB statuses, combining out-of-date with configuration-needed."""
-    statuses = {a, b}
-    if "Revoked" in statuses:
-        return "Revoked"
-    out_of_date = bool(statuses & _OUT_OF_DATE)
-    config = bool(statuses & _CONFIG)
-    if out_of_date:
-        return "OutOfDateConfigurationNeeded" if config else "OutOfDate"
-    sw = bool(statuses & _SW)
-    if config:
-        return "ConfigurationAndSWHardeningNeeded" if sw else "ConfigurationNeeded"
-    return "SWHardeningNeeded" if sw else "UpToDate"
+def converge(platform: TcbAppraisal, component: TcbAppraisal | None) -> TcbAppraisal:
+    """Intel's convergence of a platform status with a component's (TDX module or QE)."""
+    if component is None:
+        return platform
+    status = platform.status
+    if component.status == "Revoked":
+        status = "Revoked"
+    elif component.status == "OutOfDate":
+        if status in ("UpToDate", "SWHardeningNeeded"):
+            status = "OutOfDate"
+        elif status in ("ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded"):
+            status = "OutOfDateConfigurationNeeded"
+    advisories = platform.advisory_ids + tuple(
+        i for i in component.advisory_ids if i not in platform.advisory_ids
+    )
+    return TcbAppraisal(status, advisories, platform.tcb_date)
 
 
-def merge(appraisals: Iterable[TcbAppraisal]) -> TcbAppraisal:
-    status = "UpToDate"
-    advisories: list[str] = []
-    for a in appraisals:
-        status = merge_status(status, a.status)
-        advisories += [i for i in a.advisory_ids if i not in advisories]
-    return TcbAppraisal(status, tuple(advisories))
+def check_for_relaunch(launch: TcbAppraisal, current: TcbAppraisal) -> TcbAppraisal:
+    """Intel's ``checkForRelaunch``: an out-of-date launch TCB whose current TCB is not."""
+    if launch.status not in _OUT_OF_DATE or current.status not in _CURRENT_OK:
+        return launch
+    config = launch.status in _CONFIG or current.status in _CONFIG
+    return TcbAppraisal(
+        RELAUNCH_STATUSES[1] if config else RELAUNCH_STATUSES[0], launch.advisory_ids, launch.tcb_date
+    )
 
 
 def _masked_equal(actual: bytes, expected: bytes, mask: bytes) -> bool:
@@ -91,9 +112,9 @@ def _canonical(levels: Iterable[TcbLevel]) -> list[TcbLevel]:
     return sorted(levels, key=lambda lv: (lv.sgx_components, lv.pce_svn, lv.tdx_components), reverse=True)
 
 
-def match_platform_level(tcb_info: TcbInfo, pck: PckExtensions, td: TdReport) -> TcbAppraisal:
-    """The platform's TCB level: PCK TCB components + PCE SVN, and the TD's TEE TCB SVN."""
-    start = 2 if td.tee_tcb_svn[1] > 0 else 0
+def match_platform_level(tcb_info: TcbInfo, pck: PckExtensions, tee_tcb_svn: bytes) -> TcbAppraisal:
+    """The platform's TCB level: PCK TCB components + PCE SVN, and a TEE TCB SVN."""
+    start = 2 if tee_tcb_svn[1] > 0 else 0
     for level in _canonical(tcb_info.tcb_levels):
         if len(level.tdx_components) != 16:
             raise TcbError("a TCB level of the TDX TCB info has no 16 tdxtcbcomponents")
@@ -101,17 +122,16 @@ def match_platform_level(tcb_info: TcbInfo, pck: PckExtensions, td: TdReport) ->
             continue
         if any(have < need for have, need in zip(pck.tcb_components, level.sgx_components, strict=True)):
             continue
-        if any(td.tee_tcb_svn[i] < level.tdx_components[i] for i in range(start, 16)):
+        if any(tee_tcb_svn[i] < level.tdx_components[i] for i in range(start, 16)):
             continue
         return TcbAppraisal(level.tcb_status, level.advisory_ids, level.tcb_date)
     raise TcbError(
-        "no matching TCB level: the platform's CPU SVN, PCE SVN or TEE TCB SVN is below "
-        "every level of the TCB info (Intel: TCB_NOT_SUPPORTED)"
+        f"no matching TCB level for TEE TCB SVN {tee_tcb_svn.hex()}: the platform's CPU SVN, PCE SVN "
+        "or TEE TCB SVN is below every level of the TCB info (Intel: TCB_NOT_SUPPORTED)"
     )
 
 
-def _module_identity(tcb_info: TcbInfo, td: TdReport) -> TdxModuleIdentity:
-    version = td.tee_tcb_svn[1]
+def _module_identity(tcb_info: TcbInfo, version: int) -> TdxModuleIdentity:
     if version > 0 and tcb_info.tdx_module_identities:
         wanted = f"TDX_{version:02X}"
         for identity in tcb_info.tdx_module_identities:
@@ -123,9 +143,9 @@ def _module_identity(tcb_info: TcbInfo, td: TdReport) -> TdxModuleIdentity:
     return tcb_info.tdx_module
 
 
-def match_tdx_module(tcb_info: TcbInfo, td: TdReport) -> tuple[str, TcbAppraisal | None]:
-    """Check MRSIGNERSEAM / SEAM attributes; return (identity id, module level or None)."""
-    identity = _module_identity(tcb_info, td)
+def match_tdx_module(tcb_info: TcbInfo, td: TdReport, tee_tcb_svn: bytes) -> tuple[str, TcbAppraisal | None]:
+    """Check MRSIGNERSEAM / SEAM attributes; return (identity id, the module's level or None)."""
+    identity = _module_identity(tcb_info, tee_tcb_svn[1])
     name = identity.id or "tdxModule"
     if td.mr_signer_seam != identity.mrsigner:
         raise TcbError(f"MRSIGNERSEAM is not the {name} signer {identity.mrsigner.hex()}")
@@ -133,17 +153,15 @@ def match_tdx_module(tcb_info: TcbInfo, td: TdReport) -> tuple[str, TcbAppraisal
         raise TcbError(f"SEAM attributes {td.seam_attributes.hex()} do not match {name} under its mask")
     if not identity.tcb_levels:
         return name, None
-    isv_svn = td.tee_tcb_svn[0]
-    level = _isv_level(identity.tcb_levels, isv_svn)
+    level = _isv_level(identity.tcb_levels, tee_tcb_svn[0])
     if level is None:
-        raise TcbError(f"TDX module ISV SVN {isv_svn} is below every {name} TCB level")
+        raise TcbError(f"TDX module ISV SVN {tee_tcb_svn[0]} is below every {name} TCB level")
     return name, TcbAppraisal(level.tcb_status, level.advisory_ids, level.tcb_date)
 
 
 def _isv_level(levels: Iterable[QeTcbLevel], isv_svn: int) -> QeTcbLevel | None:
-    return next(
-        (lv for lv in sorted(levels, key=lambda lv: lv.isv_svn, reverse=True) if isv_svn >= lv.isv_svn), None
-    )
+    ordered = sorted(levels, key=lambda lv: lv.isv_svn, reverse=True)
+    return next((lv for lv in ordered if isv_svn >= lv.isv_svn), None)
 
 
 def match_qe_identity(qe: QeIdentity, report: EnclaveReport) -> TcbAppraisal:
@@ -160,3 +178,35 @@ def match_qe_identity(qe: QeIdentity, report: EnclaveReport) -> TcbAppraisal:
     if level is None:
         raise TcbError(f"QE ISV SVN {report.isv_svn} is below every QE identity TCB level")
     return TcbAppraisal(level.tcb_status, level.advisory_ids, level.tcb_date)
+
+
+@dataclass(frozen=True, slots=True)
+class TdxTcbEvaluation:
+    """The appraisal of one TEE TCB SVN: its parts and the converged result."""
+
+    platform: TcbAppraisal
+    module_id: str
+    module: TcbAppraisal | None
+    result: TcbAppraisal
+
+
+def _evaluate(
+    tcb_info: TcbInfo, pck: PckExtensions, td: TdReport, qe: TcbAppraisal, tee_tcb_svn: bytes
+) -> TdxTcbEvaluation:
+    platform = match_platform_level(tcb_info, pck, tee_tcb_svn)
+    module_id, module = match_tdx_module(tcb_info, td, tee_tcb_svn)
+    return TdxTcbEvaluation(platform, module_id, module, converge(converge(platform, module), qe))
+
+
+def evaluate_tdx_tcb(
+    tcb_info: TcbInfo, pck: PckExtensions, td: TdReport, qe: TcbAppraisal
+) -> tuple[TdxTcbEvaluation, TdxTcbEvaluation | None, TcbAppraisal]:
+    """(launch evaluation, current evaluation for TD 1.5 or None, final status)."""
+    launch = _evaluate(tcb_info, pck, td, qe, td.tee_tcb_svn)
+    if td.tee_tcb_svn2 is None:
+        return launch, None, launch.result
+    try:
+        current = _evaluate(tcb_info, pck, td, qe, td.tee_tcb_svn2)
+    except TcbError as exc:
+        raise TcbError(f"current TEE TCB (tee_tcb_svn2): {exc}") from None
+    return launch, current, check_for_relaunch(launch.result, current.result)

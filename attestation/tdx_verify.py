@@ -47,10 +47,9 @@ from veil.attestation.tdx_pck import PckExtensions, parse_pck_extensions
 from veil.attestation.tdx_tcb import (
     TcbAppraisal,
     TcbError,
-    match_platform_level,
+    evaluate_tdx_tcb,
     match_qe_identity,
     match_tdx_module,
-    merge,
 )
 from veil.attestation.verdict import CheckStatus, Verdict, VerdictBuilder
 
@@ -439,16 +438,13 @@ def _appraise(
         )
     except TcbError as exc:
         b.fail("tdx.qe.identity", str(exc))
-    module_level: TcbAppraisal | None = None
+    td = quote.td_report
     module_ok = False
     try:
-        module_name, module_level = match_tdx_module(info, quote.td_report)
+        module_name, module_level = match_tdx_module(info, td, td.tee_tcb_svn)
         module_ok = True
-        b.passed(
-            "tdx.tdx_module",
-            f"{module_name}"
-            + (f": ISV SVN {quote.td_report.tee_tcb_svn[0]} {module_level.status}" if module_level else ""),
-        )
+        level_note = f": ISV SVN {td.tee_tcb_svn[0]} {module_level.status}" if module_level else ""
+        b.passed("tdx.tdx_module", module_name + level_note)
     except TcbError as exc:
         b.fail("tdx.tdx_module", str(exc))
 
@@ -456,20 +452,24 @@ def _appraise(
         b.fail("tdx.tcb.status", "not appraised: the collateral or the quote failed a check above")
         return None
     try:
-        platform = match_platform_level(info, pck, quote.td_report)
+        launch, current, final = evaluate_tdx_tcb(info, pck, td, qe_level)
     except TcbError as exc:
         b.fail("tdx.tcb.status", str(exc))
         return None
-    merged = merge([platform, *([module_level] if module_level else []), qe_level])
-    advisories = ",".join(merged.advisory_ids) or "none"
-    detail = (
-        f"{TCB_STATUS_DETAIL_PREFIX}{merged.status}; advisories={advisories}; platform {platform.status} "
-        f"(tcbDate {platform.tcb_date}), QE {qe_level.status}"
-        + (f", module {module_level.status}" if module_level else "")
-        + f"; tcbEvaluationDataNumber {info.tcb_evaluation_data_number}"
-    )
-    b.check("tdx.tcb.status", merged.status != "Revoked", detail)
-    return merged
+    advisories = ",".join(final.advisory_ids) or "none"
+    parts = [
+        f"{TCB_STATUS_DETAIL_PREFIX}{final.status}",
+        f"advisories={advisories}",
+        f"launch TCB {launch.result.status} (platform {launch.platform.status}, "
+        f"tcbDate {launch.platform.tcb_date}"
+        + (f", module {launch.module.status}" if launch.module else "")
+        + f", QE {qe_level.status})",
+    ]
+    if current is not None:
+        parts.append(f"current TCB (tee_tcb_svn2) {current.result.status}")
+    parts.append(f"tcbEvaluationDataNumber {info.tcb_evaluation_data_number}")
+    b.check("tdx.tcb.status", final.status != "Revoked", "; ".join(parts))
+    return final
 
 
 def _pem(chain: Sequence[x509.Certificate]) -> str:
@@ -521,11 +521,8 @@ def _cross_check(
     if ours is None:
         b.fail(name, f"dcap-qvl accepts ({status}) what Veil rejects")
         return
-    agree = status == ours.status and set(advisories) == set(ours.advisory_ids)
-    b.check(
-        name,
-        agree,
-        f"dcap-qvl agrees: {status}, advisories {','.join(advisories) or 'none'}"
-        if agree
-        else f"dcap-qvl: {status} {list(advisories)}; Veil: {ours.status} {list(ours.advisory_ids)}",
-    )
+    same_advisories = set(advisories) == set(ours.advisory_ids)
+    if status == ours.status and same_advisories:
+        b.passed(name, f"dcap-qvl agrees: {status}, advisories {','.join(advisories) or 'none'}")
+    else:
+        b.fail(name, f"dcap-qvl: {status} {list(advisories)}; Veil: {ours.status} {list(ours.advisory_ids)}")

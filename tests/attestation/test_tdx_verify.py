@@ -24,7 +24,7 @@ from veil.attestation.tdx_collateral import (
     parse_tcb_info,
     signed_member,
 )
-from veil.attestation.tdx_tcb import merge_status
+from veil.attestation.tdx_tcb import TcbAppraisal, check_for_relaunch, converge
 from veil.attestation.tdx_verify import (
     INTEL_SGX_ROOT_CA_SHA256,
     intel_sgx_root_ca,
@@ -427,19 +427,41 @@ def test_pck_crl_is_checked_against_the_leaf(tdx: Path, go_pcs_collateral: TdxCo
 
 
 @pytest.mark.parametrize(
-    ("a", "b", "out"),
+    ("platform", "component", "out"),
     [
         ("UpToDate", "UpToDate", "UpToDate"),
         ("UpToDate", "OutOfDate", "OutOfDate"),
+        ("SWHardeningNeeded", "OutOfDate", "OutOfDate"),
         ("ConfigurationNeeded", "OutOfDate", "OutOfDateConfigurationNeeded"),
-        ("SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded"),
-        ("SWHardeningNeeded", "UpToDate", "SWHardeningNeeded"),
-        ("OutOfDate", "Revoked", "Revoked"),
+        ("ConfigurationAndSWHardeningNeeded", "OutOfDate", "OutOfDateConfigurationNeeded"),
+        ("UpToDate", "ConfigurationNeeded", "UpToDate"),  # only OutOfDate / Revoked components count
+        ("OutOfDateConfigurationNeeded", "OutOfDate", "OutOfDateConfigurationNeeded"),
+        ("ConfigurationNeeded", "Revoked", "Revoked"),
     ],
 )
-def test_worst_of_status_merge(a: str, b: str, out: str) -> None:
-    assert merge_status(a, b) == out
-    assert merge_status(b, a) == out
+def test_status_convergence_as_intel_qvl(platform: str, component: str, out: str) -> None:
+    merged = converge(TcbAppraisal(platform, ("A",)), TcbAppraisal(component, ("B", "A")))
+    assert merged.status == out
+    assert merged.advisory_ids == ("A", "B")
+
+
+@pytest.mark.parametrize(
+    ("launch", "current", "out"),
+    [
+        ("OutOfDate", "UpToDate", "TDRelaunchAdvised"),
+        ("OutOfDate", "SWHardeningNeeded", "TDRelaunchAdvised"),
+        ("OutOfDate", "ConfigurationNeeded", "TDRelaunchAdvisedConfigurationNeeded"),
+        ("OutOfDateConfigurationNeeded", "UpToDate", "TDRelaunchAdvisedConfigurationNeeded"),
+        ("OutOfDate", "OutOfDate", "OutOfDate"),
+        ("OutOfDate", "Revoked", "OutOfDate"),
+        ("UpToDate", "UpToDate", "UpToDate"),
+        ("ConfigurationNeeded", "UpToDate", "ConfigurationNeeded"),
+    ],
+)
+def test_relaunch_rule_as_intel_qvl(launch: str, current: str, out: str) -> None:
+    result = check_for_relaunch(TcbAppraisal(launch, ("A",)), TcbAppraisal(current, ("B",)))
+    assert result.status == out
+    assert result.advisory_ids == ("A",)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
