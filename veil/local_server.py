@@ -83,9 +83,15 @@ class LocalServer:
         return "".join(parts)
 
     def start(self, timeout: float = 180.0) -> LocalServer:
-        """Start the server and wait until it is listening and healthy."""
+        """Start the server and wait until it is listening and healthy.
+
+        After :meth:`stop` it can be started again (same state dir, so the same
+        simulation root; a new enclave key and, with port 0, a new port).
+        """
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.port = 0
+        offset = self.stdout_path.stat().st_size if self.stdout_path.exists() else 0
         cmd = [
             sys.executable, "-m", "veil", "serve", "--tee", "simulated", "--state-dir", str(self.state_dir),
             "--host", self.host, "--port", str(self.requested_port), *self.extra_args,
@@ -96,7 +102,9 @@ class LocalServer:
         deadline = time.monotonic() + timeout
         while not self.port:
             self._check_alive()
-            match = _LISTENING.search(self.stdout_path.read_text(errors="replace"))
+            with open(self.stdout_path, "rb") as out:
+                out.seek(offset)
+                match = _LISTENING.search(out.read().decode(errors="replace"))
             if match:
                 self.port = int(match.group(2))
                 break

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from relay import Relay
@@ -253,34 +252,6 @@ def test_default_policy_rejects_simulated_evidence(relay: Relay) -> None:
     assert not any(m.path == GENERATE for m in relay.messages)
 
 
-def test_server_restart_mid_session(tmp_path: Path) -> None:
-    """The enclave restarts (new key): the client's next request gets 'stale key', it re-attests once."""
-    state, logs = tmp_path / "state", tmp_path / "logs"
-    first = LocalServer(state, log_dir=logs).start()
-    relay = Relay((first.host, first.port)).start()
-    try:
-        client = Client(relay.address, policy=Policy.simulated(first.root_pem))
-        _ask(client)
-        old_key = client.claims.enclave_public_key if client.claims else b""
-        first.stop()
-        second = LocalServer(state, log_dir=logs).start()  # same simulation root, fresh enclave key
-        try:
-            relay.retarget((second.host, second.port))
-            assert _ask(client).strip()
-            assert client.claims is not None and client.claims.enclave_public_key != old_key
-            generates = [m for m in relay.messages if m.direction == "c2s" and m.path == GENERATE]
-            assert len(generates) == 3  # before the restart, the stale attempt, the retry
-            assert sum(m.path == GET_EVIDENCE for m in relay.messages if m.direction == "c2s") == 2
-            stale = [h for d, _, h in relay.headers if d == "s2c" and ("grpc-status", "9") in h]
-            assert stale, "the server answered FAILED_PRECONDITION to the stale key"
-        finally:
-            client.close()
-            second.stop()
-    finally:
-        relay.close()
-        first.stop()
-
-
 def _veil(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
@@ -332,3 +303,26 @@ def test_unknown_key_is_failed_precondition(server: LocalServer) -> None:
         with pytest.raises(grpc.RpcError) as info:
             list(generate(service_pb2.EncryptedRequest(key_id=bytes(16), ciphertext=b"x" * 64), timeout=10))
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+
+
+def test_server_restart_mid_session(server: LocalServer, relay: Relay, policy: Policy) -> None:
+    """The enclave restarts (new key): the client's next request gets 'stale key', it re-attests once.
+
+    Runs last in this module: it restarts the module's server.
+    """
+    client = Client(relay.address, policy=policy)
+    try:
+        _ask(client)
+        old_key = client.claims.enclave_public_key if client.claims else b""
+        server.stop()
+        server.start()  # same state dir: same simulation root, fresh enclave key, new port
+        relay.retarget((server.host, server.port))
+        assert _ask(client).strip()
+        assert client.claims is not None and client.claims.enclave_public_key != old_key
+    finally:
+        client.close()
+    generates = [m for m in relay.messages if m.direction == "c2s" and m.path == GENERATE]
+    assert len(generates) == 3  # before the restart, the stale attempt, the retry
+    assert sum(m.path == GET_EVIDENCE for m in relay.messages if m.direction == "c2s") == 2
+    stale = [h for d, _, h in relay.headers if d == "s2c" and ("grpc-status", "9") in h]
+    assert stale, "the server answered FAILED_PRECONDITION to the stale key"
