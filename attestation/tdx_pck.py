@@ -16,7 +16,7 @@ from cryptography import x509
 
 from veil.attestation.errors import MalformedInputError
 
-__all__ = ["SGX_EXTENSION_OID", "PckExtensions", "parse_pck_extensions"]
+__all__ = ["SGX_EXTENSION_OID", "PckExtensions", "parse_pck_extensions", "parse_sgx_extension"]
 
 SGX_EXTENSION_OID = "1.2.840.113741.1.13.1"
 _PPID = SGX_EXTENSION_OID + ".1"
@@ -143,7 +143,12 @@ def parse_pck_extensions(cert: x509.Certificate) -> PckExtensions:
         raise MalformedInputError(f"PCK certificate extensions do not parse: {exc}") from None
     if not isinstance(ext.value, x509.UnrecognizedExtension):
         raise MalformedInputError("PCK certificate SGX extension has an unexpected type")
-    outer = _tlvs(ext.value.value)
+    return parse_sgx_extension(ext.value.value)
+
+
+def parse_sgx_extension(der: bytes) -> PckExtensions:
+    """Decode the DER value of the SGX extension."""
+    outer = _tlvs(der)
     if len(outer) != 1 or outer[0][0] != _SEQUENCE:
         raise MalformedInputError("PCK SGX extension is not one SEQUENCE")
     top = _entries(outer[0][1])

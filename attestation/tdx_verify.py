@@ -2,22 +2,27 @@
 
 Every step is a named check in the :class:`~veil.attestation.verdict.Verdict`:
 
-====================  ===============================================================
-``tdx.quote.parse``   the quote parsed (version, body, unsigned trailing bytes)
-``tdx.quote.header``  QE vendor id is Intel's
-``tdx.ak.signature``  attestation key (P-256, raw r‖s) over header (+ v5 descriptor) + body
-``tdx.pck.chain``     PCK leaf → PCK Platform/Processor CA → pinned Intel SGX Root CA
-``tdx.pck.validity``  every certificate of that chain valid at ``now``
-``tdx.pck.crl``       PCK CRL and root CA CRL: signed, current, nothing revoked
-``tdx.qe.signature``  PCK leaf over the QE report
-``tdx.qe.binding``    QE report_data = SHA-256(attestation key ‖ QE auth data) ‖ 32 zero bytes
-``tdx.collateral.*``  TCB info / QE identity: chain to the root, signature over the exact
-                      JSON bytes, issue ≤ now ≤ next update; FMSPC / PCE id = PCK's
-``tdx.qe.identity``   QE report against the QE identity
-``tdx.tdx_module``    MRSIGNERSEAM / SEAM attributes against the TDX module identity
-``tdx.tcb.status``    merged platform / module / QE TCB status and advisories
-``tdx.tcb.dcap_qvl``  dcap-qvl's independent appraisal agrees
-====================  ===============================================================
+========================  ===============================================================
+``tdx.quote.parse``       the quote parsed (version, body, unsigned trailing bytes)
+``tdx.quote.header``      QE vendor id is Intel's
+``tdx.ak.signature``      attestation key (P-256, raw r‖s) over header (+ v5 descriptor) + body
+``tdx.pck.chain``         PCK leaf → PCK Platform/Processor CA → pinned Intel SGX Root CA
+``tdx.pck.validity``      every certificate of that chain valid at ``now``
+``tdx.pck.crl``           PCK CRL and root CA CRL: signed, current, nothing revoked
+``tdx.pck.extensions``    (only when failing) the PCK leaf's SGX extension does not parse
+``tdx.qe.signature``      PCK leaf over the QE report
+``tdx.qe.binding``        QE report_data = SHA-256(attestation key ‖ QE auth data) ‖ 32 zero bytes
+``tdx.collateral.*``      TCB info / QE identity: chain to the root, signature over the exact
+                          JSON bytes, issue ≤ now ≤ next update; FMSPC / PCE id = PCK's
+``tdx.qe.identity``       QE report against the QE identity
+``tdx.tdx_module``        MRSIGNERSEAM / SEAM attributes against the TDX module identity
+``tdx.tcb.status``        converged platform / module / QE TCB status and advisories (TD 1.5:
+                          also the current TCB, and TDRelaunchAdvised); fails on no matching
+                          level or Revoked — any other status is the policy's to judge
+``tdx.tcb.dcap_qvl``      dcap-qvl's independent appraisal agrees (both accept with the same
+                          status and advisories, or both reject); skipped when dcap-qvl refuses
+                          only the TD attributes (debug …), which the policy judges
+========================  ===============================================================
 
 Without collateral the collateral checks are skipped, so the verdict can still be
 good on signatures alone; a policy (:mod:`veil.attestation.tdx_policy`) then

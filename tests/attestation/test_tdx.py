@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +24,7 @@ from veil.attestation.tdx import (
     parse_td_report,
     parse_tdx_quote,
 )
-from veil.attestation.tdx_pck import parse_pck_extensions
+from veil.attestation.tdx_pck import SGX_EXTENSION_OID, parse_pck_extensions, parse_sgx_extension
 
 
 def read_quote(path: Path) -> bytes:
@@ -244,3 +246,18 @@ def test_describe_names_every_field(quotes: dict[str, bytes], name: str) -> None
     assert sig["pck_extensions"]["fmspc"] == VECTORS[name][3]  # type: ignore[index]
     assert len(sig["pck_cert_chain"]) == 3  # type: ignore[arg-type]
     assert d["trailing_unsigned_bytes"] == len(q.trailing)
+
+
+@_FUZZ
+@given(data=st.data())
+def test_fuzz_sgx_extension_der(quotes: dict[str, bytes], data: st.DataObject) -> None:
+    leaf = parse_tdx_quote(quotes["dcap_tdx_quote"]).pck_chain.leaf
+    ext = leaf.extensions.get_extension_for_oid(x509.ObjectIdentifier(SGX_EXTENSION_OID)).value
+    assert isinstance(ext, x509.UnrecognizedExtension)
+    der = bytearray(ext.value)
+    assert parse_sgx_extension(bytes(der)) == parse_pck_extensions(leaf)
+    for _ in range(data.draw(st.integers(1, 4))):
+        der[data.draw(st.integers(0, len(der) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(der)))
+    with contextlib.suppress(MalformedInputError):
+        parse_sgx_extension(bytes(der[:cut]))
