@@ -313,10 +313,7 @@ def verify_amd_chain(
         return b.build()
     prod = _resolve_product(None, exts, product, b)
     _verify_chain(b, certs, trusted_roots=trusted_roots, prod=prod, vlek=exts.is_vlek, now=now, crl=crl)
-    if exts.product is None:
-        b.fail("snp.vcek.product", f"productName {exts.product_name!r} names no known product")
-    else:
-        b.passed("snp.vcek.product", f"{exts.product_name}")
+    _check_product_name(b, exts, prod, product)
     return b.build()
 
 
@@ -336,7 +333,8 @@ def verify_snp(
     missing ASK/ASVK is taken from the package too, so a bare VCEK (as Azure hands
     out) suffices. Pass ``trusted_roots`` to trust another root (the simulated TEE's);
     then the bundle must carry the intermediate. ``product`` (``"Milan"``, ``"Genoa"``,
-    ``"Turin"``) is checked against the report's CPUID and the VCEK's product name.
+    ``"Turin"``) is checked against the report's CPUID and the VCEK's product name;
+    with a stepping (``"Milan-B0"``) the VCEK's product name must match it exactly.
     ``crl``: an optional AMD CRL (signed by the ARK) against which the ASK is checked.
 
     Checks, in order: ``snp.product``, ``snp.chain.ark``, ``snp.chain.ask``,
@@ -371,7 +369,7 @@ def verify_snp(
     b.check(
         "snp.signature", problem is None, problem or f"ECDSA P-384/SHA-384, verified with the {leaf_kind}"
     )
-    _check_extensions(b, report, exts, prod, vlek)
+    _check_extensions(b, report, exts, prod=prod, vlek=vlek, product=product)
     return b.build()
 
 
@@ -402,8 +400,28 @@ def _check_crl(
     b.check("snp.chain.crl", problem is None, problem or f"{_name(intermediate)} not revoked")
 
 
+def _check_product_name(
+    b: VerdictBuilder, exts: AmdKeyExtensions, prod: Product | None, wanted: Product | str | None
+) -> None:
+    stepping = isinstance(wanted, str) and "-" in wanted  # e.g. "Milan-B0": the stepping must match too
+    if exts.product is None:
+        b.fail("snp.vcek.product", f"productName {exts.product_name!r} names no known product")
+    elif prod is not None and exts.product is not prod:
+        b.fail("snp.vcek.product", f"certificate is for {exts.product_name}, report is from {prod.value}")
+    elif stepping and str(exts.product_name).lower() != str(wanted).strip().lower():
+        b.fail("snp.vcek.product", f"certificate is for {exts.product_name}, expected {wanted}")
+    else:
+        b.passed("snp.vcek.product", f"{exts.product_name}")
+
+
 def _check_extensions(
-    b: VerdictBuilder, report: SnpReport, exts: AmdKeyExtensions | None, prod: Product | None, vlek: bool
+    b: VerdictBuilder,
+    report: SnpReport,
+    exts: AmdKeyExtensions | None,
+    *,
+    prod: Product | None,
+    vlek: bool,
+    product: Product | str | None,
 ) -> None:
     if report.signing_key == SigningKey.NONE:
         b.fail("snp.vcek.signing_key", "the report says it is unsigned (SIGNING_KEY = 7)")
@@ -420,12 +438,7 @@ def _check_extensions(
             b.fail(name, "the certificate's AMD extensions did not parse")
         return
 
-    if exts.product is None:
-        b.fail("snp.vcek.product", f"productName {exts.product_name!r} names no known product")
-    elif prod is not None and exts.product is not prod:
-        b.fail("snp.vcek.product", f"certificate is for {exts.product_name}, report is from {prod.value}")
-    else:
-        b.passed("snp.vcek.product", f"{exts.product_name}")
+    _check_product_name(b, exts, prod, product)
 
     try:
         certified = exts.tcb()

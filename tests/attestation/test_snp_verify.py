@@ -214,6 +214,14 @@ def test_product_disagreement_fails(evidence_dir: Path) -> None:
         report, certs(evidence_dir, "go-sev-guest/vcek.testcer"), now=GSG_NOW, product="Genoa"
     )
     assert status(verdict, "snp.product") is CheckStatus.FAIL
+    # go-sev-guest: the same report with product stepping B1 expected fails.
+    stepping = verify_snp(
+        report, certs(evidence_dir, "go-sev-guest/vcek.testcer"), now=GSG_NOW, product="Milan-B1"
+    )
+    assert failed(stepping) == {"snp.vcek.product"}
+    assert verify_snp(
+        report, certs(evidence_dir, "go-sev-guest/vcek.testcer"), now=GSG_NOW, product="Milan-B0"
+    ).ok
     with_bad_name = verify_snp(
         report, certs(evidence_dir, "go-sev-guest/vcek.testcer"), now=GSG_NOW, product="Rome"
     )
