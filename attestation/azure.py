@@ -492,6 +492,12 @@ def verify_azure_snp(
     ``azure.user_data`` (var_data "user-data" equals ``user_data`` zero-padded to
     its length; skipped when None). Returns the SNP report (None when it did not
     parse) for :func:`veil.attestation.snp_policy.validate_snp`.
+
+    On Azure the SNP report's own ``report_data`` is H(var_data), so a caller binding
+    its own 64 bytes (Veil's ``report_data``) passes them as ``user_data`` (the guest
+    writes them to the vTPM's user-data index before reading the HCL report; they
+    are then bound by the hardware through var_data) and leaves ``SnpPolicy.report_data``
+    unset; ``nonce`` binds the vTPM quote (and so the PCRs) to the same exchange.
     """
     b = VerdictBuilder()
     try:
