@@ -15,6 +15,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("veil.demo", "run an encrypted round trip end to end and show what crossed the wire"),
     "chat": ("veil.client.cli", "chat with an attested enclave, end-to-end encrypted"),
+    "attest": ("veil.attest_cli", "fetch, inspect and verify attestation evidence (auditor tool)"),
     "measure": ("veil.measure_cli", "compute an expected launch measurement from published artifacts"),
     "serve": ("veil.enclave.cli", "run the enclave: attested, end-to-end encrypted inference over gRPC"),
 }
