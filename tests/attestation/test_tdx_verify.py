@@ -482,7 +482,8 @@ def test_fuzz_verify_never_raises(tdx: Path, data: st.DataObject) -> None:
         assert (
             mutated.signature_data.qe_certification.qe_report == q.signature_data.qe_certification.qe_report
         )
-        assert mutated.pck_chain.certificates == q.pck_chain.certificates
+        # the chain may lose its (optional) root copy when a PEM header is garbled
+        assert mutated.pck_chain.certificates[:2] == q.pck_chain.certificates[:2]
 
 
 @settings(max_examples=80, deadline=None)
