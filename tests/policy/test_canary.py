@@ -48,6 +48,7 @@ class Run:
     side_channels: list[bytes] = field(default_factory=list)  # metrics / health responses
     encrypted_errors: list[generate_pb2.ChunkError] = field(default_factory=list)
     files_while_running: dict[str, bytes] = field(default_factory=dict)
+    control_wire: bytes = b""
 
 
 def _snapshot(*roots: Path) -> dict[str, bytes]:
@@ -167,7 +168,10 @@ def _exercise(r: Run) -> None:
                 list(call(sealed, timeout=30))
             err = info.value
             r.statuses.append(f"{err.code().name} {err.details()}")  # type: ignore[attr-defined]
-    with grpc.insecure_channel(r.server.address) as channel:  # direct: the marker is in this request
+    # A deliberately clear-text marker (as a malformed nonce), through a second relay: the
+    # positive control that recording and searching would catch a leak.
+    control = Relay((r.server.host, r.server.port)).start()
+    with grpc.insecure_channel(control.address) as channel:
         with pytest.raises(grpc.RpcError) as info:
             channel.unary_unary(
                 GET_EVIDENCE,
@@ -175,6 +179,9 @@ def _exercise(r: Run) -> None:
                 response_deserializer=lambda b: b,
             )(service_pb2.GetEvidenceRequest(nonce=r.marker.encode()), timeout=30)
         r.statuses.append(f"{info.value.code().name} {info.value.details()}")  # type: ignore[attr-defined]
+    control.close()
+    r.control_wire = control.all_bytes()
+    with grpc.insecure_channel(r.relay.address) as channel:
         metrics = channel.unary_unary(
             GET_METRICS,
             request_serializer=service_pb2.GetMetricsRequest.SerializeToString,
@@ -209,10 +216,11 @@ def _assert_clean(where: str, blob: bytes, needles: list[bytes]) -> None:
     assert not found, f"plaintext {found[:3]!r} found in {where}"
 
 
-def test_the_canary_reached_the_model(run: Run) -> None:
-    # Sanity: the marker was really sent, and the channel decrypted fine end to end.
-    assert all(c.strip() for c in run.completions)
-    assert run.relay.all_bytes()  # traffic went through the relay
+def test_the_search_would_catch_a_leak(run: Run) -> None:
+    # Positive control: the marker sent in clear (as a bad nonce) is found on that relay's wire.
+    assert run.marker.encode() in run.control_wire
+    assert all(c.strip() for c in run.completions)  # and the encrypted requests were answered
+    assert run.relay.all_bytes()
 
 
 def test_no_plaintext_on_the_wire(run: Run) -> None:
