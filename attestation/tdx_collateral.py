@@ -23,6 +23,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from veil.attestation.errors import MalformedInputError
 from veil.attestation.tdx import load_pem_chain
@@ -35,9 +36,11 @@ __all__ = [
     "TdxCollateral",
     "TdxModuleIdentity",
     "collateral_from_pcs",
+    "dump_collateral",
     "load_collateral",
     "parse_qe_identity",
     "parse_tcb_info",
+    "signed_member",
 ]
 
 TCB_STATUSES = (
@@ -391,6 +394,28 @@ def load_collateral(json_bytes: bytes) -> TdxCollateral:
         pck_crl_issuer_chain=obj.get("pck_crl_issuer_chain") or None,  # type checked by _pem_chain
         root_ca_crl=optional_hex("root_ca_crl"),
     )
+
+
+def _pem_text(chain: tuple[x509.Certificate, ...]) -> str:
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
+
+
+def dump_collateral(collateral: TdxCollateral) -> bytes:
+    """The inverse of :func:`load_collateral`: dcap-qvl's JSON form (e.g. to keep fetched
+    collateral for an offline verification later)."""
+    c = collateral
+    doc = {
+        "pck_crl_issuer_chain": _pem_text(c.pck_crl_issuer_chain),
+        "root_ca_crl": c.root_ca_crl_der.hex() if c.root_ca_crl_der is not None else "",
+        "pck_crl": c.pck_crl_der.hex() if c.pck_crl_der is not None else "",
+        "tcb_info_issuer_chain": _pem_text(c.tcb_info_issuer_chain),
+        "tcb_info": c.tcb_info_json.decode("utf-8"),
+        "tcb_info_signature": c.tcb_info_signature.hex(),
+        "qe_identity_issuer_chain": _pem_text(c.qe_identity_issuer_chain),
+        "qe_identity": c.qe_identity_json.decode("utf-8"),
+        "qe_identity_signature": c.qe_identity_signature.hex(),
+    }
+    return json.dumps(doc, indent=2).encode()
 
 
 def signed_member(body: bytes, key: str) -> tuple[bytes, dict[str, Any]]:

@@ -15,6 +15,7 @@ import pytest
 from veil.attestation.collateral import CollateralStore, Endpoints, quote_chain
 from veil.attestation.errors import CollateralError
 from veil.attestation.tdx import TdxQuote, parse_tdx_quote
+from veil.attestation.tdx_collateral import dump_collateral, load_collateral
 from veil.attestation.tdx_fetch import fetch_tdx_collateral, pck_ca_of
 from veil.attestation.tdx_verify import verify_tdx
 from veil.attestation.verdict import CheckStatus
@@ -132,3 +133,16 @@ def test_unknown_fmspc_is_a_collateral_error(pcs: IntelPcs, quote: TdxQuote, tmp
     del pcs.routes[("/tdx/certification/v4/tcb", f"fmspc={FMSPC}")]
     with httpx.Client() as client, pytest.raises(CollateralError, match="404"):
         fetch_tdx_collateral(store_for(pcs, tmp_path, client), quote)
+
+
+def test_fetched_collateral_saved_for_offline_use(pcs: IntelPcs, quote: TdxQuote, tmp_path: Path) -> None:
+    """dump_collateral writes dcap-qvl's JSON form; loading it back verifies identically."""
+    with httpx.Client() as client:
+        fetched = fetch_tdx_collateral(store_for(pcs, tmp_path, client), quote)
+    saved = tmp_path / "collateral.json"
+    saved.write_bytes(dump_collateral(fetched))
+    loaded = load_collateral(saved.read_bytes())
+    assert loaded.tcb_info_json == fetched.tcb_info_json
+    assert loaded.pck_crl_der == fetched.pck_crl_der
+    now = datetime(2023, 7, 1, tzinfo=UTC)
+    assert verify_tdx(quote, collateral=loaded, now=now) == verify_tdx(quote, collateral=fetched, now=now)
