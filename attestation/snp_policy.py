@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from veil.attestation.errors import MalformedInputError
+from veil.attestation.errors import MalformedInputError, UnsupportedError
 from veil.attestation.snp import Product, SigningKey, SnpReport, TcbVersion
 from veil.attestation.verdict import Verdict, VerdictBuilder
 
@@ -205,14 +205,22 @@ def _exact(b: VerdictBuilder, name: str, actual: bytes, expected: bytes | None, 
         b.check(name, ok, f"{what} {_hex(actual)} " + ("matches" if ok else f"!= expected {_hex(expected)}"))
 
 
-def validate_snp(report: SnpReport, policy: SnpPolicy, *, product: Product | None = None) -> Verdict:
+def validate_snp(report: SnpReport, policy: SnpPolicy, *, product: Product | str | None = None) -> Verdict:
     """Appraise a (verified) report against ``policy``; every check is named ``policy.*``.
 
-    ``product``: the verified product when the report does not carry CPUID
-    (version 2); defaults to the report's own CPUID product.
+    ``product``: the verified product (a :class:`Product` or a name such as ``"Milan"``)
+    when the report does not carry CPUID (version 2); defaults to the report's own
+    CPUID product. An unknown product name counts as no product.
     """
     b = VerdictBuilder()
-    prod = product or report.product
+    prod: Product | None = report.product
+    if isinstance(product, Product):
+        prod = product
+    elif isinstance(product, str):
+        try:
+            prod = Product.from_name(product)
+        except UnsupportedError:
+            prod = None
     if policy.products is None:
         b.skip("policy.product", "any product allowed")
     else:

@@ -104,6 +104,8 @@ def test_exact_matches(evidence_dir: Path) -> None:
     assert failed(validate_snp(changed(vmpl=1), good, product=Product.MILAN)) == {"policy.vmpl"}
     assert failed(validate_snp(report, good, product=Product.GENOA)) == {"policy.product"}
     assert failed(validate_snp(report, good)) == {"policy.product"}  # version 2: product unknown unless given
+    assert validate_snp(report, good, product="Milan-B0").ok
+    assert failed(validate_snp(report, good, product="Rome")) == {"policy.product"}
 
 
 @pytest.mark.parametrize(
