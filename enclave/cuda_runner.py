@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -157,7 +158,10 @@ class CudaModelRunner:
 
     ``graph_batches``: the decode batch sizes to capture (only sizes up to ``max_batch`` are kept);
     ``use_graphs`` defaults to True on CUDA. ``prefill_impl`` picks the prefill attention
-    (``"sdpa"`` or ``"triton"``, see ``veil.kernels.triton_paged_attention``).
+    (``"sdpa"`` or ``"triton"``, see ``veil.kernels.triton_paged_attention``). ``device_logits``
+    returns the logits on the device instead of copying them to the host: at 64 sequences × a 49k
+    vocabulary the fp32 logits are 12.6 MB per step, which through CC-mode bounce buffers can cost
+    as much as the step itself, so a sampler on the device should take them there.
     """
 
     def __init__(
@@ -173,6 +177,7 @@ class CudaModelRunner:
         use_graphs: bool | None = None,
         prefill_impl: str = "sdpa",
         specs: LlamaSpecs | None = None,
+        device_logits: bool = False,
     ) -> None:
         if num_kv_blocks < 1 or block_size < 1 or max_batch < 1:
             raise InvalidRequestError("the KV cache needs at least one block of one slot, and max_batch ≥ 1")
@@ -187,6 +192,7 @@ class CudaModelRunner:
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
         self.prefill_impl = prefill_impl
+        self.device_logits = device_logits
         cfg = self.config
         self.weights = build_gpu_weights(
             specs if specs is not None else model.specs(), cfg, self.device, dtype
@@ -314,32 +320,37 @@ class CudaModelRunner:
                 want = [i for i, s in enumerate(steps) if s.want_logits]
             else:
                 logits, want = self._execute_eager(steps)
-            # pageable device→host copy (CC mode: no pinned staging)
-            return logits[want].cpu() if len(want) != logits.shape[0] else logits.cpu()
+            if len(want) != logits.shape[0]:
+                logits = logits[want]
+            # pageable device→host copy (CC mode: no pinned staging); a graph's output buffer is reused
+            # by the next replay, so device logits are handed out as a copy too
+            return logits.clone() if self.device_logits else logits.cpu()
 
     def _execute_decode(self, steps: list[SeqStep]) -> torch.Tensor:
         n = len(steps)
         batch = next(b for b in self.graph_batches if b >= n)
         bs = self.block_size
-        tokens = torch.zeros(batch, dtype=torch.long)
-        positions = torch.zeros(batch, dtype=torch.long)
-        slots = torch.full((batch,), -1, dtype=torch.long)
-        lens = torch.zeros(batch, dtype=torch.int32)
-        tables = torch.zeros((batch, self.max_blocks_per_seq), dtype=torch.int32)
+        # Host staging in plain numpy arrays (pageable), then one copy per static buffer. Padding rows
+        # keep slot -1 and length 0. Only the block-table columns a row uses are written: the kernel
+        # never reads a column past a row's context, so stale entries further right are harmless.
+        ints = np.zeros((4, batch), dtype=np.int64)  # tokens, positions, slots, lengths
+        ints[2, :] = -1
+        used = [(s.start_pos + bs) // bs for s in steps]  # blocks covering positions 0 .. start_pos
+        width = max(used)
+        tables = np.zeros((batch, width), dtype=np.int32)
         for i, s in enumerate(steps):
             p = s.start_pos
-            tokens[i] = s.token_ids[0]
-            positions[i] = p
-            slots[i] = s.block_table[p // bs] * bs + p % bs
-            lens[i] = p + 1
-            used = -(-(p + 1) // bs)
-            tables[i, :used] = torch.tensor(s.block_table[:used], dtype=torch.int32)
-        # pageable host→device copies into the static buffers the graphs read
-        self._tokens[:batch].copy_(tokens)
-        self._positions[:batch].copy_(positions)
-        self._slots[:batch].copy_(slots)
-        self._lens[:batch].copy_(lens)
-        self._tables[:batch].copy_(tables)
+            ints[0, i] = s.token_ids[0]
+            ints[1, i] = p
+            ints[2, i] = s.block_table[p // bs] * bs + p % bs
+            ints[3, i] = p + 1
+            tables[i, : used[i]] = s.block_table[: used[i]]
+        staged = torch.from_numpy(ints)
+        self._tokens[:batch].copy_(staged[0])
+        self._positions[:batch].copy_(staged[1])
+        self._slots[:batch].copy_(staged[2])
+        self._lens[:batch].copy_(staged[3])
+        self._tables[:batch, :width].copy_(torch.from_numpy(tables))
         captured = self._graphs.get(batch)
         if captured is not None:
             graph, logits = captured

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,3 +43,10 @@ def kernel_device() -> torch.device:
 def cuda_device() -> torch.device:
     """The GPU, for tests marked ``gpu`` (the root conftest skips those when there is none)."""
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="session")
+def gguf_reader(model_path: Path) -> Any:
+    """The embedded SmolLM2 GGUF, parsed once per session (parsing takes seconds)."""
+    gguf = pytest.importorskip("gguf")
+    return gguf.GGUFReader(model_path)

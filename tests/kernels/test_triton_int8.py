@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,9 +45,9 @@ def test_quantize_error_is_within_half_a_step() -> None:
         assert w.group_size == (128 if group is None else 32)
 
 
-def test_q8_0_bytes_from_the_real_gguf_embedding(model_path: Path) -> None:
+def test_q8_0_bytes_from_the_real_gguf_embedding(gguf_reader: Any) -> None:
     gguf = pytest.importorskip("gguf")
-    reader = gguf.GGUFReader(model_path)
+    reader = gguf_reader
     tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
     assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
     k = int(tensor.shape[0])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -70,12 +69,6 @@ def test_unpack_gguf_bytes_inverts_the_block_encoding() -> None:
     assert torch.equal(q2, q) and torch.equal(d2, d) and torch.equal(m2, m)
     w = repack_q4_1_bytes(raw, 8, 64)
     assert torch.equal(dequantize_w4a16_packed(w.qweight, w.scales, w.mins), dequantize_q4_1(q, d, m))
-
-
-@pytest.fixture(scope="module")
-def gguf_reader(model_path: Path) -> Any:
-    gguf = pytest.importorskip("gguf")
-    return gguf.GGUFReader(model_path)
 
 
 def test_repack_of_real_gguf_tensor_matches_gguf_dequantize(gguf_reader: Any) -> None:
