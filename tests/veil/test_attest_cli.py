@@ -64,7 +64,7 @@ def failed(doc: dict[str, Any]) -> set[str]:
 
 
 def check(doc: dict[str, Any], name: str) -> dict[str, str]:
-    found = [c for c in doc["checks"] if c["name"] == name]
+    found: list[dict[str, str]] = [c for c in doc["checks"] if c["name"] == name]
     assert len(found) == 1, name
     return found[0]
 
@@ -116,7 +116,7 @@ def test_virtee_hex_report_with_a_single_der_vcek(
     evidence_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     d = evidence_dir / "snp/virtee-sev"
-    code, out, err = run(
+    code, out, _err = run(
         capsys,
         "verify",
         d / "report_milan.hex",
@@ -183,7 +183,7 @@ def test_vcek_fetched_from_kds_then_cached_for_offline_use(
     requests: list[str] = []
 
     class Kds(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        def do_GET(self) -> None:
             requests.append(self.path)
             ok = self.path.startswith("/vcek/v1/Milan/")
             self.send_response(200 if ok else 404)
@@ -258,7 +258,7 @@ def test_azure_evidence_json(
 def test_raw_hcl_report_cannot_be_verified_alone(
     evidence_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run(
+    code, _out, err = run(
         capsys, "verify", evidence_dir / "snp/trustee-az-snp-vtpm/hcl-report.bin", "--offline"
     )
     assert code == 2 and "evidence JSON" in err
@@ -475,7 +475,7 @@ def test_exit_codes_in_a_subprocess(evidence_dir: Path, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(bytes(range(256)) * 4)
     env_cmd = [sys.executable, "-m", "veil", "attest", "verify"]
-    bad = subprocess.run([*env_cmd, str(garbage)], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*env_cmd, str(garbage)], check=False, capture_output=True, text=True, timeout=120)
     assert (
         bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("veil attest verify:")
     )
@@ -490,6 +490,7 @@ def test_exit_codes_in_a_subprocess(evidence_dir: Path, tmp_path: Path) -> None:
             GSG_AT,
             "--offline",
         ],
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,
