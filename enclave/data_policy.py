@@ -20,7 +20,8 @@ else, because an attested promise the code does not keep would be a lie:
   ``/proc/PID/mem`` closed to them).
 
 Files: :func:`confine_temp_files` points ``tempfile``, ``TMPDIR`` and the torch/triton
-compile caches at ``STATE_DIR/tmp`` (mode 0700, emptied at start and at exit) and turns
+compile caches at ``STATE_DIR/tmp/<pid>`` (mode 0700, removed at exit; left-overs of
+dead servers are removed at start) and turns
 off ``.pyc`` writing, so the process writes nowhere but its state directory.
 """
 
@@ -268,11 +269,18 @@ _CACHE_ENV = (
 
 
 def confine_temp_files(state_dir: Path) -> Path:
-    """Make ``STATE_DIR/tmp`` (0700, emptied) the only place temp and cache files can go."""
-    tmp = Path(state_dir) / "tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(mode=0o700, parents=True)
+    """Make ``STATE_DIR/tmp/<pid>`` (0700, fresh) the only place temp and cache files can go.
+
+    Left-overs of servers that died without cleaning up (their pid is gone) are removed
+    first, so nothing about an old request outlives its process for long.
+    """
+    parent = Path(state_dir) / "tmp"
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for old in parent.iterdir():
+        if not old.name.isdigit() or not _alive(int(old.name)) or int(old.name) == os.getpid():
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = parent / str(os.getpid())
+    tmp.mkdir(mode=0o700)
     for name in ("TMPDIR", "TEMP", "TMP"):
         os.environ[name] = str(tmp)
     for name in _CACHE_ENV:
@@ -281,6 +289,16 @@ def confine_temp_files(state_dir: Path) -> Path:
     sys.dont_write_bytecode = True
     os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
     return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove_temp_files(tmp: Path) -> None:

@@ -43,7 +43,6 @@ from veil.attestation.stream import StreamEncryptor
 from veil.enclave.attestation_provider import AttestationProvider
 from veil.enclave.data_policy import log_event
 from veil.enclave.errors import (
-    AttestationProviderError,
     EngineOverloadedError,
     EngineStoppedError,
     InvalidRequestError,
@@ -158,7 +157,7 @@ class AttestationServicer(service_pb2_grpc.AttestationServiceServicer):
             parts = await asyncio.to_thread(
                 self._provider.evidence, bytes(request.nonce), ident.claims_bytes, ident.public_key.to_bytes()
             )
-        except AttestationProviderError as exc:
+        except Exception as exc:  # provider failure or bug: a fixed status, never the exception text
             log_event(log, "evidence.failed", logging.ERROR, error_type=type(exc).__name__)
             await _abort(context, grpc.StatusCode.INTERNAL, "evidence unavailable")
         self._metrics.evidence_served += 1

@@ -156,12 +156,34 @@ def test_temp_files_are_confined_to_the_state_dir(tmp_path: Path) -> None:
         print(Path(name).parent == tmp, os.environ["TMPDIR"] == str(tmp), sys.dont_write_bytecode)
         print(str(Path(os.environ["TRITON_CACHE_DIR"]).parent) == str(tmp))
         remove_temp_files(tmp)
-        print(tmp.exists())
+        print(tmp.exists(), tmp.name == str(os.getpid()), tmp.parent == Path({str(state)!r}) / "tmp")
         """,
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["True", "True", "True", "True", "False"]
+    assert proc.stdout.split() == ["True", "True", "True", "True", "False", "True", "True"]
+
+
+def test_left_overs_of_dead_servers_are_removed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True
+    )
+    stale = state / "tmp" / dead.stdout.decode().strip()
+    stale.mkdir(parents=True)
+    (stale / "left-over").write_text("old request data")
+    (state / "tmp" / "not-a-pid").mkdir()
+    proc = _run(
+        f"""
+        from pathlib import Path
+        from veil.enclave.data_policy import confine_temp_files
+        tmp = confine_temp_files(Path({str(state)!r}))
+        print(sorted(p.name for p in tmp.parent.iterdir()) == [tmp.name])
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True"]
 
 
 def test_uncaught_exceptions_log_their_type_only(tmp_path: Path) -> None:

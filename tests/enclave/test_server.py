@@ -402,4 +402,4 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(tmp_path: Path) -> Non
         lines = [line for line in err_text.splitlines() if line.strip()]
         assert lines and all("[SIMULATED TEE]" in line for line in lines), err_text[-2000:]
         assert "server.draining" in err_text
-        assert not (tmp_path / "state" / "tmp").exists()  # temp dir removed at exit
+        assert list((tmp_path / "state" / "tmp").iterdir()) == []  # temp dir removed at exit
