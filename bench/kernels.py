@@ -17,6 +17,9 @@ What it measures (on the one CUDA device it finds; it exits with a message when 
 * **prefill attention**: the SDPA-over-gathered-KV path against the Triton paged prefill kernel (the
   module's default must follow this number).
 * **fused ops**: RMSNorm + residual and RoPE + KV write against their eager PyTorch references.
+* **runner**: decode steps of the embedded SmolLM2 through ``CudaModelRunner`` (CUDA graphs) at batch
+  1 and 64 against HF transformers ``generate`` single-stream (no engine around either: the
+  scheduler, sampler and detokenizer are ``bench/engine.py``'s business).
 
 Method: every kernel call is captured in a CUDA graph and replayed (decode runs from graphs in the
 engine too, so launch overhead is excluded as it is there). Weights are rotated over enough copies to
@@ -25,7 +28,8 @@ replays; each figure says what its bytes are.
 
 Targets from issue #6 (printed next to the results; none of them has been measured yet):
 w4a16 GEMV batch 1 ≥ 75 % of copy bandwidth; batch 16 ≥ 3× bf16 ``torch.matmul``; paged decode
-attention ≥ 60 % of copy bandwidth.
+attention ≥ 60 % of copy bandwidth; SmolLM2 decode ≥ 10× HF ``generate`` single-stream and ≥ 20,000
+tok/s at 64 streams (the last two are engine targets; this prints the runner's share of them).
 """
 
 from __future__ import annotations
@@ -256,7 +260,7 @@ def _torch_decode(
 
     k = k_cache[tables.long()].flatten(1, 2).transpose(1, 2)  # [B, KVH, L, D]
     v = v_cache[tables.long()].flatten(1, 2).transpose(1, 2)
-    return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True).squeeze(2)  # [B, H, D]
 
 
 def bench_decode_attention(dtype: torch.dtype) -> list[Figure]:
@@ -354,6 +358,64 @@ def bench_fused(dtype: torch.dtype) -> list[Figure]:
     ]
 
 
+def bench_runner(dtype: torch.dtype, prompt_len: int = 128, decode_steps: int = 128) -> list[Figure]:
+    """Decode throughput of the embedded SmolLM2 through ``CudaModelRunner`` (CUDA graphs), and the HF
+    transformers ``generate`` peer single-stream. Greedy argmax on the device, no sampler or detokenizer:
+    this is the model's decode step, the ceiling for ``bench/engine.py --device cuda``."""
+    import time
+
+    from veil.enclave.cuda_runner import CudaModelRunner
+    from veil.enclave.model_loader import default_model_path, load_model
+    from veil.enclave.model_runner import SeqStep
+
+    path = default_model_path()
+    model = load_model(path)
+    block_size, max_batch = 16, 64
+    per_seq = -(-(prompt_len + decode_steps + 1) // block_size)
+    runner = CudaModelRunner(model, per_seq * max_batch, block_size, dtype=dtype, max_batch=max_batch,
+                             device_logits=True)  # fmt: skip
+    vocab = model.config.vocab
+    figures = []
+    for batch in (1, max_batch):
+        g = torch.Generator().manual_seed(batch)
+        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+        prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+        logits = runner.execute([SeqStep(i, prompts[i], 0, tables[i]) for i in range(batch)])
+        nxt = logits.argmax(-1).tolist()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for step in range(decode_steps):
+            pos = prompt_len + step
+            logits = runner.execute([SeqStep(i, [nxt[i]], pos, tables[i]) for i in range(batch)])
+            nxt = logits.argmax(-1).tolist()  # the host needs the tokens: one sync per step, as in serving
+        seconds = (time.perf_counter() - start) / decode_steps
+        figures.append(Figure(f"SmolLM2 decode step batch {batch} [veil cuda graphs]", seconds,
+                              runner.weights.nbytes, f"{batch / seconds:,.0f} tok/s; bytes = weights",
+                              {"tok_s": batch / seconds}))  # fmt: skip
+    del runner
+    torch.cuda.empty_cache()
+    try:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=dtype).cuda()
+        ids = torch.randint(0, vocab, (1, prompt_len), device="cuda")
+
+        def gen(n: int) -> float:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        gen(4)
+        seconds = (gen(decode_steps + 1) - gen(1)) / decode_steps  # decode only: prefill cancels out
+        figures.append(Figure("SmolLM2 decode step batch 1 [HF transformers generate]", seconds, 0,
+                              f"{1 / seconds:,.0f} tok/s; peer", {"tok_s": 1 / seconds}))  # fmt: skip
+    except Exception as exc:  # the peer is optional: say why it is missing instead of failing the run
+        print(f"  HF transformers peer not measured: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+    return figures
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -386,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sweep-batch", type=int, action="append", help="batch sizes to sweep (default 1 and 16)"
     )
-    parser.add_argument("--only", choices=["matmul", "attention", "fused"], action="append")
+    parser.add_argument("--only", choices=["matmul", "attention", "fused", "runner"], action="append")
     parser.add_argument("--json", help="write all figures to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -401,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     copy = bench_copy()
     print(copy.line(None))
     figures: list[Figure] = [copy]
-    only = set(args.only or ["matmul", "attention", "fused"])
+    only = set(args.only or ["matmul", "attention", "fused", "runner"])
     if "matmul" in only:
         figures += bench_matmuls([1, 16], dtype)
     if "attention" in only:
@@ -409,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         figures += bench_prefill_attention(dtype)
     if "fused" in only:
         figures += bench_fused(dtype)
+    if "runner" in only:
+        figures += bench_runner(dtype)
     for fig in figures[1:]:
         extra = "".join(f"  {k}={v:.2f}" for k, v in fig.extra.items() if k == "speedup_vs_bf16")
         print(fig.line(copy.gbps if fig.bytes_moved else None) + extra)
@@ -437,6 +501,18 @@ def main(argv: list[str] | None = None) -> int:
         if s and t:
             print(f"  {name}: {'sdpa' if s.seconds <= t.seconds else 'triton'} is faster "
                   f"({s.seconds / t.seconds:.2f}x sdpa/triton time)")  # fmt: skip
+
+    ours1 = by_name.get("SmolLM2 decode step batch 1 [veil cuda graphs]")
+    ours64 = by_name.get("SmolLM2 decode step batch 64 [veil cuda graphs]")
+    hf = by_name.get("SmolLM2 decode step batch 1 [HF transformers generate]")
+    if ours1 and hf:
+        r = hf.seconds / ours1.seconds
+        print(f"  SmolLM2 single stream: {r:.1f}x HF generate (target 10x, engine overheads excluded) "
+              f"{'MET' if r >= 10 else 'NOT MET'}")  # fmt: skip
+    if ours64:
+        tps = ours64.extra["tok_s"]
+        print(f"  SmolLM2 64 streams: {tps:,.0f} tok/s (target 20,000, engine overheads excluded) "
+              f"{'MET' if tps >= 20000 else 'NOT MET'}")  # fmt: skip
 
     sweep_lines: list[str] = []
     if args.sweep:
