@@ -1,0 +1,310 @@
+"""Offline verification speed on the real vectors in ../shared/evidence, with peers and floors.
+
+Cases (each: median and p90 over ``--runs`` after ``--warmup`` untimed runs; every timed
+run must return a GOOD verdict, so the success path is what is measured):
+
+* **SNP, cached certs** — the ``veil attest verify`` path with ``--offline`` and no
+  ``--certs``: the VCEK read from the on-disk collateral cache (seeded once through
+  :class:`CollateralStore` from a mock KDS), parsed, chain + signature + extensions
+  verified, then the production policy. virtee's Milan report. Target ≤ 5 ms median.
+  Also with the certificates already parsed in memory.
+* **TDX, with collateral** — dcap-qvl JSON collateral parsed, quote parsed, signatures,
+  PCK chain, CRLs, collateral signatures, TCB appraisal (which includes one run of
+  dcap-qvl as an independent cross-check), then the TDX policy. dcap-qvl's sample quote.
+  Target ≤ 30 ms. Peer in the same run: ``dcap_qvl.verify`` on the same quote and collateral.
+* **GPU report** — one H100 SPDM report (gpu0 of the HGX vector): signature, chain to the
+  pinned root (cached after the first run), FWID, nonce, versions. Target ≤ 10 ms.
+
+Floors: the ``cryptography`` primitive each case cannot avoid, timed the same way —
+ECDSA P-384 verify (the SNP and GPU report signatures), RSASSA-PSS-4096 verify (each
+AMD chain link), ECDSA P-256 verify (each TDX signature) — and the ratio to them.
+
+Run: ``python bench/verify.py [--runs 300] [--warmup 30]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+EVIDENCE = Path(os.environ.get("VEIL_EVIDENCE_DIR", ROOT.parent / "shared" / "evidence"))
+SNP_AT = datetime(2024, 1, 1, tzinfo=UTC)  # virtee VCEK 2023-04-03..2030-04-03
+TDX_AT = datetime(2025, 7, 1, tzinfo=UTC)  # collateral 2025-06-19..2025-07-19
+GPU_AT = datetime(2025, 10, 1, tzinfo=UTC)
+GPU_NONCE = bytes.fromhex("4760e30534a0621357d458b1a7936551b5dc4cd1e69718adf7ed9fb0252a537e")
+
+
+def measure(fn: Callable[[], object], runs: int, warmup: int) -> tuple[float, float]:
+    """(median, p90) in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples), statistics.quantiles(samples, n=10)[-1]
+
+
+def _good(verdict: Any) -> None:
+    if not verdict.ok:
+        failed = ", ".join(c.name for c in verdict.failed)
+        raise SystemExit(f"bench/verify.py: a timed verification was not GOOD (failed: {failed})")
+
+
+# ---------------------------------------------------------------------------------- SEV-SNP
+
+
+def snp_cases(cache: Path) -> dict[str, Callable[[], object]]:
+    import httpx
+
+    from veil.attest_verify import AuditRequest, collateral_store, default_audit_policy, verify_snp_artifact
+    from veil.attestation.amd_certs import load_certificates
+    from veil.attestation.snp import Product
+    from veil.attestation.snp_policy import validate_snp
+    from veil.attestation.snp_verify import verify_snp_bytes
+
+    d = EVIDENCE / "snp/virtee-sev"
+    raw = bytes.fromhex("".join((d / "report_milan.hex").read_text().split()))
+    vcek = (d / "vcek_milan.der").read_bytes()
+    env = {"VEIL_CACHE_DIR": str(cache)}
+
+    # Seed the cache the way the CLI does when online: one KDS request (answered by a mock).
+    seeder = collateral_store(offline=False, environ=env)
+    seeder.client = httpx.Client(
+        transport=httpx.MockTransport(lambda _req: httpx.Response(200, content=vcek))
+    )
+    policy = default_audit_policy()
+    _good(verify_snp_artifact(raw, AuditRequest(SNP_AT, policy, seeder, product=Product.MILAN)))
+    seeder.client.close()
+
+    offline = collateral_store(offline=True, environ=env)
+    request = AuditRequest(SNP_AT, policy, offline, product=Product.MILAN)
+    certs = load_certificates(vcek)
+
+    def cached() -> None:
+        _good(verify_snp_artifact(raw, request))
+
+    def in_memory() -> None:
+        report, verdict = verify_snp_bytes(raw, certs, now=SNP_AT)
+        assert report is not None
+        _good(verdict + validate_snp(report, policy.policy.snp_policy(report, None), product=Product.MILAN))
+
+    return {"snp: cached certs (CLI path)": cached, "snp: certs in memory": in_memory}
+
+
+def snp_floor() -> tuple[Callable[[], object], Callable[[], object]]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    from veil.attestation.amd_certs import load_certificates, pinned_ask
+    from veil.attestation.snp import Product
+
+    d = EVIDENCE / "snp/virtee-sev"
+    raw = bytes.fromhex("".join((d / "report_milan.hex").read_text().split()))
+    (vcek,) = load_certificates((d / "vcek_milan.der").read_bytes())
+    key = vcek.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    sig = encode_dss_signature(
+        int.from_bytes(raw[0x2A0:0x2E8], "little"), int.from_bytes(raw[0x2E8:0x330], "little")
+    )
+    ask: x509.Certificate = pinned_ask(Product.MILAN)
+    ask_key: Any = ask.public_key()
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+
+    def ecdsa_p384() -> None:
+        key.verify(sig, raw[:0x2A0], ec.ECDSA(hashes.SHA384()))
+
+    def rsa_pss_4096() -> None:
+        ask_key.verify(vcek.signature, vcek.tbs_certificate_bytes, pss, hashes.SHA384())
+
+    return ecdsa_p384, rsa_pss_4096
+
+
+# ---------------------------------------------------------------------------------- TDX
+
+
+def tdx_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
+    import dcap_qvl
+
+    from veil.attest_verify import AuditRequest, collateral_store, default_audit_policy, verify_tdx_artifact
+    from veil.attestation.tdx import parse_tdx_quote
+    from veil.attestation.tdx_collateral import load_collateral
+    from veil.attestation.tdx_policy import validate_tdx
+    from veil.attestation.tdx_verify import tcb_advisories_of, tcb_status_of, verify_tdx
+
+    d = EVIDENCE / "tdx/dcap-qvl"
+    raw = (d / "tdx_quote").read_bytes()
+    coll_json = (d / "tdx_quote_collateral.json").read_bytes()
+    policy = default_audit_policy()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = collateral_store(offline=True, environ={"VEIL_CACHE_DIR": tmp})
+    request = AuditRequest(TDX_AT, policy, store, collateral=[("collateral.json", coll_json)])
+    quote = parse_tdx_quote(raw)
+    collateral = load_collateral(coll_json)
+    peer_coll = dcap_qvl.QuoteCollateralV3.from_json(coll_json.decode())
+    now_s = int(TDX_AT.timestamp())
+
+    def cli_path() -> None:
+        _good(verify_tdx_artifact(raw, request))
+
+    def parsed() -> None:
+        v = verify_tdx(quote, collateral=collateral, now=TDX_AT)
+        _good(
+            v
+            + validate_tdx(quote, policy.tdx, tcb_status=tcb_status_of(v), advisory_ids=tcb_advisories_of(v))
+        )
+
+    def peer() -> None:
+        report = dcap_qvl.verify(raw, peer_coll, now_s)
+        if str(report.status) != "UpToDate":
+            raise SystemExit(f"dcap-qvl says {report.status}")
+
+    return {"tdx: quote + collateral JSON (CLI path)": cli_path, "tdx: collateral pre-parsed": parsed}, peer
+
+
+def p256_floor() -> Callable[[], object]:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    from veil.attestation.tdx import parse_tdx_quote
+
+    quote = parse_tdx_quote((EVIDENCE / "tdx/dcap-qvl/tdx_quote").read_bytes())
+    sig_data = quote.signature_data
+    ak = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + sig_data.attestation_key)
+    raw_sig = sig_data.signature
+    sig = encode_dss_signature(int.from_bytes(raw_sig[:32], "big"), int.from_bytes(raw_sig[32:], "big"))
+    signed = quote.signed_region
+
+    def ecdsa_p256() -> None:
+        ak.verify(sig, signed, ec.ECDSA(hashes.SHA256()))
+
+    return ecdsa_p256
+
+
+# ---------------------------------------------------------------------------------- NVIDIA
+
+
+def gpu_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    from veil.attestation.nvidia import parse_gpu_report
+    from veil.attestation.nvidia_verify import load_cert_chain, verify_gpu
+
+    d = EVIDENCE / "nvidia_gpu/nvtrust/decoded"
+    report = (d / "gpu0_evidence.bin").read_bytes()
+    chain_pem = (d / "gpu0_certchain.pem").read_bytes()
+
+    def one() -> None:
+        _good(verify_gpu(report, load_cert_chain(chain_pem), nonce=GPU_NONCE, now=GPU_AT))
+
+    parsed = parse_gpu_report(report)
+    key = load_cert_chain(chain_pem)[0].public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    sig = encode_dss_signature(
+        int.from_bytes(parsed.signature[:48], "big"), int.from_bytes(parsed.signature[48:], "big")
+    )
+
+    def floor() -> None:
+        key.verify(sig, parsed.signed_bytes, ec.ECDSA(hashes.SHA384()))
+
+    return {"gpu: one H100 report": one}, floor
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=300, help="timed runs per case (default 300)")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed runs first (default 30)")
+    args = parser.parse_args(argv)
+    if not EVIDENCE.is_dir():
+        print(f"bench/verify.py: evidence not found at {EVIDENCE}", file=sys.stderr)
+        return 2
+
+    import cryptography
+    import dcap_qvl
+
+    print(
+        f"python {sys.version.split()[0]}, cryptography {cryptography.__version__}, "
+        f"dcap-qvl {getattr(dcap_qvl, '__version__', '?')}, {os.cpu_count()} CPUs, "
+        f"runs {args.runs} after {args.warmup} warm-up"
+    )
+    results: dict[str, tuple[float, float]] = {}
+
+    def time_it(name: str, fn: Callable[[], object]) -> None:
+        results[name] = measure(fn, args.runs, args.warmup)
+
+    with tempfile.TemporaryDirectory() as cache:
+        for name, fn in snp_cases(Path(cache)).items():
+            time_it(name, fn)
+    p384, pss = snp_floor()
+    time_it("floor: ECDSA P-384 verify", p384)
+    time_it("floor: RSASSA-PSS-4096 verify", pss)
+    tdx, dcap_peer = tdx_cases()
+    for name, fn in tdx.items():
+        time_it(name, fn)
+    time_it("peer: dcap_qvl.verify (same quote)", dcap_peer)
+    time_it("floor: ECDSA P-256 verify", p256_floor())
+    gpu, _ = gpu_cases()
+    for name, fn in gpu.items():
+        time_it(name, fn)
+
+    targets = {
+        "snp: cached certs (CLI path)": 5.0,
+        "tdx: quote + collateral JSON (CLI path)": 30.0,
+        "gpu: one H100 report": 10.0,
+    }
+    width = max(map(len, results))
+    print(f"\n{'case'.ljust(width)}  median ms     p90 ms  target")
+    for name, (med, p90) in results.items():
+        target = targets.get(name)
+        mark = "" if target is None else f"<= {target:g} ms {'ok' if med <= target else 'MISSED'}"
+        print(f"{name.ljust(width)}  {med:9.3f}  {p90:9.3f}  {mark}")
+
+    med = {k: v[0] for k, v in results.items()}
+    snp_floor_ms = med["floor: ECDSA P-384 verify"] + 3 * med["floor: RSASSA-PSS-4096 verify"]
+    tdx_sigs = 9  # AK, QE report, PCK leaf + CA, TCB info, QE identity, TCB signing cert, 2 CRLs
+    print("\nratios (median):")
+    print(
+        f"  snp cached / crypto floor (1 P-384 + 3 RSA-PSS = {snp_floor_ms:.3f} ms): "
+        f"{med['snp: cached certs (CLI path)'] / snp_floor_ms:.2f}x"
+    )
+    print(
+        f"  snp cached / certs in memory: "
+        f"{med['snp: cached certs (CLI path)'] / med['snp: certs in memory']:.2f}x"
+    )
+    peer = med["peer: dcap_qvl.verify (same quote)"]
+    print(
+        f"  tdx CLI path / dcap-qvl verify: {med['tdx: quote + collateral JSON (CLI path)'] / peer:.2f}x "
+        f"(Veil's figure includes one dcap-qvl run as its cross-check)"
+    )
+    print(f"  tdx pre-parsed / dcap-qvl verify: {med['tdx: collateral pre-parsed'] / peer:.2f}x")
+    p256 = tdx_sigs * med["floor: ECDSA P-256 verify"]
+    print(
+        f"  tdx pre-parsed / crypto floor ({tdx_sigs} P-256 = {p256:.3f} ms): "
+        f"{med['tdx: collateral pre-parsed'] / p256:.2f}x"
+    )
+    gpu_ratio = med["gpu: one H100 report"] / med["floor: ECDSA P-384 verify"]
+    print(f"  gpu / crypto floor (1 P-384): {gpu_ratio:.2f}x")
+    missed = [n for n, t in targets.items() if med[n] > t]
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
