@@ -238,7 +238,7 @@ def _module(obj: dict[str, Any], where: str, *, with_levels: bool) -> TdxModuleI
 def _json_object(text: bytes, where: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise MalformedInputError(f"{where} is not JSON") from None
     if not isinstance(value, dict):
         raise MalformedInputError(f"{where} is not a JSON object")
@@ -442,7 +442,7 @@ def signed_member(body: bytes, key: str) -> tuple[bytes, dict[str, Any]]:
                 raise MalformedInputError("PCS response: expected ':'")
             start = _skip_ws(text, pos + 1)
             _, end = decoder.raw_decode(text, start)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise MalformedInputError("PCS response does not parse") from None
         if name == key:
             return text[start:end].encode("utf-8"), whole

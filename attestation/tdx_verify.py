@@ -513,7 +513,9 @@ def _cross_check(
             qe_identity_signature=c.qe_identity_signature,
         )
         report = dcap_qvl.verify_with_root_ca(quote.raw, coll, _der(root), int(now.timestamp()))
-    except (ValueError, RuntimeError, UnicodeDecodeError) as exc:
+    except BaseException as exc:
+        if not isinstance(exc, ValueError | RuntimeError) and type(exc).__name__ != "PanicException":
+            raise  # KeyboardInterrupt and friends; a Rust panic (pyo3 PanicException) is a rejection
         message = " ".join(str(exc).split())
         if any(m in message for m in _DCAP_ATTRIBUTE_REFUSALS):
             b.skip(name, f"dcap-qvl refuses the TD attributes ({message}); left to the policy checks")

@@ -515,3 +515,33 @@ def test_expiry_edges_are_inclusive(tdx: Path) -> None:
     assert status(verify_tdx(q, collateral=c, now=nxt), "tdx.collateral.tcb_info") is CheckStatus.PASS
     later = verify_tdx(q, collateral=c, now=nxt + timedelta(seconds=1))
     assert status(later, "tdx.collateral.tcb_info") is CheckStatus.FAIL
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_fuzz_pcs_responses_raise_only_typed(tdx: Path, data: st.DataObject) -> None:
+    g = tdx / "go-tdx-guest"
+    body = bytearray(
+        (
+            g / data.draw(st.sampled_from(["sample_tcbInfo_response", "sample_qeIdentity_response"]))
+        ).read_bytes()
+    )
+    for _ in range(data.draw(st.integers(0, 3))):
+        body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
+    blob = bytes(body[: data.draw(st.integers(0, len(body)))])
+    with contextlib.suppress(VeilAttestationError):
+        signed_member(blob, "tcbInfo")
+    with contextlib.suppress(VeilAttestationError):
+        collateral_from_pcs(
+            tcb_info_response=blob,
+            qe_identity_response=(g / "sample_qeIdentity_response").read_bytes(),
+            tcb_info_issuer_chain=(g / "tcb_signing_chain.pem").read_bytes(),
+        )
+
+
+def test_deeply_nested_json_is_typed() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(MalformedInputError):
+        load_collateral(deep)
+    with pytest.raises(MalformedInputError):
+        signed_member(b'{"tcbInfo":' + deep + b"}", "tcbInfo")
