@@ -4,9 +4,11 @@ Random sampling is inverse-CDF sampling with one uniform number per token, compu
 the request seed and the token's index alone (``mix_seed``, a splitmix64 finaliser: no
 generator state). Every other operation is row-wise, so a seeded request draws the same
 tokens whatever else shares its batch, and whether or not it was preempted and recomputed.
-Only the rows that use top-k or top-p look at a sorted candidate list (``topk`` of the row,
-widened to a full sort only when the nucleus is larger than the window); the all-greedy
-batch is one ``argmax``.
+Rows that use top-k or top-p look at a sorted candidate list: ``topk`` with k = top_k, or a
+window of the 1024 most likely tokens for top-p alone (widened to a full sort, row by row,
+only when the nucleus is larger than the window). Rows are grouped by that k, which depends
+on the row's own parameters only, and each group is one batched ``topk``/``cumsum``/
+``searchsorted``. The all-greedy batch is one ``max``.
 """
 
 from __future__ import annotations
@@ -48,41 +50,29 @@ class Sampler:
         if logits.dim() != 2 or not len(params) == len(seeds) == len(steps) == n:
             raise EngineInternalError("sampler inputs disagree in length")
         logits = logits.float()
-        if bool(torch.isnan(logits).any()) or bool((logits.amax(dim=-1) == float("-inf")).any()):
-            raise EngineInternalError("logits contain NaN or a row of -inf")
-        out = logits.argmax(dim=-1).tolist()
+        best, argmax = logits.max(dim=-1)  # max propagates NaN: one pass checks and picks
+        if not bool(torch.isfinite(best).all()):
+            raise EngineInternalError("logits contain NaN, +inf or a row of -inf")
+        out: list[int] = argmax.tolist()
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
-            return [int(t) for t in out]
-        picked = self._sample_random(
-            logits[rows], [params[i] for i in rows], [seeds[i] for i in rows], [steps[i] for i in rows]
-        )
-        for i, t in zip(rows, picked, strict=True):
-            out[i] = t
-        return [int(t) for t in out]
-
-    def _sample_random(
-        self,
-        logits: torch.Tensor,
-        params: Sequence[SamplingParams],
-        seeds: Sequence[int],
-        steps: Sequence[int],
-    ) -> list[int]:
+            return out
+        sub = logits if len(rows) == n else logits[rows]
+        temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32).unsqueeze(1)
+        probs = torch.softmax(sub / temps, dim=-1)
+        us = torch.tensor([uniform(seeds[i], steps[i]) for i in rows], dtype=torch.float64)
         vocab = logits.shape[1]
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        probs = torch.softmax(logits / temps.unsqueeze(1), dim=-1)
-        us = [uniform(seed, step) for seed, step in zip(seeds, steps, strict=True)]
-        out = [0] * len(params)
-        plain = [r for r, p in enumerate(params) if not (0 < p.top_k < vocab) and p.top_p >= 1.0]
-        if plain:
-            cdf = torch.cumsum(probs[plain], dim=-1)
-            targets = torch.tensor([us[r] for r in plain], dtype=torch.float32) * cdf[:, -1]
-            picked = torch.searchsorted(cdf, targets.unsqueeze(1), right=True).squeeze(1)
-            for r, t in zip(plain, picked.clamp_(max=vocab - 1).tolist(), strict=True):
-                out[r] = int(t)
-        for r, p in enumerate(params):
-            if 0 < p.top_k < vocab or p.top_p < 1.0:
-                out[r] = _sample_filtered(probs[r], p, us[r])
+        groups: dict[int, list[int]] = {}
+        for r, i in enumerate(rows):
+            groups.setdefault(_candidates(params[i], vocab), []).append(r)
+        for k, members in groups.items():
+            sel = [rows[r] for r in members]
+            if k == 0:
+                picked = _sample_full(probs[members], us[members])
+            else:
+                picked = _sample_top(probs[members], us[members], [params[i] for i in sel], k)
+            for i, t in zip(sel, picked, strict=True):
+                out[i] = t
         return out
 
 
@@ -94,22 +84,46 @@ def uniform(seed: int, step: int) -> float:
     return (mix_seed(seed, step) >> 11) * 2.0**-53
 
 
-def _sample_filtered(probs: torch.Tensor, p: SamplingParams, u: float) -> int:
-    """Sample one row under top-k, then top-p on the top-k renormalised distribution."""
-    vocab = probs.shape[0]
+def _candidates(p: SamplingParams, vocab: int) -> int:
+    """How many top tokens a row looks at: top_k, the top-p window, or 0 for the whole row."""
     if 0 < p.top_k < vocab:
-        vals, idx = torch.topk(probs, p.top_k)
-        cdf = torch.cumsum(vals, dim=0)
-    else:
-        vals, idx = torch.topk(probs, min(_WINDOW, vocab))
-        cdf = torch.cumsum(vals, dim=0)
-        if vals.shape[0] < vocab and float(cdf[-1]) < p.top_p:
-            vals, idx = torch.sort(probs, descending=True, stable=True)
-            cdf = torch.cumsum(vals, dim=0)
-    if p.top_p < 1.0:
-        # Keep the tokens whose mass strictly ahead of them is below top_p: a prefix, >= 1.
-        keep = max(1, int(((cdf - vals) < p.top_p * cdf[-1]).sum()))
-        vals, idx, cdf = vals[:keep], idx[:keep], cdf[:keep]
-    target = torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype)
-    j = min(int(torch.searchsorted(cdf, target, right=True)), vals.shape[0] - 1)
-    return int(idx[j])
+        return p.top_k
+    return min(_WINDOW, vocab) if p.top_p < 1.0 else 0
+
+
+def _sample_full(probs: torch.Tensor, us: torch.Tensor) -> list[int]:
+    """Inverse-CDF over the whole vocabulary, in token order."""
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (us * cdf[:, -1].double()).float().unsqueeze(1)
+    j = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return [int(t) for t in j.clamp_(max=probs.shape[1] - 1).tolist()]
+
+
+def _sample_top(probs: torch.Tensor, us: torch.Tensor, params: list[SamplingParams], k: int) -> list[int]:
+    """Top-k, then top-p on the top-k renormalised distribution, over the k most likely tokens."""
+    vals, idx = torch.topk(probs, k, dim=-1)  # sorted, most likely first
+    cdf = torch.cumsum(vals, dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).unsqueeze(1)
+    has_k = torch.tensor([0 < p.top_k < probs.shape[1] for p in params]).unsqueeze(1)
+    # top-p is relative to the top-k mass when top-k is on, else to the whole distribution
+    ref = torch.where(has_k, cdf[:, -1:], torch.ones_like(top_p))
+    out = _pick(vals, idx, cdf, top_p * ref, us)
+    for r, p in enumerate(params):
+        if not (0 < p.top_k < probs.shape[1]) and float(cdf[r, -1]) < p.top_p:
+            # The nucleus is wider than the window: sort this row in full (rare, flat rows).
+            v, i = torch.sort(probs[r : r + 1], dim=-1, descending=True, stable=True)
+            c = torch.cumsum(v, dim=-1)
+            out[r] = _pick(v, i, c, torch.tensor([[p.top_p]]), us[r : r + 1])[0]
+    return out
+
+
+def _pick(
+    vals: torch.Tensor, idx: torch.Tensor, cdf: torch.Tensor, threshold: torch.Tensor, us: torch.Tensor
+) -> list[int]:
+    """Keep the sorted prefix whose mass strictly ahead of each token is below ``threshold``
+    (at least one token), then sample it by inverse CDF."""
+    keep = ((cdf - vals) < threshold).sum(dim=-1).clamp_(min=1)
+    mass = cdf.gather(1, (keep - 1).unsqueeze(1))
+    target = (us.unsqueeze(1) * mass.double()).float()
+    j = torch.minimum(torch.searchsorted(cdf, target, right=True), (keep - 1).unsqueeze(1))
+    return [int(t) for t in idx.gather(1, j).squeeze(1).tolist()]

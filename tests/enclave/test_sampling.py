@@ -169,3 +169,23 @@ def test_bad_logits_raise() -> None:
         Sampler().sample(torch.full((1, 4), -math.inf), p, [0], [0])
     with pytest.raises(EngineInternalError):
         Sampler().sample(torch.zeros(2, 4), p, [0], [0])
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.95])
+def test_top_p_nucleus_is_exact_inside_and_beyond_the_candidate_window(top_p: float) -> None:
+    vocab = 5000
+    logits = torch.cat([torch.tensor([8.0]), -torch.arange(1, vocab, dtype=torch.float32) * 1e-4]).unsqueeze(0)
+    probs = torch.softmax(logits.double(), dim=-1)[0]
+    order = torch.argsort(probs, descending=True)
+    before = torch.cumsum(probs[order], 0) - probs[order]
+    nucleus = set(order[before < top_p].tolist())
+    p = SamplingParams(top_p=top_p)
+    drawn = [Sampler().sample(logits, [p], [s], [0])[0] for s in range(400)]
+    assert set(drawn) <= nucleus
+    if len(nucleus) > 1024:  # the wide nucleus is sampled beyond the first window
+        assert max(drawn) > 1024
+    # the same draws whatever shares the batch (other rows take other paths)
+    mates = [SamplingParams(temperature=0), SamplingParams(top_k=7), SamplingParams(top_p=0.5)]
+    batch = torch.cat([logits, torch.randn(3, vocab)])
+    for s in range(0, 400, 37):
+        assert Sampler().sample(batch, [p, *mates], [s, 1, 2, 3], [0, 0, 0, 0])[0] == drawn[s]
