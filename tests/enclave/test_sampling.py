@@ -174,7 +174,8 @@ def test_bad_logits_raise() -> None:
 @pytest.mark.parametrize("top_p", [0.3, 0.6, 0.95])
 def test_top_p_nucleus_is_exact_inside_and_beyond_the_candidate_window(top_p: float) -> None:
     vocab = 5000
-    logits = torch.cat([torch.tensor([8.0]), -torch.arange(1, vocab, dtype=torch.float32) * 1e-4]).unsqueeze(0)
+    ramp = -torch.arange(1, vocab, dtype=torch.float32) * 1e-4
+    logits = torch.cat([torch.tensor([8.0]), ramp]).unsqueeze(0)
     probs = torch.softmax(logits.double(), dim=-1)[0]
     order = torch.argsort(probs, descending=True)
     before = torch.cumsum(probs[order], 0) - probs[order]
