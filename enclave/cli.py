@@ -26,10 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=None, help="most sequences decoded together")
     parser.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache size in MiB")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
-    parser.add_argument("--evidence-rate", type=float, default=20.0, help="GetEvidence calls per second")
+    parser.add_argument(
+        "--evidence-rate", type=float, default=50.0, help="GetEvidence calls per second (burst: twice that)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    sys.dont_write_bytecode = True  # before the heavy imports: nothing written outside the state dir
     import asyncio
 
     from veil.enclave.errors import EnclaveError

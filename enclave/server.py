@@ -65,8 +65,8 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 0
     grace_s: float = 10.0
-    evidence_rate: float = 20.0  # GetEvidence calls per second, sustained
-    evidence_burst: int = 40
+    evidence_rate: float = 50.0  # GetEvidence calls per second, sustained
+    evidence_burst: int = 100
     max_inflight: int = 256  # Generate streams admitted at once; more → RESOURCE_EXHAUSTED
 
 
