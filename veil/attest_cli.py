@@ -24,12 +24,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KINDS", "Artifact", "add_arguments", "detect_artifact", "parse_time", "run"]
+__all__ = ["KINDS", "POLICY_HELP", "Artifact", "add_arguments", "detect_artifact", "parse_time", "run"]
 
 KINDS = ("bundle", "snp", "azure-snp", "tdx", "nvidia-gpu")
 _MAX_INPUT = 16 * 1024 * 1024
 _HEX = frozenset(string.hexdigits.encode())
 _SNP_REPORT_SIZE = 0x4A0
+
+
+POLICY_HELP = """\
+policy file (TOML; every key optional; absent = production-strict defaults):
+  allow_debug = false                 # SNP DEBUG / TD DEBUG attribute (never in production)
+  min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }   # SNP (fmc on Turin)
+  measurements = ["<96 hex>"]         # SNP launch measurement / TDX MRTD allow-list
+  platforms, gpu_count, model_digests, data_policy_digest   # Veil bundles (see veil.attestation.policy)
+  [snp]   vmpls, require_smt_disabled, tcb_rule = "reported|committed|current",
+          permit_provisional_firmware, minimum_firmware, host_data, id_key_digests, ...
+  [tdx]   rtmr0..rtmr3 = ["<96 hex>"], mrseam = [...],
+          allowed_tcb_statuses = ["UpToDate"], allow_missing_tcb_status = false,
+          rejected_advisories = ["INTEL-SA-..."]
+  [gpu]   driver_versions = ["590.12"], vbios_versions = [...], require_rims = false
+  [roots] amd = ["ark.pem"], nvidia = ["root.pem"], simulation = "sim-root.pem"
+Empty allow-lists show as "skip: no allow-list"."""
 
 
 class _UsageError(Exception):
@@ -40,8 +56,6 @@ class _UsageError(Exception):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from veil.attest_verify import POLICY_HELP
-
     sub = parser.add_subparsers(dest="attest_command", required=True, metavar="ACTION")
 
     fetch = sub.add_parser(
@@ -116,6 +130,12 @@ def run(args: argparse.Namespace) -> int:
     except _UsageError as exc:
         print(f"veil attest {args.attest_command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # ``veil attest show FILE | head``: the reader left; silence the rest of the output.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0 if args.attest_command == "show" else 1
 
 
 # ---------------------------------------------------------------------------------- input

@@ -12,7 +12,7 @@ the evidence are failed checks.
 The policy file is the client's TOML policy (:class:`veil.attestation.policy.Policy`:
 ``allow_debug``, ``min_tcb``, ``measurements``, ``[snp]``, ``[roots]``, …) with two
 more optional tables read here: ``[tdx]`` (:class:`TdxPolicy`) and ``[gpu]``
-(:class:`GpuPolicy`); see :data:`POLICY_HELP`.
+(:class:`GpuPolicy`); see ``veil.attest_cli.POLICY_HELP``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from veil.attestation.tdx_policy import TdxPolicy
 from veil.attestation.verdict import Verdict, VerdictBuilder
 
 __all__ = [
-    "POLICY_HELP",
     "AuditPolicy",
     "AuditRequest",
     "AuditUsageError",
@@ -49,21 +48,6 @@ __all__ = [
     "verify_snp_artifact",
     "verify_tdx_artifact",
 ]
-
-POLICY_HELP = """\
-policy file (TOML; every key optional; absent = production-strict defaults):
-  allow_debug = false                 # SNP DEBUG / TD DEBUG attribute (never in production)
-  min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }   # SNP (fmc on Turin)
-  measurements = ["<96 hex>"]         # SNP launch measurement / TDX MRTD allow-list
-  platforms, gpu_count, model_digests, data_policy_digest   # Veil bundles (see veil.attestation.policy)
-  [snp]   vmpls, require_smt_disabled, tcb_rule = "reported|committed|current",
-          permit_provisional_firmware, minimum_firmware, host_data, id_key_digests, ...
-  [tdx]   rtmr0..rtmr3 = ["<96 hex>"], mrseam = [...],
-          allowed_tcb_statuses = ["UpToDate"], allow_missing_tcb_status = false,
-          rejected_advisories = ["INTEL-SA-..."]
-  [gpu]   driver_versions = ["590.12"], vbios_versions = [...], require_rims = false
-  [roots] amd = ["ark.pem"], nvidia = ["root.pem"], simulation = "sim-root.pem"
-Empty allow-lists show as "skip: no allow-list"."""
 
 
 class AuditUsageError(Exception):
