@@ -234,6 +234,10 @@ def test_vcek_fetched_from_kds_then_cached_for_offline_use(
             "evidence-v2.json",
             "982f5c6e45df0ed3f10b6f60b02f0c8390e281300f3805e2279c16168cd6ae9aa398f647caa2338748cd0fd9f5f819ef",
         ),
+        (
+            "evidence-genoa.json",
+            "0218488bae25d2509232bf676f1a66a30d7372add909109b36016ef136f2938ca05475f8b46094de6b64270ea35d950f",
+        ),
     ],
 )
 def test_azure_evidence_json(
