@@ -386,7 +386,8 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(tmp_path: Path) -> Non
             )
             key = PublicKey.from_proto(ev.enclave_key)
             stub = service_pb2_grpc.InferenceServiceStub(ch)
-            req = _request(max_tokens=48, **LONG)
+            canary = f"CANARY{secrets.token_hex(8)}"
+            req = _request(max_tokens=48, **{**LONG, "prompt": f"{LONG['prompt']} Code word {canary}."})
             call = stub.Generate(seal_request(req, key), timeout=60)
             messages = iter(call)
             header = next(messages)
@@ -396,10 +397,17 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(tmp_path: Path) -> Non
             assert _wait_for(lambda: _refused(srv.address), timeout=10)
             # the in-flight stream still completes, FINAL included
             chunks = _decrypt(req, iter([header, *messages]))
-            assert chunks[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
+            assert chunks[-1].finish_reason in (
+                generate_pb2.FINISH_REASON_LENGTH,
+                generate_pb2.FINISH_REASON_STOP,
+            )
             assert srv.process.wait(30) == 0
         err_text = srv.stderr_path.read_text()
         lines = [line for line in err_text.splitlines() if line.strip()]
         assert lines and all("[SIMULATED TEE]" in line for line in lines), err_text[-2000:]
         assert "server.draining" in err_text
         assert list((tmp_path / "state" / "tmp").iterdir()) == []  # temp dir removed at exit
+        # the prompt left no trace in the output or in any file the server wrote
+        assert canary not in srv.output()
+        for path in (tmp_path / "state").rglob("*"):
+            assert not path.is_file() or canary.encode() not in path.read_bytes(), path
