@@ -207,3 +207,27 @@ def test_uncaught_exceptions_log_their_type_only(tmp_path: Path) -> None:
     assert "error_type=ValueError" in proc.stderr
     assert "error_type=KeyError" in proc.stderr
     assert "record.redacted" in proc.stderr
+
+
+def test_serve_refuses_a_policy_it_cannot_keep(tmp_path: Path) -> None:
+    bad = tmp_path / "weak.toml"
+    bad.write_bytes(DEFAULT.replace(b'retain = "none"', b'retain = "7d"'))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "veil",
+            "serve",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--data-policy",
+            str(bad),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "DataPolicyError" in proc.stdout and "retain" in proc.stdout
+    assert not (tmp_path / "s").exists()  # refused before anything was written
