@@ -204,6 +204,7 @@ def gpu_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
     from veil.attestation.nvidia import parse_gpu_report
+    from veil.attestation.nvidia_certs import chain_problem
     from veil.attestation.nvidia_verify import load_cert_chain, verify_gpu
 
     d = EVIDENCE / "nvidia_gpu/nvtrust/decoded"
@@ -211,6 +212,11 @@ def gpu_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
     chain_pem = (d / "gpu0_certchain.pem").read_bytes()
 
     def one() -> None:
+        _good(verify_gpu(report, load_cert_chain(chain_pem), nonce=GPU_NONCE, now=GPU_AT))
+
+    def cold() -> None:
+        load_cert_chain.cache_clear()
+        chain_problem.cache_clear()
         _good(verify_gpu(report, load_cert_chain(chain_pem), nonce=GPU_NONCE, now=GPU_AT))
 
     parsed = parse_gpu_report(report)
@@ -223,7 +229,72 @@ def gpu_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
     def floor() -> None:
         key.verify(sig, parsed.signed_bytes, ec.ECDSA(hashes.SHA384()))
 
-    return {"gpu: one H100 report": one}, floor
+    return {"gpu: one H100 report": one, "gpu: same, chain parsed + verified each run": cold}, floor
+
+
+# NVIDIA's own verifier (nv-local-gpu-verifier) as a peer: it pins cryptography 43, so it runs in
+# its own virtual environment; the same steps per report as its cc_admin: chain (pyOpenSSL
+# store), SPDM parse, signature (python-ecdsa), nonce, FWID.
+NV_PEER_SCRIPT = """
+import json, statistics, sys, time
+from OpenSSL import crypto
+from verifier.attestation import AttestationReport
+from verifier.config import BaseSettings, HopperSettings
+from verifier.cc_admin_utils import CcAdminUtils
+report_path, chain_path, nonce_hex, runs, warmup = sys.argv[1:4] + [int(a) for a in sys.argv[4:6]]
+data, pem = open(report_path, "rb").read(), open(chain_path, "rb").read()
+settings = HopperSettings()
+mode = BaseSettings.Certificate_Chain_Verification_Mode.GPU_ATTESTATION
+blocks = [b"-----BEGIN CERTIFICATE-----" + p for p in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
+def once():
+    chain = [crypto.load_certificate(crypto.FILETYPE_PEM, b) for b in blocks]
+    chain_ok = CcAdminUtils.verify_certificate_chain(chain, settings, mode)[0]
+    report = AttestationReport(data, settings)
+    leaf = chain[0].to_cryptography()
+    sig_ok = report.verify_signature(leaf, settings.signature_length, settings.HashFunction)
+    nonce_ok = report.get_request_message().get_nonce().hex() == nonce_hex
+    fwid = report.get_response_message().get_opaque_data().get_data("OPAQUE_FIELD_ID_FWID").hex()
+    fwid_ok = CcAdminUtils.extract_fwid(chain[0], settings).lower() == fwid.lower()
+    return [chain_ok, sig_ok, nonce_ok, fwid_ok]
+ok = once()
+for _ in range(warmup):
+    once()
+samples = []
+for _ in range(runs):
+    t0 = time.perf_counter()
+    once()
+    samples.append((time.perf_counter() - t0) * 1e3)
+p90 = statistics.quantiles(samples, n=10)[-1]
+print(json.dumps({"ok": ok, "median": statistics.median(samples), "p90": p90}))
+"""
+
+
+def nv_peer(python: str, runs: int, warmup: int) -> tuple[float, float] | str:
+    """(median, p90) ms of NVIDIA's verifier on gpu0, or why it could not run."""
+    import json
+    import subprocess
+
+    d = EVIDENCE / "nvidia_gpu/nvtrust/decoded"
+    args = [
+        str(d / "gpu0_evidence.bin"),
+        str(d / "gpu0_certchain.pem"),
+        GPU_NONCE.hex(),
+        str(runs),
+        str(warmup),
+    ]
+    try:
+        done = subprocess.run(
+            [python, "-c", NV_PEER_SCRIPT, *args], check=False, capture_output=True, text=True, timeout=600
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"could not run {python}: {exc}"
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        return f"{python} failed: {last}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not all(result["ok"]):
+        return f"NVIDIA's verifier did not accept the report: chain/sig/nonce/fwid = {result['ok']}"
+    return result["median"], result["p90"]
 
 
 # ---------------------------------------------------------------------------------- main
@@ -233,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=300, help="timed runs per case (default 300)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed runs first (default 30)")
+    parser.add_argument(
+        "--nv-peer-python",
+        default=os.environ.get("NV_VERIFIER_PYTHON"),
+        metavar="PYTHON",
+        help="interpreter of a venv with nv-local-gpu-verifier==2.7.3 (it pins cryptography 43, so "
+        "not this one); default $NV_VERIFIER_PYTHON; without it the NVIDIA peer is skipped",
+    )
     args = parser.parse_args(argv)
     if not EVIDENCE.is_dir():
         print(f"bench/verify.py: evidence not found at {EVIDENCE}", file=sys.stderr)
@@ -265,6 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     gpu, _ = gpu_cases()
     for name, fn in gpu.items():
         time_it(name, fn)
+    nv_note = "skipped: no --nv-peer-python (a venv with nv-local-gpu-verifier==2.7.3)"
+    if args.nv_peer_python:
+        peer_result = nv_peer(args.nv_peer_python, args.runs, args.warmup)
+        if isinstance(peer_result, str):
+            nv_note = peer_result
+        else:
+            results["peer: nv-local-gpu-verifier 2.7.3"] = (*peer_result, float("nan"))
+            nv_note = ""
 
     targets = {
         "snp: cached certs (CLI path)": 5.0,
@@ -303,6 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     gpu_ratio = med["gpu: one H100 report"] / med["floor: ECDSA P-384 verify"]
     print(f"  gpu / crypto floor (1 P-384): {gpu_ratio:.2f}x")
+    cold = med["gpu: same, chain parsed + verified each run"]
+    if "peer: nv-local-gpu-verifier 2.7.3" in med:
+        nv = med["peer: nv-local-gpu-verifier 2.7.3"]
+        print(f"  nv-local-gpu-verifier / gpu (chain cached): {nv / med['gpu: one H100 report']:.1f}x slower")
+        print(f"  nv-local-gpu-verifier / gpu (chain verified each run): {nv / cold:.1f}x slower")
+    else:
+        print(f"  NVIDIA peer: {nv_note}")
     missed = [n for n, t in targets.items() if med[n] > t]
     return 1 if missed else 0
 
