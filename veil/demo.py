@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``veil demo``."""
     if args.in_process:
         return _run_in_process(args)
-    if importlib.util.find_spec("veil.enclave.engine") is None:
-        print("veil demo: the inference engine is not installed yet; running the in-process channel demo")
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("veil.enclave.engine") is None:
+        print("veil demo: no enclave engine here (client-only install?): in-process channel demo")
         return _run_in_process(args)
     return _run_server(args)
 
