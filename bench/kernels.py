@@ -253,13 +253,13 @@ def _paged_cache(
 
 
 def _torch_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, ctx: int
 ) -> torch.Tensor:
-    """The PyTorch peer: gather every sequence's blocks, then SDPA (all contexts full, so no mask)."""
+    """The PyTorch peer: gather every sequence's blocks, then SDPA (every context is ``ctx`` long)."""
     import torch.nn.functional as F
 
-    k = k_cache[tables.long()].flatten(1, 2).transpose(1, 2)  # [B, KVH, L, D]
-    v = v_cache[tables.long()].flatten(1, 2).transpose(1, 2)
+    k = k_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2)  # [B, KVH, L, D]
+    v = v_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2)
     return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True).squeeze(2)  # [B, H, D]
 
 
@@ -274,7 +274,7 @@ def bench_decode_attention(dtype: torch.dtype) -> list[Figure]:
     ours = functools.partial(
         paged_attention_decode, q, k_cache, v_cache, tables, lens, max_context_len=ctx, out=out
     )
-    peer = functools.partial(_torch_decode, q, k_cache, v_cache, tables)
+    peer = functools.partial(_torch_decode, q, k_cache, v_cache, tables, ctx)
     err = (ours().float() - peer().float()).abs().max().item()
     t = time_calls([ours])
     tp = time_calls([peer])
