@@ -13,6 +13,7 @@ import json
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from veil.attestation.snp import parse_snp_report
 from veil.attestation.tdx import parse_tdx_quote
@@ -600,3 +603,50 @@ def test_fetch_with_a_fresh_nonce_and_errors(
     assert code == 2 and "32 bytes" in err
     code, _, err = run(capsys, "fetch", "127.0.0.1:9", "-o", tmp_path / "x.bin", "--timeout", "3")
     assert code == 2 and "GetEvidence from 127.0.0.1:9 failed" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------- fuzz
+
+FUZZ_VECTORS = (
+    "snp/go-sev-guest/attestation.bin",
+    "snp/virtee-sev/report_milan.hex",
+    "snp/trustee-az-snp-vtpm/evidence-v1.json",
+    "snp/trustee-az-snp-vtpm/hcl-report.bin",
+    "tdx/dcap-qvl/tdx_quote",
+    "tdx/dcap-qvl/tdx-quote.hex",
+    "nvidia_gpu/nvtrust/decoded/gpu0_evidence.bin",
+    "nvidia_gpu/nvtrust/gpu_evidence.json",
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    vector=st.sampled_from(FUZZ_VECTORS),
+    cut=st.floats(0.0, 1.0),
+    flips=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(0, 255)), max_size=4),
+    command=st.sampled_from(
+        [("show",), ("show", "--json"), ("verify", "--offline"), ("verify", "--offline", "--kind", "snp")]
+    ),
+)
+def test_mangled_evidence_never_crashes(
+    evidence_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    *,
+    vector: str,
+    cut: float,
+    flips: list[tuple[float, int]],
+    command: tuple[str, ...],
+) -> None:
+    data = bytearray((evidence_dir / vector).read_bytes())
+    data = data[: max(1, int(len(data) * cut))] if cut < 0.9 else data
+    for where, value in flips:
+        data[min(len(data) - 1, int(len(data) * where))] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mangled"
+        path.write_bytes(bytes(data))
+        when = ("--at", GPU_AT) if command[0] == "verify" else ()
+        code, out, err = run(capsys, command[0], path, *command[1:], *when)
+    assert code in (0, 1, 2)
+    assert "Traceback" not in err
+    if code == 2:
+        assert out == "" and err.count("\n") == 1
