@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_SM_COUNT",
     "check_device",
     "interpreting",
+    "kernels_run_on_cpu",
     "next_power_of_2",
     "pick_split",
     "sm_count",
@@ -30,6 +31,19 @@ DEFAULT_SM_COUNT = 132
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def kernels_run_on_cpu() -> bool:
+    """True when the kernel modules were defined under the interpreter, so CPU tensors can be passed.
+
+    ``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is *defined*: setting it after the
+    kernel modules were imported changes nothing, so this looks at a defined kernel, not at the variable.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from veil.kernels import triton_w4a16
+
+    return isinstance(triton_w4a16._w4a16_splitk_kernel, InterpretedFunction)
 
 
 def check_device(*tensors: torch.Tensor) -> None:

@@ -2,13 +2,12 @@
 
 ``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is defined, so it is set here, before any
 test module of this folder imports a kernel module. (If something imported the kernel modules earlier in
-the same process before this file ran, the ``kernel_device`` fixture notices and skips rather than crash.)
+the same process without it, the ``kernel_device`` fixture notices and skips rather than crash.)
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,6 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-_IMPORTED_EARLY = sorted(m for m in sys.modules if m.startswith("veil.kernels.triton_"))
-_INTERPRET_WAS_SET = "TRITON_INTERPRET" in os.environ
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -28,14 +25,10 @@ def kernel_device() -> torch.device:
     if HAS_CUDA:
         return torch.device("cuda")
     pytest.importorskip("triton")
-    from veil.kernels.triton_common import interpreting
+    from veil.kernels.triton_common import kernels_run_on_cpu
 
-    if not interpreting():
-        pytest.skip("no CUDA device and TRITON_INTERPRET is not enabled")
-    if _IMPORTED_EARLY and not _INTERPRET_WAS_SET:
-        pytest.skip(
-            f"{_IMPORTED_EARLY} were imported before TRITON_INTERPRET was set; run tests/kernels alone"
-        )
+    if not kernels_run_on_cpu():
+        pytest.skip("no CUDA device, and the kernel modules were imported without TRITON_INTERPRET=1")
     return torch.device("cpu")
 
 
