@@ -3,9 +3,9 @@
 Cases (each: median and p90 over ``--runs`` after ``--warmup`` untimed runs; every timed
 run must return a GOOD verdict, so the success path is what is measured):
 
-* **SNP, cached certs** — the ``veil attest verify`` path with ``--offline`` and no
-  ``--certs``: the VCEK read from the on-disk collateral cache (seeded once through
-  :class:`CollateralStore` from a mock KDS), parsed, chain + signature + extensions
+* **SNP, cached certs** — the ``veil attest verify`` path without ``--certs``: the VCEK
+  read from the on-disk collateral cache (seeded once through :class:`CollateralStore`
+  from a mock KDS, whose URL then refuses), parsed, chain + signature + extensions
   verified, then the production policy. virtee's Milan report. Target ≤ 5 ms median.
   Also with the certificates already parsed in memory.
 * **TDX, with collateral** — dcap-qvl JSON collateral parsed, quote parsed, signatures,
@@ -92,8 +92,9 @@ def snp_cases(cache: Path) -> dict[str, Callable[[], object]]:
     _good(verify_snp_artifact(raw, AuditRequest(SNP_AT, policy, seeder, product=Product.MILAN)))
     seeder.client.close()
 
-    offline = collateral_store(offline=True, environ=env)
-    request = AuditRequest(SNP_AT, policy, offline, product=Product.MILAN)
+    # From here on the KDS refuses: every VCEK comes from the cache.
+    cached_store = collateral_store(offline=False, environ={**env, "VEIL_AMD_KDS_URL": "http://127.0.0.1:9"})
+    request = AuditRequest(SNP_AT, policy, cached_store, product=Product.MILAN)
     certs = load_certificates(vcek)
 
     def cached() -> None:

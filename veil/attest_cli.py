@@ -117,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verify.add_argument(
         "--offline",
         action="store_true",
-        help="no network: only the files given and the collateral cache ($VEIL_CACHE_DIR, ~/.cache/veil)",
+        help="use only the files given: no network, no collateral cache (default: missing collateral "
+        "comes from the cache in $VEIL_CACHE_DIR or ~/.cache/veil, else from AMD KDS / Intel PCS / NVIDIA)",
     )
     verify.add_argument("--product", choices=["Milan", "Genoa", "Turin"], help="SEV-SNP product (v2 reports)")
     verify.add_argument("--json", action="store_true", help="print the verdict as JSON")

@@ -3,9 +3,10 @@
 Each kind is wired to the verifier (``veil.attestation``) that owns it, then to the
 matching *validate* step: SEV-SNP → ``verify_snp_bytes`` + ``validate_snp``; Azure
 CVM → ``verify_azure_snp`` + ``validate_snp``; TDX → ``verify_tdx`` + ``validate_tdx``;
-NVIDIA → ``verify_gpus``; a Veil bundle → ``verify_evidence``. Missing collateral is
-taken from the :class:`~veil.attestation.collateral.CollateralStore` (its cache, and
-the vendor services unless offline). Problems with what the auditor gave (a missing
+NVIDIA → ``verify_gpus``; a Veil bundle → ``verify_evidence``. Unless offline, missing
+collateral is taken from the :class:`~veil.attestation.collateral.CollateralStore`: its
+on-disk cache first, then the vendor services. Offline, only the files given are used
+(no network, no cache). Problems with what the auditor gave (a missing
 certificate, a nonce of the wrong size) raise :class:`AuditUsageError`; problems with
 the evidence are failed checks.
 
@@ -242,6 +243,8 @@ def _fetch_vcek(report: SnpReport, req: AuditRequest) -> list[x509.Certificate]:
     if t.fmc is not None:
         tcb["fmc"] = t.fmc
     hwid = report.chip_id[:8] if prod is Product.TURIN else report.chip_id
+    if req.store.offline:
+        raise AuditUsageError(f"offline, and no VCEK given: {hint}")
     try:
         fetched = req.store.amd_vcek(prod.value, hwid, tcb)
     except CollateralError as exc:
@@ -345,14 +348,11 @@ def verify_tdx_artifact(raw: bytes, req: AuditRequest) -> Verdict:
             collateral = load_collateral(data)
         except VeilAttestationError as exc:
             raise AuditUsageError(f"{name}: not dcap-qvl collateral JSON: {exc}") from None
-    else:
+    elif not req.store.offline:
         try:
             collateral = fetch_tdx_collateral(req.store, quote)
         except CollateralError as exc:
-            if not req.store.offline:
-                raise AuditUsageError(
-                    f"cannot fetch TDX collateral ({exc}); give --collateral FILE"
-                ) from None
+            raise AuditUsageError(f"cannot fetch TDX collateral ({exc}); give --collateral FILE") from None
     verdict = verify_tdx(quote, collateral=collateral, now=req.now)
     expected = req.report_data if req.report_data is not None else req.nonce
     policy = req.policy.tdx
@@ -376,8 +376,8 @@ def _rims(devices: Sequence[GpuDevice], req: AuditRequest) -> Any:
             rims.append(parse_rim(data))
         except VeilAttestationError as exc:
             raise AuditUsageError(f"{name}: not an NVIDIA RIM (swidtag XML): {exc}") from None
-    if req.collateral:
-        return RimSet.of(rims)
+    if req.collateral or req.store.offline:
+        return RimSet.of(rims) if rims else None
     wanted: set[str] = set()
     for d in devices:
         try:
@@ -388,10 +388,9 @@ def _rims(devices: Sequence[GpuDevice], req: AuditRequest) -> Any:
         try:
             rims.append(parse_rim(req.store.nvidia_rim(rim_id).content))
         except CollateralError as exc:
-            if not req.store.offline:
-                raise AuditUsageError(
-                    f"cannot fetch RIM {rim_id} ({exc}); give --collateral FILE or --offline"
-                ) from None
+            raise AuditUsageError(
+                f"cannot fetch RIM {rim_id} ({exc}); give --collateral FILE or --offline"
+            ) from None
         except VeilAttestationError as exc:
             raise AuditUsageError(f"RIM {rim_id} from the RIM service does not parse: {exc}") from None
     return RimSet.of(rims) if rims else None

@@ -215,14 +215,17 @@ def test_vcek_fetched_from_kds_then_cached_for_offline_use(
     finally:
         httpd.shutdown()
         httpd.server_close()
-    # Offline afterwards: the cached VCEK serves; nothing is asked for.
-    code, doc = verdict(capsys, report, "--at", VIRTEE_AT, "--product", "Milan", "--offline")
+    # The KDS is gone now (its URL refuses): the cached VCEK serves; nothing is asked for.
+    code, doc = verdict(capsys, report, "--at", VIRTEE_AT, "--product", "Milan")
     assert code == 0 and len(requests) == 1
-    # Offline with an empty cache: a clear usage error, not a verdict.
-    monkeypatch.setenv("VEIL_CACHE_DIR", str(tmp_path / "empty"))
+    # Offline means only the files given, not the cache: a clear usage error, not a verdict.
     code, out, err = run(capsys, "verify", report, "--at", VIRTEE_AT, "--product", "Milan", "--offline")
     assert code == 2 and out == ""
-    assert "give --certs" in err and "Traceback" not in err
+    assert "offline, and no VCEK given: give --certs" in err and "Traceback" not in err
+    # Online with an empty cache and no KDS: a usage error naming the failure.
+    monkeypatch.setenv("VEIL_CACHE_DIR", str(tmp_path / "empty"))
+    code, out, err = run(capsys, "verify", report, "--at", VIRTEE_AT, "--product", "Milan")
+    assert code == 2 and out == "" and "no VCEK for this report" in err and "give --certs" in err
 
 
 # ---------------------------------------------------------------------------------- Azure
