@@ -22,10 +22,20 @@ Every check is named; the bundle-level ones are:
 * ``policy.platform``, ``policy.simulated``, ``policy.model_digest``,
   ``policy.data_policy_digest``, ``policy.gpu_count``
 
+* ``simulated.measurement`` — simulated evidence only: the simulator reports the server
+  build digest (zero-padded to 48 bytes) as its launch measurement, so it must equal
+  ``claims.server_build_digest ‖ 0¹⁶``
+
 Platform verifiers add theirs (``snp.*``, ``gpu[i].*``) and the SNP field appraisal of
 :func:`~veil.attestation.snp_policy.validate_snp` adds ``policy.debug``,
 ``policy.min_tcb``, ``policy.measurement``, ``policy.report_data`` and the rest. Nothing here does I/O:
 time (``now``) and the roots (in the policy) are parameters.
+
+What the GPU binding proves, and what it does not: each GPU report carries the GPU nonce
+derived from the client's nonce and the enclave key, and ``report_data`` commits to the
+hash of every GPU report, so the CPU TEE vouches that these fresh GPU reports belong to
+this exchange and this key. Hopper GPUs are not bound to the CPU TEE by hardware: nothing
+here proves the attested GPU is the one physically attached to this confidential VM.
 """
 
 from __future__ import annotations
@@ -196,6 +206,17 @@ def verify_evidence(
             "H(nonce, claims, GPU reports) = signed REPORT_DATA"
             if ok
             else "signed REPORT_DATA does not match H(nonce, claims, GPU reports)",
+        )
+
+    if report is not None and claims is not None and platform is PlatformName.SIMULATED_SEV_SNP:
+        expected_measurement = claims.server_build_digest.ljust(len(report.measurement), b"\0")
+        ok = hmac.compare_digest(report.measurement, expected_measurement)
+        v.check(
+            "simulated.measurement",
+            ok,
+            "measurement = claims.server_build_digest (zero-padded)"
+            if ok
+            else "measurement is not the claimed server build digest",
         )
 
     # ---- GPUs

@@ -251,3 +251,20 @@ def test_real_snp_report_through_the_same_code(evidence_dir: Path) -> None:
     sim_only = dataclasses.replace(Policy(), platforms=frozenset(Policy().platforms))
     assert sim_only.trusted_roots.simulation == ()
     assert isinstance(Claims.from_bytes(ident.claims_bytes), Claims)
+
+
+def test_simulated_measurement_is_the_claimed_build(
+    sim: tuple[SimulatedTeeProvider, Path], policy: Policy
+) -> None:
+    nonce = secrets.token_bytes(32)
+    good = verify_evidence(_evidence(sim[0], nonce, _identity()), policy=policy, nonce=nonce, now=NOW)
+    assert _status(good, "simulated.measurement") == "pass"
+    other_build = create_identity(
+        model_digest=MODEL,
+        engine_version="test",
+        data_policy_digest=hashlib.sha256(b"dp").digest(),
+        server_build_digest=hashlib.sha256(b"another build").digest(),
+        simulated=True,
+    )
+    result = verify_evidence(_evidence(sim[0], nonce, other_build), policy=policy, nonce=nonce, now=NOW)
+    assert {c.name for c in result.verdict.failed} == {"simulated.measurement"}
