@@ -355,6 +355,67 @@ def test_tdx_without_collateral_offline_fails_the_tcb_policy(
     assert check(doc, "tdx.ak.signature")["status"] == "pass"
 
 
+def test_tdx_collateral_fetched_from_pcs_then_cached(
+    evidence_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --collateral, not offline: TCB info, QE identity and CRLs come from (a loopback) Intel PCS
+    serving go-tdx-guest's real PCS files; the second run is served from the cache."""
+    from urllib.parse import quote as urlquote
+
+    d = evidence_dir / "tdx/go-tdx-guest"
+    tcb_chain = urlquote((d / "tcb_signing_chain.pem").read_text())
+    routes = {
+        "/tdx/certification/v4/tcb?fmspc=50806f000000": (
+            (d / "sample_tcbInfo_response").read_bytes(),
+            {"TCB-Info-Issuer-Chain": tcb_chain},
+        ),
+        "/tdx/certification/v4/qe/identity": (
+            (d / "sample_qeIdentity_response").read_bytes(),
+            {"SGX-Enclave-Identity-Issuer-Chain": tcb_chain},
+        ),
+        "/sgx/certification/v4/pckcrl?ca=platform&encoding=der": (
+            (d / "pckcrl").read_bytes(),
+            {"SGX-PCK-CRL-Issuer-Chain": urlquote((d / "pck_crl_issuer_chain.pem").read_text())},
+        ),
+        "/IntelSGXRootCA.der": ((d / "rootcrl.der").read_bytes(), {}),
+    }
+    hits: list[str] = []
+
+    class Pcs(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            body, headers = routes.get(self.path, (b"", {}))
+            self.send_response(200 if self.path in routes else 404)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Pcs)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    monkeypatch.setenv("VEIL_INTEL_PCS_URL", url)
+    monkeypatch.setenv("VEIL_INTEL_CERTS_URL", url)
+    quote = d / "tdx_prod_quote_SPR_E4.dat"
+    try:
+        code, doc = verdict(capsys, quote, "--at", "2023-07-01")
+        assert sorted(hits) == sorted(routes)
+        code_again, again = verdict(capsys, quote, "--at", "2023-07-01")
+        assert len(hits) == len(routes)  # the second run came from the cache
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert doc["checks"] == again["checks"]
+    for name in ("tdx.pck.crl", "tdx.collateral.tcb_info", "tdx.collateral.qe_identity", "tdx.tcb.dcap_qvl"):
+        assert check(doc, name)["status"] == "pass", name
+    # The E4 stepping's CPU SVN is below every level of this TCB info (as go-tdx-guest's own tests find).
+    assert code == code_again == 1 and failed(doc) == {"tdx.tcb.status", "policy.tcb_status"}
+
+
 # ---------------------------------------------------------------------------------- NVIDIA
 
 
