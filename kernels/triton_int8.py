@@ -159,22 +159,26 @@ def _int8_splitk_kernel(  # noqa: PLR0917
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_rows = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # one row: reduced once, after the loop
     k_begin = pid_s * K_PER_SPLIT
     for i in range(0, K_PER_SPLIT // BLOCK_K):
         k0 = k_begin + i * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & (offs_k[None, :] < K),
-            other=0.0,
-        )
         w = _load_int8_tile(
             qw_ptr, s_ptr, k0, offs_n, n_mask, K, stride_qk, stride_sg, GROUP, PER_CHANNEL, BLOCK_K, BLOCK_N
         )
         if BLOCK_M == 1:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+            x1 = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
+            acc_rows += x1[:, None] * w
         else:
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=m_mask[:, None] & (offs_k[None, :] < K),
+                other=0.0,
+            )
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    if BLOCK_M == 1:
+        acc += tl.sum(acc_rows, axis=0)[None, :]
     if PER_CHANNEL:
         acc *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -240,7 +244,9 @@ def int8_gemv(x: torch.Tensor, w: Int8Weight, config: MatmulConfig | None = None
     if m > GEMV_MAX_M:
         raise KernelInputError(f"int8_gemv takes at most {GEMV_MAX_M} rows, got {m}")
     if config is None:
-        block_k = max(128, w.group_size) if w.group_size != k else 128
+        # one row keeps a [block_k, block_n] fp32 accumulator in registers: a shorter K block there
+        floor = 64 if m == 1 else 128
+        block_k = max(floor, w.group_size) if w.group_size != k else floor
         tiles = triton.cdiv(n, 64)
         config = MatmulConfig(
             16, 64, block_k, split_k=pick_split(tiles, triton.cdiv(k, block_k), sm_count(x.device))

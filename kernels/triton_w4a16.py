@@ -238,6 +238,7 @@ def _w4a16_splitk_kernel(  # noqa: PLR0917
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_rows = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)  # one row: reduced once, after the loop
     k_begin = pid_s * K_PER_SPLIT
     rows = tl.arange(0, BLOCK_K // 8)
     for i in range(0, K_PER_SPLIT // BLOCK_K):
@@ -261,7 +262,7 @@ def _w4a16_splitk_kernel(  # noqa: PLR0917
                 xj = tl.load(x_ptr + (r * 8 + j) * stride_xk, mask=r_mask, other=0.0).to(tl.float32)
                 xq += xj[:, None] * ((words >> (4 * j)) & 0xF).to(tl.float32)
                 xs += xj
-            acc += tl.sum(xq * s + mn * xs[:, None], axis=0)[None, :]
+            acc_rows += xq * s + mn * xs[:, None]
         else:
             for j in tl.static_range(8):
                 xj = tl.load(
@@ -271,6 +272,8 @@ def _w4a16_splitk_kernel(  # noqa: PLR0917
                 )
                 wj = ((words >> (4 * j)) & 0xF).to(tl.float32) * s + mn
                 acc = tl.dot(xj, wj.to(xj.dtype), acc, input_precision=DOT_PRECISION)
+    if BLOCK_M == 1:
+        acc += tl.sum(acc_rows, axis=0)[None, :]
     out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
