@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Literal, overload
 
 from veil.attestation.binding import Claims
+from veil.attestation.errors import PolicyError
 from veil.attestation.policy import Policy
 from veil.attestation.verdict import Verdict
 from veil.client._core import (
@@ -68,8 +69,13 @@ class _BaseClient:
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ConfigurationError("timeout must be positive (or None for no deadline)")
+        if policy is None:
+            try:
+                policy = Policy()
+            except PolicyError as exc:
+                raise ConfigurationError(f"default policy unusable: {exc}") from exc
         self._core = ClientCore(
-            policy if policy is not None else Policy(),
+            policy,
             clock=clock or _utc_now,
             random_bytes=random_bytes or secrets.token_bytes,
         )
