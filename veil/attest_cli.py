@@ -24,7 +24,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KINDS", "POLICY_HELP", "Artifact", "add_arguments", "detect_artifact", "parse_time", "run"]
+__all__ = [
+    "KINDS",
+    "POLICY_HELP",
+    "Artifact",
+    "add_arguments",
+    "describe",
+    "detect_artifact",
+    "parse_hex",
+    "parse_time",
+    "run",
+]
 
 KINDS = ("bundle", "snp", "azure-snp", "tdx", "nvidia-gpu")
 _MAX_INPUT = 16 * 1024 * 1024

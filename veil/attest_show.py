@@ -26,6 +26,7 @@ __all__ = [
     "describe_gpu_list",
     "describe_hcl_report",
     "describe_snp_report",
+    "jsonable",
     "render",
 ]
 

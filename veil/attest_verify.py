@@ -42,6 +42,7 @@ __all__ = [
     "AuditUsageError",
     "GpuDevice",
     "collateral_store",
+    "default_audit_policy",
     "load_audit_policy",
     "verify_azure_artifact",
     "verify_bundle_artifact",
