@@ -305,6 +305,45 @@ def test_unknown_key_is_failed_precondition(server: LocalServer) -> None:
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
 
 
+def _metrics(server: LocalServer) -> service_pb2.Metrics:
+    import grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary(
+            "/veil.v1.MetricsService/GetMetrics",
+            request_serializer=service_pb2.GetMetricsRequest.SerializeToString,
+            response_deserializer=service_pb2.Metrics.FromString,
+        )
+        return call(service_pb2.GetMetricsRequest(), timeout=10)  # type: ignore[no-any-return]
+
+
+def test_closing_a_stream_cancels_it_and_frees_kv_blocks(
+    server: LocalServer, relay: Relay, policy: Policy
+) -> None:
+    import time
+
+    before = _metrics(server)
+    with Client(relay.address, policy=policy) as client:
+        stream = client.chat.completions.create(
+            messages=[{"role": "user", "content": "Write a very long essay about the sea."}],
+            max_tokens=400,
+            stream=True,
+        )
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break
+        stream.close()  # the client walks away mid-answer
+    deadline = time.monotonic() + 20
+    while True:
+        after = _metrics(server)
+        if after.requests_active == 0 and after.free_kv_blocks == after.total_kv_blocks:
+            break
+        assert time.monotonic() < deadline, after
+        time.sleep(0.1)
+    assert after.requests_cancelled == before.requests_cancelled + 1
+    assert after.completion_tokens_total - before.completion_tokens_total < 400
+
+
 def test_server_restart_mid_session(server: LocalServer, relay: Relay, policy: Policy) -> None:
     """The enclave restarts (new key): the client's next request gets 'stale key', it re-attests once.
 
