@@ -1,7 +1,8 @@
 """Kernel benchmark: achieved memory bandwidth of Veil's Triton kernels next to PyTorch peers, one run.
 
     python bench/kernels.py                 # everything, bf16 activations
-    python bench/kernels.py --sweep         # also sweep w4a16 GEMV launch configs, print the best
+    python bench/kernels.py --sweep         # also sweep GEMV / decode-attention launches, print the best
+    python bench/kernels.py --only matmul --sweep --sweep-batch 1   # one part at a time (10-min slots)
     python bench/kernels.py --json out.json # also write every figure as JSON
 
 What it measures (on the one CUDA device it finds; it exits with a message when there is none):
@@ -235,6 +236,51 @@ def sweep_w4a16(batch: int, dtype: torch.dtype) -> list[str]:
     return lines
 
 
+def _time_or_skip(fn: Callable[[], object], label: str) -> float | None:
+    try:
+        return time_calls([fn], repeats=3, min_seconds=0.01)
+    except Exception as exc:  # a launch that does not compile or does not fit is skipped, and said so
+        print(f"  skip {label}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+        return None
+
+
+def sweep_decode_attention(dtype: torch.dtype) -> list[str]:
+    """Time decode-attention launch choices at 64 × 2048 (and 4 × 8192, few sequences, long contexts)."""
+    from veil.kernels.triton_paged_attention import paged_attention_decode, pick_decode_config
+
+    lines = []
+    for batch, ctx in ((64, 2048), (4, 8192)):
+        k_cache, v_cache, tables, lens = _paged_cache([ctx] * batch, 16, 8, 128, dtype)
+        q = torch.randn(batch, 32, 128, device="cuda", dtype=dtype)
+        out = torch.empty_like(q)
+        kv_bytes = 2 * batch * ctx * 8 * 128 * k_cache.element_size()
+        default = pick_decode_config(batch, 8, ctx, q.device)
+        results = []
+        for block_n in (16, 32, 64, 128):
+            for splits in sorted({1, 2, 4, 8, default.num_splits}):
+                for warps in (2, 4, 8):
+                    for stages in (1, 2, 3):
+                        fn = functools.partial(
+                            paged_attention_decode, q, k_cache, v_cache, tables, lens, max_context_len=ctx,
+                            out=out, num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,
+                        )  # fmt: skip
+                        t = _time_or_skip(fn, f"decode {block_n}/{splits}/{warps}/{stages}")
+                        if t is not None:
+                            results.append((t, block_n, splits, warps, stages))
+        t_default = time_calls([functools.partial(paged_attention_decode, q, k_cache, v_cache, tables, lens,
+                                                  max_context_len=ctx, out=out)])  # fmt: skip
+        results.sort()
+        t, block_n, splits, warps, stages = results[0]
+        lines.append(
+            f"sweep decode {batch}x{ctx}: best block_n={block_n} splits={splits} warps={warps} "
+            f"stages={stages} {t * 1e6:.1f} us ({kv_bytes / t / 1e9:.0f} GB/s); "
+            f"default {default} {t_default * 1e6:.1f} us ({kv_bytes / t_default / 1e9:.0f} GB/s)"
+        )
+        del k_cache, v_cache
+        torch.cuda.empty_cache()
+    return lines
+
+
 def _paged_cache(
     lens: list[int], block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -444,7 +490,9 @@ def device_description() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    parser.add_argument("--sweep", action="store_true", help="sweep w4a16 GEMV configs (minutes)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="sweep w4a16 GEMV and decode-attention launches (minutes)"
+    )
     parser.add_argument(
         "--sweep-batch", type=int, action="append", help="batch sizes to sweep (default 1 and 16)"
     )
@@ -516,8 +564,11 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep_lines: list[str] = []
     if args.sweep:
-        for batch in args.sweep_batch or [1, 16]:
-            sweep_lines += sweep_w4a16(batch, dtype)
+        if "matmul" in only:
+            for batch in args.sweep_batch or [1, 16]:
+                sweep_lines += sweep_w4a16(batch, dtype)
+        if "attention" in only:
+            sweep_lines += sweep_decode_attention(dtype)
         print("\n" + "\n".join(sweep_lines))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -247,6 +247,8 @@ def paged_attention_decode(
     num_splits: int | None = None,
     block_n: int = 64,
     out: torch.Tensor | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its paged KV; ``q`` and the result ``[B, H, D]``.
 
@@ -255,6 +257,7 @@ def paged_attention_decode(
     split, so pass a fixed value when capturing a CUDA graph. ``scale`` defaults to ``head_dim ** -0.5``.
     ``num_splits`` forces the KV split (default: chosen from the shapes); ``block_n`` is the number of
     positions per inner step (a power of two ≥ 16); ``out`` receives the result when given.
+    ``num_warps`` / ``num_stages`` are the launch's (``bench/kernels.py --sweep`` times the choices).
     """
     if q.dim() != 3:
         raise KernelInputError(f"q must be [batch, heads, head_dim], got {tuple(q.shape)}")
@@ -264,6 +267,7 @@ def paged_attention_decode(
         raise KernelInputError(f"block_tables has {block_tables.shape[0]} rows for a batch of {batch}")
     bound = max_context_len if max_context_len is not None else block_tables.shape[1] * block_size
     cfg = pick_decode_config(batch, kv_heads, bound, q.device, num_splits=num_splits, block_n=block_n)
+    cfg.num_warps, cfg.num_stages = num_warps, num_stages
     result = out if out is not None else torch.empty_like(q)
     if batch == 0:
         return result
