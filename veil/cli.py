@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 # sub-command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,18 +23,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run one sub-command; returns its exit code.
+
+    Only the chosen sub-command's module is imported, so ``veil chat`` never
+    loads the enclave (or torch) and ``veil --help`` loads nothing.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in args_list if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="veil", description="Confidential LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
-        _module(module_name).add_arguments(p)
-    args = parser.parse_args(argv)
+        if name == chosen:
+            _module(module_name).add_arguments(p)
+    args = parser.parse_args(args_list)
     code: int = _module(args._module).run(args)
     return code
 
 
-def _module(name: str):  # type: ignore[no-untyped-def]
+def _module(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
