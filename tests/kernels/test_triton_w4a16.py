@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -203,12 +204,18 @@ def test_inputs_are_checked(kernel_device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------------ GPU
 
 
+@functools.cache
+def _gpu_layer(n: int, k: int) -> W4A16Weight:
+    """Repacked once per shape (repacking a 14336 × 4096 layer on the host takes a while)."""
+    return _layer(n, k, torch.device("cuda"), seed=n + k)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 4, 16, 200])
 @pytest.mark.parametrize(("n", "k"), [(4096, 4096), (14336, 4096), (4096, 14336), (4000, 4128)])
 def test_gpu_llama_shapes(m: int, n: int, k: int, dtype: torch.dtype, cuda_device: torch.device) -> None:
-    w = _layer(n, k, cuda_device, seed=n + k)
+    w = _gpu_layer(n, k)
     x = torch.randn(m, k, device=cuda_device, dtype=dtype)
     ref = w4a16_matmul_ref(x, w.qweight, w.scales, w.mins)
     out = w4a16_matmul(x, w)
