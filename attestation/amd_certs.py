@@ -18,16 +18,12 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import re
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.serialization import Encoding
 
+from veil.attestation.certificates import ensure_decodable, fingerprint, load_certificates
 from veil.attestation.errors import MalformedInputError, UnsupportedError
 from veil.attestation.snp import Product, TcbVersion
 
@@ -50,8 +46,6 @@ _OID_SPL = {f"{_AMD_OID}.3.{n}": n for n in range(1, 10)}
 _OID_HWID = f"{_AMD_OID}.4"
 _OID_CSP_ID = f"{_AMD_OID}.5"
 _KNOWN_OIDS = {_OID_STRUCT_VERSION, _OID_PRODUCT_NAME, _OID_HWID, _OID_CSP_ID, *_OID_SPL}
-_SERIAL_WARNING = r".*serial number which wasn't positive.*"
-_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 # SHA-256 over the DER bytes of each AMD certificate shipped in roots/ (from AMD KDS
 # cert_chain / vlek cert_chain, as published by go-sev-guest, virtee/sev and trustee).
@@ -66,84 +60,6 @@ PINNED_FINGERPRINTS: dict[tuple[Product, str], str] = {
     (Product.TURIN, "ask"): "5b77ef5fe7a7a004fd9032668fba9d0fda22f88c4442069a479636a6ae3b3185",
     (Product.TURIN, "asvk"): "104e10a8bd060a3c20a434261a57d0588fd65a88915b4f65b08bdecaf8df1a3c",
 }
-
-
-def fingerprint(cert: x509.Certificate) -> str:
-    """Lowercase hex SHA-256 of the certificate's DER encoding."""
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
-
-
-def ensure_decodable(cert: x509.Certificate) -> x509.Certificate:
-    """Decode every field verification reads, now, so bad DER is a :class:`MalformedInputError`.
-
-    ``cryptography`` parses names, extensions and keys lazily; a certificate that
-    loaded can still fail on first access to its issuer. A warning while decoding
-    (say, a country name that is not two letters) also makes it malformed; only the
-    serial-number-0 warning that every AMD VCEK triggers is tolerated.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.filterwarnings("ignore", message=_SERIAL_WARNING)
-        try:
-            _ = (
-                cert.version,
-                cert.serial_number,
-                cert.subject,
-                cert.issuer,
-                cert.not_valid_before_utc,
-                cert.not_valid_after_utc,
-            )
-            _ = (
-                cert.signature_algorithm_oid,
-                cert.signature,
-                cert.tbs_certificate_bytes,
-                list(cert.extensions),
-            )
-            cert.public_key()
-        except (
-            Warning,
-            ValueError,
-            UnsupportedAlgorithm,
-            x509.DuplicateExtension,
-            x509.UnsupportedGeneralNameType,
-            x509.InvalidVersion,
-        ) as exc:
-            raise MalformedInputError(f"certificate does not decode: {exc}") from None
-    return cert
-
-
-def _load_der(der: bytes) -> x509.Certificate:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SERIAL_WARNING)
-        try:
-            return ensure_decodable(x509.load_der_x509_certificate(der))
-        except (ValueError, x509.InvalidVersion) as exc:
-            raise MalformedInputError(f"not a DER X.509 certificate: {exc}") from None
-
-
-def _load_pem(block: bytes) -> x509.Certificate:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SERIAL_WARNING)
-        try:
-            return ensure_decodable(x509.load_pem_x509_certificate(block))
-        except (ValueError, x509.InvalidVersion) as exc:
-            raise MalformedInputError(f"not a PEM X.509 certificate: {exc}") from None
-
-
-def load_certificates(data: bytes) -> list[x509.Certificate]:
-    """Certificates from a PEM bundle (in file order) or from one DER certificate.
-
-    Raises :class:`MalformedInputError` when nothing parses as a certificate.
-    """
-    data = bytes(data)
-    if b"-----BEGIN" in data:
-        blocks = _PEM_BLOCK.findall(data)
-        if not blocks:
-            raise MalformedInputError("PEM data holds no CERTIFICATE block")
-        return [_load_pem(block) for block in blocks]
-    if not data:
-        raise MalformedInputError("empty certificate data")
-    return [_load_der(data)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
+from veil.attestation.certificates import load_certificates
 from veil.attestation.errors import CollateralError, MalformedInputError
 
 __all__ = [
@@ -76,15 +77,8 @@ def nvidia_rim_root() -> x509.Certificate:
 
 @functools.lru_cache(maxsize=256)
 def load_cert_chain(data: bytes) -> tuple[x509.Certificate, ...]:
-    """A PEM bundle (leaf first) or one DER certificate, parsed once and cached."""
-    try:
-        if b"-----BEGIN" in data:
-            certs = tuple(x509.load_pem_x509_certificates(data))
-        else:
-            certs = (x509.load_der_x509_certificate(data),)
-    except ValueError as exc:
-        raise MalformedInputError(f"certificate chain does not parse: {exc}") from None
-    return certs
+    """A PEM bundle (leaf first) or one DER certificate, fully decoded, parsed once and cached."""
+    return tuple(load_certificates(data))
 
 
 def cert_name(cert: x509.Certificate) -> str:

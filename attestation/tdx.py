@@ -34,8 +34,8 @@ import struct
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 
+from veil.attestation.certificates import load_certificates
 from veil.attestation.errors import MalformedInputError, UnsupportedError
 from veil.attestation.tdx_pck import parse_pck_extensions
 
@@ -331,16 +331,13 @@ def parse_enclave_report(data: bytes) -> EnclaveReport:
 
 
 def load_pem_chain(pem: bytes, where: str) -> tuple[x509.Certificate, ...]:
-    """PEM certificates, each fully decoded now (``cryptography`` decodes fields lazily,
-    so a corrupt subject or key would otherwise surface later as a bare ValueError)."""
+    """PEM certificates, each fully decoded now (see :mod:`veil.attestation.certificates`)."""
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise MalformedInputError(f"{where} holds no PEM certificate")
     try:
-        certs = tuple(x509.load_pem_x509_certificates(pem))
-        for cert in certs:
-            _ = (cert.subject, cert.issuer, cert.public_key(), cert.extensions, cert.signature_hash_algorithm)
-            _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        return tuple(load_certificates(pem))
+    except MalformedInputError as exc:
         raise MalformedInputError(f"{where} does not parse: {exc}") from None
-    return certs
 
 
 def _parse_pck_chain(data: bytes) -> PckCertChain:
