@@ -60,6 +60,8 @@ __all__ = [
     "Q4_1_GROUP",
     "MatmulConfig",
     "W4A16Weight",
+    "default_gemm_config",
+    "default_gemv_config",
     "repack_q4_1",
     "repack_q4_1_bytes",
     "unpack_q4_1_bytes",
