@@ -305,16 +305,20 @@ def test_seeded_request_is_identical_alone_and_in_a_mixed_batch_of_16(
     assert text_of(alone) == text_of(again)
 
 
-def test_stop_string_on_real_output(runner: ModelRunner) -> None:
-    prompt = PROMPTS[2]
-    full = text_of(run_sync(LLMEngine(runner), [EngineRequest("a", greedy(32), prompt=prompt)])["a"])
+def test_stop_string_on_real_output(
+    runner: ModelRunner, tokenizer: Any, alone_greedy: dict[str, list[int]]
+) -> None:
+    req = GREEDY_REQS[2]
+    full = tokenizer.decode(alone_greedy[req.request_id], skip_special_tokens=True)
     words = full.split()
     assert len(words) > 6
     stop = " " + words[4]
     cut = full[: full.index(stop)]
-    out = run_sync(LLMEngine(runner), [EngineRequest("b", greedy(32, stop=[stop]), prompt=prompt)])["b"]
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop=[stop, "never appears"])
+    out = run_sync(LLMEngine(runner), [EngineRequest("b", params, prompt=req.prompt)])["b"]
     assert text_of(out) == cut
     assert out[-1].finish_reason == "stop"
+    assert out[-1].completion_tokens < 24
     assert stop not in text_of(out)
 
 
@@ -325,7 +329,7 @@ def test_chat_messages_use_the_models_template(runner: ModelRunner, tokenizer: A
     rendered = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert rendered.endswith("<|im_start|>assistant\n")
     assert ids == tokenizer.encode(rendered, add_special_tokens=False)
-    out = run_sync(engine, [EngineRequest("c", greedy(16), messages=msgs)])["c"]
+    out = run_sync(engine, [EngineRequest("c", greedy(8), messages=msgs)])["c"]
     assert out[-1].finish_reason in ("stop", "length") and out[-1].prompt_tokens == len(ids)
 
 
