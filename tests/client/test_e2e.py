@@ -286,6 +286,16 @@ def test_cli_chat(server: LocalServer) -> None:
     down = _veil("chat", "127.0.0.1:1", "hi", "--trust-simulated", str(server.root_pem), "--timeout", "2")
     assert down.returncode == 5 and "UNAVAILABLE" in down.stderr and "Traceback" not in down.stderr
 
+    policy_file = server.log_dir / "policy.toml"
+    policy_file.write_text(
+        f'platforms = ["SIMULATED_SEV_SNP"]\ngpu_count = 1\n[roots]\nsimulation = "{server.root_pem}"\n'
+    )
+    from_file = _veil("chat", server.address, "Say hi.", "--policy", str(policy_file), "--max-tokens", "4")
+    assert from_file.returncode == 0, from_file.stderr
+    policy_file.write_text("gpu_count = 2\n")  # hardware only, and 2 GPUs: refused
+    refused = _veil("chat", server.address, "Say hi.", "--policy", str(policy_file), "--max-tokens", "4")
+    assert refused.returncode == 3 and "policy.gpu_count" in refused.stderr
+
     missing = _veil("chat", server.address, "hi", "--trust-simulated", "/nonexistent.pem")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
 
