@@ -17,7 +17,9 @@ import random
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
+
+import torch
 
 import veil
 from veil.enclave.block_manager import BlockManager
@@ -29,9 +31,6 @@ from veil.enclave.sampler import Sampler
 from veil.enclave.sampling import SamplingParams
 from veil.enclave.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from veil.enclave.sequence import Sequence
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "CHAT_ROLES",
@@ -272,8 +271,6 @@ class LLMEngine:
         if len(steps) == 1:
             return [], None, list(sched.scheduled)
         # Find the culprit: run each sequence alone. Re-running writes the same KV positions.
-        import torch
-
         done: list[ScheduledSeq] = []
         rows: list[torch.Tensor] = []
         failed: list[ScheduledSeq] = []
@@ -319,8 +316,7 @@ class LLMEngine:
             error_type=type(exc).__name__ if exc is not None else None,
         )
         req.tracker.abort(FINISH_ERROR)
-        out = self._end(req)
-        return out
+        return self._end(req)
 
     def _end(self, req: _Request) -> RequestOutput:
         self._release(req)

@@ -515,6 +515,30 @@ def test_runner_failure_ends_only_the_guilty_request(tokenizer: Any, words: list
     assert engine.stats().free_kv_blocks == scripted.num_kv_blocks
 
 
+def test_bad_logits_end_only_that_request(tokenizer: Any, words: list[int]) -> None:
+    class NaNFor(ScriptedRunner):
+        def execute(self, steps: list[SeqStep]) -> torch.Tensor:
+            out = super().execute(steps)
+            rows = [s for s in steps if s.want_logits]
+            for r, step in enumerate(rows):
+                if step.seq_id == 1:
+                    out[r, 5] = float("nan")
+            return out
+
+    scripted = NaNFor(tokenizer, hash_script(words))
+    engine = LLMEngine(scripted)
+    reqs = [
+        EngineRequest(
+            f"n{i}", SamplingParams(max_tokens=4, temperature=t, seed=1, ignore_eos=True), prompt="Hi"
+        )
+        for i, t in enumerate([0.0, 0.0, 0.8])
+    ]
+    out = run_sync(engine, reqs)
+    assert out["n1"][-1].finish_reason == "error"
+    assert out["n0"][-1].finish_reason == out["n2"][-1].finish_reason == "length"
+    assert engine.stats().free_kv_blocks == scripted.num_kv_blocks
+
+
 class _FlakyDecoder:
     """A tokenizer whose decode fails on one token id (a detokenizer bug for one request)."""
 
