@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ MULTIBYTE = "Grüße 🌍 wörld ✓ 日本語 👩‍👩‍👧 naïve café �
 
 @pytest.fixture(scope="module")
 def tok(model_path: Path) -> Any:
-    from transformers import AutoTokenizer
+    from veil.enclave.gguf_loader import load_gguf_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
+    digest = hashlib.sha256(model_path.read_bytes()).digest()
+    return load_gguf_tokenizer(model_path, digest)  # cached after the first build
 
 
 @pytest.fixture(scope="module")
