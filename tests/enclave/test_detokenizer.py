@@ -98,7 +98,7 @@ def track(tok: Any, text: str, params: SamplingParams, eos: int, extra: list[int
 
 def test_stop_string_cuts_the_text_and_is_not_emitted(tok: Any, eos: int) -> None:
     text = "The answer is 42. END of story, more text"
-    tracker, deltas = track(tok, text, SamplingParams(stop=["END", "never"]), eos)
+    tracker, deltas = track(tok, text, SamplingParams(stop=("END", "never")), eos)
     assert tracker.finish_reason == FINISH_STOP
     assert "".join(deltas) == "The answer is 42. "
     assert tracker.text == "The answer is 42. "
@@ -108,13 +108,13 @@ def test_stop_string_cuts_the_text_and_is_not_emitted(tok: Any, eos: int) -> Non
 
 def test_earliest_stop_string_wins_and_can_span_tokens(tok: Any, eos: int) -> None:
     text = "alpha beta gamma delta"
-    tracker, deltas = track(tok, text, SamplingParams(stop=["delta", "ta gam"]), eos)
+    tracker, deltas = track(tok, text, SamplingParams(stop=("delta", "ta gam")), eos)
     assert tracker.finish_reason == FINISH_STOP
     assert "".join(deltas) == "alpha be"
 
 
 def test_stop_string_inside_multibyte_text(tok: Any, eos: int) -> None:
-    tracker, deltas = track(tok, MULTIBYTE, SamplingParams(stop=["日本"]), eos)
+    tracker, deltas = track(tok, MULTIBYTE, SamplingParams(stop=("日本",)), eos)
     assert tracker.finish_reason == FINISH_STOP
     assert "".join(deltas) == MULTIBYTE[: MULTIBYTE.index("日本")]
 
@@ -125,7 +125,7 @@ def test_eos_and_stop_token_ids_end_without_text(tok: Any, eos: int) -> None:
     assert "".join(deltas) == "Hello there"
     assert tracker.completion_tokens == len(tok.encode("Hello there")) + 1  # EOS is counted
     stop_id = tok.encode(" there")[0]
-    tracker, deltas = track(tok, "Hello there", SamplingParams(stop_token_ids=[stop_id]), eos)
+    tracker, deltas = track(tok, "Hello there", SamplingParams(stop_token_ids=(stop_id,)), eos)
     assert tracker.finish_reason == FINISH_STOP and "".join(deltas) == "Hello"
 
 
@@ -151,14 +151,15 @@ def test_max_tokens_gives_length_and_flushes(tok: Any, eos: int) -> None:
 
 def test_held_back_text_is_released_at_the_end(tok: Any, eos: int) -> None:
     text = "no stop here at all"
-    tracker, deltas = track(tok, text, SamplingParams(stop=["zzzzzz"], max_tokens=len(tok.encode(text))), eos)
+    params = SamplingParams(stop=("zzzzzz",), max_tokens=len(tok.encode(text)))
+    tracker, deltas = track(tok, text, params, eos)
     assert tracker.finish_reason == FINISH_LENGTH
     assert "".join(deltas) == text
     assert deltas[0] == ""  # held back: could have been the start of the stop string
 
 
 def test_abort_drops_held_text(tok: Any, eos: int) -> None:
-    tracker = CompletionTracker(tok, [], SamplingParams(stop=["zzzzzz"]), {eos})
+    tracker = CompletionTracker(tok, [], SamplingParams(stop=("zzzzzz",)), {eos})
     for t in tok.encode("partial text"):
         tracker.append(t)
     tracker.abort(FINISH_CANCELLED)

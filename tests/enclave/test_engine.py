@@ -314,7 +314,7 @@ def test_stop_string_on_real_output(
     assert len(words) > 6
     stop = " " + words[4]
     cut = full[: full.index(stop)]
-    params = SamplingParams(max_tokens=24, temperature=0.0, stop=[stop, "never appears"])
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop=(stop, "never appears"))
     out = run_sync(LLMEngine(runner), [EngineRequest("b", params, prompt=req.prompt)])["b"]
     assert text_of(out) == cut
     assert out[-1].finish_reason == "stop"
@@ -557,8 +557,8 @@ def test_detokenizer_failure_ends_only_that_request(tokenizer: Any) -> None:
 
     def script(prefix: list[int]) -> int:
         if tokenizer.encode("Tell zebra")[-1] in prefix[:4]:
-            return bad_tok
-        return fine[len(prefix) % len(fine)]
+            return int(bad_tok)
+        return int(fine[len(prefix) % len(fine)])
 
     scripted = ScriptedRunner(tokenizer, script)
     engine = LLMEngine(scripted, decode_tokenizer=_FlakyDecoder(tokenizer, bad_tok))

@@ -15,7 +15,7 @@ from veil.enclave.sampling import MAX_SEED, MAX_STOP_STRINGS, SamplingParams
 
 
 def test_defaults_and_list_fields_become_tuples() -> None:
-    p = SamplingParams(stop=["</s>", "\n\n"], stop_token_ids=[2, 7])
+    p = SamplingParams(stop=["</s>", "\n\n"], stop_token_ids=[2, 7])  # type: ignore[arg-type]
     assert p.stop == ("</s>", "\n\n")
     assert p.stop_token_ids == (2, 7)
     assert p.max_tokens == 256 and p.temperature == 1.0 and p.top_p == 1.0 and p.top_k == 0
@@ -61,7 +61,7 @@ def test_invalid_params_raise_typed_error(kwargs: dict[str, object]) -> None:
 
 def test_boundary_values_are_accepted() -> None:
     SamplingParams(max_tokens=1, temperature=0, top_p=1.0, top_k=0, seed=0)
-    SamplingParams(top_p=1e-9, seed=MAX_SEED, stop=["s"] * MAX_STOP_STRINGS, min_tokens=256)
+    SamplingParams(top_p=1e-9, seed=MAX_SEED, stop=("s",) * MAX_STOP_STRINGS, min_tokens=256)
 
 
 # --------------------------------------------------------------------------- Sampler
