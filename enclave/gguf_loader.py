@@ -3,9 +3,11 @@
 Tensor types F32, F16, Q8_0, Q4_0 and Q4_1 are supported. Quantized blocks are decoded straight
 from the memory-mapped file into :class:`~veil.kernels.quant_cpu.Int4Spec` (``Q4_1``: ``scale = d``,
 ``zero = m + 8 d``; ``Q4_0``: ``scale = d``, ``zero = 0``) so nothing is re-quantized. ``Q8_0`` keeps
-its blocks for the embedding lookup and becomes per-channel int8 for matmuls (the kernel has one
-scale per output channel). GGUF stores Q and K rows permuted for llama.cpp's interleaved RoPE;
-they are permuted back to the Hugging Face layout (a row permutation, so blocks are untouched).
+its blocks exactly, for the embedding lookup and — as two int4 halves, see
+:class:`~veil.kernels.quant_cpu.Q8BlockSpec` — for matmuls (``quant="int8"`` requantizes it to
+per-channel int8 instead, a little faster and less exact). GGUF stores Q and K rows permuted
+for llama.cpp's interleaved RoPE; they are permuted back to the Hugging Face layout (a row
+permutation, so blocks are untouched).
 
 The model digest is the SHA-256 of the mapped file bytes, the very bytes the weights are read from.
 Building a tokenizer from GGUF metadata takes seconds, so the result is cached on disk, keyed by
@@ -15,6 +17,7 @@ the digest (``~/.cache/veil/tokenizers/<digest>/`` unless a cache directory is g
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ import torch
 from veil.enclave.errors import ModelLoadError
 from veil.enclave.model_config import ModelConfig
 from veil.enclave.weights import BlockEmbedding, LayerSpecs, LlamaSpecs, Spec
-from veil.kernels.quant_cpu import Int4Spec, Int8Spec, quantize_int4, quantize_int8
+from veil.kernels.quant_cpu import Int4Spec, Int8Spec, Q8BlockSpec, quantize_int4, quantize_int8
 
 __all__ = ["GGUFModel", "default_cache_dir", "load_gguf_tokenizer", "read_gguf"]
 
@@ -113,8 +116,12 @@ def _as_linear(decoded: tuple[str, Any], quant: str) -> Spec:
         return val  # type: ignore[no-any-return]
     if tag == "q8":
         codes, d = val
-        w = (codes.float().view(codes.shape[0], -1, _QK) * d.unsqueeze(-1)).view(codes.shape)
-        return quantize_int4(w) if quant == "int4" else quantize_int8(w)
+        spec = Q8BlockSpec(codes, d)
+        if quant == "int4":
+            return quantize_int4(spec.dequantize())
+        if quant == "int8":
+            return quantize_int8(spec.dequantize())
+        return spec
     w = val
     if quant == "int4":
         return quantize_int4(w)
@@ -141,11 +148,16 @@ def _unpermute(spec: Spec, n_heads: int) -> Spec:
         return spec[perm].contiguous()
     if isinstance(spec, Int4Spec):
         return Int4Spec(spec.codes[perm], spec.scale[perm], spec.zero[perm], spec.group_size)
+    if isinstance(spec, Q8BlockSpec):
+        return Q8BlockSpec(spec.codes[perm], spec.scale[perm])
     return Int8Spec(spec.codes[perm], spec.scale[perm])
 
 
-def read_gguf(path: str | Path, *, quant: str = "auto") -> GGUFModel:
-    """Parse ``path`` into a config and weight specs. ``quant`` applies to float/Q8_0 tensors."""
+def read_gguf(path: str | Path, *, quant: str = "auto", lazy: bool = False) -> GGUFModel:
+    """Parse ``path`` into a config and weight specs. ``quant`` applies to float/Q8_0 tensors.
+
+    ``lazy``: the layers are a one-shot generator decoded on demand (for a single build).
+    """
     import gguf
 
     p = Path(path)
@@ -179,22 +191,25 @@ def read_gguf(path: str | Path, *, quant: str = "auto") -> GGUFModel:
             raise ModelLoadError(f"GGUF tensor {name!r} must be F32/F16")
         return val.reshape(-1)  # type: ignore[no-any-return]
 
-    layers = []
-    for i in range(config.n_layers):
+    def layer(i: int) -> LayerSpecs:
         b = f"blk.{i}."
-        layers.append(
-            LayerSpecs(
-                attn_norm=vec(b + "attn_norm.weight"),
-                q=_unpermute(_as_linear(get(b + "attn_q.weight"), quant), config.n_heads),
-                k=_unpermute(_as_linear(get(b + "attn_k.weight"), quant), config.n_kv_heads),
-                v=_as_linear(get(b + "attn_v.weight"), quant),
-                o=_as_linear(get(b + "attn_output.weight"), quant),
-                ffn_norm=vec(b + "ffn_norm.weight"),
-                gate=_as_linear(get(b + "ffn_gate.weight"), quant),
-                up=_as_linear(get(b + "ffn_up.weight"), quant),
-                down=_as_linear(get(b + "ffn_down.weight"), quant),
-            )
+        return LayerSpecs(
+            attn_norm=vec(b + "attn_norm.weight"),
+            q=_unpermute(_as_linear(get(b + "attn_q.weight"), quant), config.n_heads),
+            k=_unpermute(_as_linear(get(b + "attn_k.weight"), quant), config.n_kv_heads),
+            v=_as_linear(get(b + "attn_v.weight"), quant),
+            o=_as_linear(get(b + "attn_output.weight"), quant),
+            ffn_norm=vec(b + "ffn_norm.weight"),
+            gate=_as_linear(get(b + "ffn_gate.weight"), quant),
+            up=_as_linear(get(b + "ffn_up.weight"), quant),
+            down=_as_linear(get(b + "ffn_down.weight"), quant),
         )
+
+    # Lazily: the builder packs each layer before the next is decoded, which keeps the
+    # unpacked codes (2x the packed size) of one layer alive at a time, not of the whole model.
+    layers: Iterable[LayerSpecs] = (
+        (layer(i) for i in range(config.n_layers)) if lazy else [layer(i) for i in range(config.n_layers)]
+    )
     embed_raw = get("token_embd.weight")
     out_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     output = _as_linear(get(out_name) if out_name != "token_embd.weight" else embed_raw, quant)

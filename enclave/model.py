@@ -6,17 +6,19 @@ down, LM head) runs once per layer for the whole batch. Only attention is per gr
 single-token decode steps share one batched ``scaled_dot_product_attention`` over their gathered
 KV blocks; each prefill chunk runs its own causal attention.
 
-The KV cache is one tensor per layer pair ``[num_blocks, block_size, n_kv_heads, head_dim]`` in
-bf16; a sequence's positions live in the blocks its block table names, in order.
+The KV cache holds ``[n_kv_heads, num_blocks, block_size, head_dim]`` per layer (see
+:class:`KVCache`); a sequence's positions live in the blocks its block table names, in order.
 
-Numerics: the residual stream, RMSNorm, RoPE and the returned logits are fp32; matmul inputs and
-attention run in bf16 (what the fast CPU kernels take). :func:`reference_forward` is the plain fp32
-twin (contiguous, one sequence, dense weights) the tests compare against.
+Numerics: the residual stream, RMSNorm, RoPE, attention and the returned logits are fp32; only
+the inputs and outputs of the quantized matmuls are bf16 (what the fast CPU kernels take).
+:func:`reference_forward` is the plain fp32 twin (contiguous, one sequence, dense weights) the
+tests compare against.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -51,14 +53,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class KVCache:
-    """Keys and values for every layer, ``[layers, num_blocks, block_size, n_kv, head_dim]`` bf16."""
+    """Keys and values of every layer: ``[layers, n_kv, num_blocks, block_size, head_dim]`` fp32.
 
-    __slots__ = ("block_size", "k", "num_blocks", "v")
+    Heads lead so that gathering a sequence's blocks, ``k[layer][:, table]``, yields
+    ``[n_kv, nb, block_size, head_dim]`` — already the ``[heads, positions, dim]`` operand a batched
+    matmul takes, with no further copy. fp32 because decode attention is a few tiny matmuls whose
+    cost is the gather, and it keeps attention exact to the reference.
+    """
+
+    __slots__ = ("_buffers", "block_size", "k", "num_blocks", "v")
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int) -> None:
-        shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
-        self.k = torch.zeros(shape, dtype=COMPUTE_DTYPE)
-        self.v = torch.zeros(shape, dtype=COMPUTE_DTYPE)
+        shape = (config.n_layers, config.n_kv_heads, num_blocks, block_size, config.head_dim)
+        n = math.prod(shape)
+        # Anonymous mappings read as zeros and take memory only when a page is first written,
+        # so a large budget costs resident memory only for the blocks actually used.
+        self._buffers = (mmap.mmap(-1, n * 4), mmap.mmap(-1, n * 4))
+        self.k = torch.frombuffer(self._buffers[0], dtype=torch.float32).view(shape)
+        self.v = torch.frombuffer(self._buffers[1], dtype=torch.float32).view(shape)
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @property
@@ -88,7 +100,7 @@ class BatchPlan:
     decode_rows: torch.Tensor | None  # [B] rows that are single-token steps (None: none)
     decode_all: bool  # every row is a decode step, in order
     decode_blocks: torch.Tensor | None  # [B, nb] padded block tables
-    decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] bool
+    decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] fp32, 0 or -inf
     prefills: list[PrefillChunk]
     logit_rows: torch.Tensor  # [n_out] rows whose logits are returned
 
@@ -132,7 +144,8 @@ class BatchPlan:
             width = max(len(t) for t in dec_tables)
             decode_blocks = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables])
             kv = torch.arange(width * block_size)
-            decode_mask = (kv[None, :] < torch.tensor(dec_ctx)[:, None])[:, None, None, :]
+            keep = kv[None, :] < torch.tensor(dec_ctx)[:, None]
+            decode_mask = torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))[:, None, None, :]
             decode_rows = torch.tensor(dec_rows)
         return BatchPlan(
             token_ids=torch.tensor(ids),
@@ -168,15 +181,14 @@ class LlamaModel:
         for li, layer in enumerate(w.layers):
             h = F.rms_norm(x, (cfg.hidden,), layer.attn_norm, cfg.rms_eps).to(COMPUTE_DTYPE)
             qkv = layer.qkv(h)
-            qk = _rotate(qkv[:, :k_end].float().view(t, nh + nkv, hd), plan.cos, plan.sin).to(COMPUTE_DTYPE)
-            q = qk[:, :nh]
-            k = qk[:, nh:]
-            v = qkv[:, k_end:].view(t, nkv, hd)
+            qk = _rotate(qkv[:, :k_end].float().view(t, nh + nkv, hd), plan.cos, plan.sin)
             kc = cache.k[li]
             vc = cache.v[li]
-            kc.view(-1, nkv, hd).index_copy_(0, plan.slots, k)
-            vc.view(-1, nkv, hd).index_copy_(0, plan.slots, v)
-            attn = self._attention(plan, q, kc, vc)
+            kc.view(nkv, -1, hd).index_copy_(1, plan.slots, qk[:, nh:].transpose(0, 1))
+            vc.view(nkv, -1, hd).index_copy_(
+                1, plan.slots, qkv[:, k_end:].float().view(t, nkv, hd).transpose(0, 1)
+            )
+            attn = self._attention(plan, qk[:, :nh], kc, vc)
             x += layer.o(attn)
             h = F.rms_norm(x, (cfg.hidden,), layer.ffn_norm, cfg.rms_eps).to(COMPUTE_DTYPE)
             gu = layer.gate_up(h)
@@ -188,42 +200,48 @@ class LlamaModel:
     def _attention(
         self, plan: BatchPlan, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
     ) -> torch.Tensor:
-        """q [T, nh, hd] bf16 → [T, nh * hd] bf16."""
+        """q [T, nh, hd] fp32 → [T, nh * hd] in the compute dtype."""
         t, nh, hd = q.shape
-        nkv = kc.shape[2]
+        nkv = kc.shape[0]
         if plan.decode_all:
-            return self._decode_attention(plan, q, kc, vc).reshape(t, nh * hd)
+            return self._decode_attention(plan, q, kc, vc).reshape(t, nh * hd).to(COMPUTE_DTYPE)
         out = torch.empty(t, nh, hd, dtype=q.dtype)
         if plan.decode_rows is not None:
             out[plan.decode_rows] = self._decode_attention(plan, q[plan.decode_rows], kc, vc)
         for c in plan.prefills:
-            kk = kc[c.blocks].view(1, -1, nkv, hd).transpose(1, 2)
-            vv = vc[c.blocks].view(1, -1, nkv, hd).transpose(1, 2)
+            kk = kc.index_select(1, c.blocks).view(1, nkv, -1, hd)
+            vv = vc.index_select(1, c.blocks).view(1, nkv, -1, hd)
             qq = q[c.row : c.row + c.n].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 qq, kk, vv, attn_mask=c.mask, scale=self.scale, enable_gqa=True
             )
             out[c.row : c.row + c.n] = o[0].transpose(0, 1)
-        return out.view(t, nh * hd)
+        return out.view(t, nh * hd).to(COMPUTE_DTYPE)
 
     def _decode_attention(
         self, plan: BatchPlan, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
     ) -> torch.Tensor:
-        b, _, hd = q.shape
-        nkv = kc.shape[2]
+        """One query per sequence: batched matmuls over gathered blocks (GQA by reshaping q)."""
+        b, nh, hd = q.shape
+        nkv = kc.shape[0]
         blocks, mask = plan.decode_blocks, plan.decode_mask
         if blocks is None or mask is None:  # internal invariant: only called with decode rows
             raise RuntimeError("decode attention without decode rows")
-        kk = kc[blocks].view(b, -1, nkv, hd).transpose(1, 2)
-        vv = vc[blocks].view(b, -1, nkv, hd).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), kk, vv, attn_mask=mask, scale=self.scale, enable_gqa=True
-        )
-        return o.squeeze(2)
+        flat = blocks.view(-1)
+        kk = kc.index_select(1, flat).view(nkv, b, -1, hd).transpose(0, 1)  # [B, nkv, L, hd]
+        vv = vc.index_select(1, flat).view(nkv, b, -1, hd).transpose(0, 1)
+        qq = q.view(b, nkv, nh // nkv, hd)
+        s = torch.matmul(qq, kk.transpose(-1, -2)).mul_(self.scale).add_(mask).softmax(-1)
+        return torch.matmul(s, vv).view(b, nh, hd)
 
 
-def reference_forward(config: ModelConfig, weights: LlamaWeights, token_ids: list[int]) -> torch.Tensor:
-    """fp32 logits [len(token_ids), vocab] of one sequence: dense weights, plain ops, no cache."""
+def reference_forward(
+    config: ModelConfig, weights: LlamaWeights, token_ids: list[int], *, last_only: bool = False
+) -> torch.Tensor:
+    """fp32 logits [len(token_ids), vocab] of one sequence: dense weights, plain ops, no cache.
+
+    ``last_only``: return just the last position's logits, [1, vocab].
+    """
     nh, nkv, hd = config.n_heads, config.n_kv_heads, config.head_dim
     n = len(token_ids)
     cos, sin = rope_tables(config, n)
@@ -255,4 +273,6 @@ def reference_forward(config: ModelConfig, weights: LlamaWeights, token_ids: lis
         gu = lin(layer.gate_up, h)
         i = config.intermediate
         x = x + lin(layer.down, F.silu(gu[:, :i]) * gu[:, i:])
+    if last_only:
+        x = x[-1:]
     return lin(weights.output, rms(x, weights.norm))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +31,15 @@ class LoadedModel:
     model_digest: bytes  # SHA-256 of the weights as loaded (GGUF: the file; safetensors: see loader)
     path: Path
     quant: str
-
-    def reference_weights(self) -> LlamaWeights:
-        """Dense fp32 weights equal to what the kernels effectively compute with (re-read from disk)."""
-        return build_weights(_read_specs(self.path, self.quant), reference=True)
+    kept_specs: LlamaSpecs | None = None  # set by ``load_model(..., keep_specs=True)``
 
     def specs(self) -> LlamaSpecs:
-        """The unpacked, unfused weight specs (re-read from disk)."""
-        return _read_specs(self.path, self.quant)
+        """The unpacked, unfused weight specs (kept from the load, else re-read from disk)."""
+        return self.kept_specs if self.kept_specs is not None else _read_specs(self.path, self.quant)
+
+    def reference_weights(self) -> LlamaWeights:
+        """Dense fp32 weights equal to what the kernels effectively compute with."""
+        return build_weights(self.specs(), reference=True)
 
 
 def default_model_path() -> Path:
@@ -55,6 +57,17 @@ def default_model_path() -> Path:
     return path
 
 
+def _release_freed_memory() -> None:
+    """Give the loader's freed temporaries back to the OS (glibc keeps them in its heap otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
+
+
 def _read_specs(path: Path, quant: str) -> LlamaSpecs:
     if path.is_dir():
         from veil.enclave.safetensors_loader import read_safetensors
@@ -65,13 +78,16 @@ def _read_specs(path: Path, quant: str) -> LlamaSpecs:
     return read_gguf(path, quant=quant).specs
 
 
-def load_model(path: str | Path, *, quant: str = "auto", cache_dir: Path | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path, *, quant: str = "auto", cache_dir: Path | None = None, keep_specs: bool = False
+) -> LoadedModel:
     """Load a GGUF file or a safetensors checkpoint folder.
 
-    ``quant``: ``auto`` keeps a GGUF's own quantization (Q4_x → int4, Q8_0 → int8, float → bf16)
+    ``quant``: ``auto`` keeps a GGUF's own quantization (Q4_x → int4, Q8_0 → exact int4 pair, float → bf16)
     and quantizes a safetensors checkpoint to int4; ``int4`` / ``int8`` / ``bf16`` force the
     format of float (and Q8_0) tensors. ``cache_dir`` holds slow-to-rebuild artefacts (the GGUF
-    tokenizer), default ``~/.cache/veil``.
+    tokenizer), default ``~/.cache/veil``. ``keep_specs`` keeps the unpacked weights (about 2×
+    the packed size) so :meth:`LoadedModel.reference_weights` needs no second read; tests only.
     """
     if quant not in QUANT_MODES:
         raise ModelLoadError(f"unknown quantization mode {quant!r}; expected one of {QUANT_MODES}")
@@ -80,6 +96,7 @@ def load_model(path: str | Path, *, quant: str = "auto", cache_dir: Path | None 
         from veil.enclave.safetensors_loader import read_safetensors
 
         st = read_safetensors(p, quant=quant)
+        _release_freed_memory()
         return LoadedModel(
             config=st.config,
             weights=build_weights(st.specs),
@@ -89,11 +106,13 @@ def load_model(path: str | Path, *, quant: str = "auto", cache_dir: Path | None 
             model_digest=st.digest,
             path=p,
             quant=quant,
+            kept_specs=st.specs if keep_specs else None,
         )
     from veil.enclave.gguf_loader import load_gguf_tokenizer, read_gguf
 
-    g = read_gguf(p, quant=quant)
+    g = read_gguf(p, quant=quant, lazy=not keep_specs)
     weights = build_weights(g.specs)
+    _release_freed_memory()
     tokenizer = load_gguf_tokenizer(p, g.digest, cache_dir)
     return LoadedModel(
         config=g.config,
@@ -104,4 +123,5 @@ def load_model(path: str | Path, *, quant: str = "auto", cache_dir: Path | None 
         model_digest=g.digest,
         path=p,
         quant=quant,
+        kept_specs=g.specs if keep_specs else None,
     )

@@ -9,6 +9,7 @@ fp32 reference path — expands each into the dense fp32 weight the kernel effec
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ from veil.kernels.quant_cpu import (
     Int4Spec,
     Int8Linear,
     Int8Spec,
+    Q8BlockSpec,
+    Q8PairLinear,
     QuantizedLinear,
 )
 
@@ -34,7 +37,7 @@ __all__ = [
     "spec_nbytes",
 ]
 
-Spec = Int4Spec | Int8Spec | torch.Tensor
+Spec = Int4Spec | Int8Spec | Q8BlockSpec | torch.Tensor
 
 
 @dataclass(slots=True)
@@ -53,7 +56,7 @@ class LayerSpecs:
 @dataclass(slots=True)
 class LlamaSpecs:
     embed: BlockEmbedding
-    layers: list[LayerSpecs]
+    layers: Iterable[LayerSpecs]  # a list, or a one-shot generator from a lazy read
     norm: torch.Tensor
     output: Spec  # the (possibly tied) LM head
 
@@ -156,12 +159,16 @@ def spec_nbytes(spec: Spec) -> int:
         return spec.numel() * 2
     if isinstance(spec, Int4Spec):
         return spec.codes.numel() // 2 + spec.scale.numel() * 4
+    if isinstance(spec, Q8BlockSpec):
+        return spec.codes.numel() * 5 // 4 + spec.scale.numel() * 8
     return spec.codes.numel() + spec.scale.numel() * 2
 
 
 def _effective(spec: Spec) -> torch.Tensor:
     if isinstance(spec, torch.Tensor):
         return spec.to(COMPUTE_DTYPE).float()
+    if isinstance(spec, Q8BlockSpec):
+        return spec.kernel_weight()
     return spec.as_kernel_sees().dequantize()
 
 
@@ -170,6 +177,8 @@ def _pack(spec: Spec) -> QuantizedLinear:
         return Int4Linear(spec)
     if isinstance(spec, Int8Spec):
         return Int8Linear(spec)
+    if isinstance(spec, Q8BlockSpec):
+        return Q8PairLinear(spec)
     return DenseLinear(spec.to(COMPUTE_DTYPE))
 
 
@@ -180,6 +189,8 @@ def _fuse(specs: list[Spec], reference: bool) -> QuantizedLinear:
         return Int4Linear(Int4Spec.concat([s for s in specs if isinstance(s, Int4Spec)]))
     if all(isinstance(s, Int8Spec) for s in specs):
         return Int8Linear(Int8Spec.concat([s for s in specs if isinstance(s, Int8Spec)]))
+    if all(isinstance(s, Q8BlockSpec) for s in specs):
+        return Q8PairLinear(Q8BlockSpec.concat([s for s in specs if isinstance(s, Q8BlockSpec)]))
     if all(isinstance(s, torch.Tensor) for s in specs):
         return DenseLinear(torch.cat([s for s in specs if isinstance(s, torch.Tensor)]).to(COMPUTE_DTYPE))
     return _ConcatLinear([_pack(s) for s in specs])

@@ -37,6 +37,8 @@ __all__ = [
     "Int4Spec",
     "Int8Linear",
     "Int8Spec",
+    "Q8BlockSpec",
+    "Q8PairLinear",
     "QuantizedLinear",
     "quantize_int4",
     "quantize_int8",
@@ -80,10 +82,24 @@ class Int4Spec:
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.codes, self.scale.t(), self.zero.t(), self.group_size)
 
+    def kernel_scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """scale, zero [N, K // group] in the kernel's dtype, with the zero error-compensated.
+
+        Rounding ``scale`` to bf16 shifts every weight of a group by ``(q − 8)·δscale``; choosing
+        ``zero' = bf16(zero + mean(q − 8)·δscale)`` cancels the mean of that shift over the group
+        (least squares for a fixed scale), roughly halving the weight error bf16 scales cause.
+        """
+        s = self.scale.to(COMPUTE_DTYPE)
+        n, k = self.codes.shape
+        sums = self.codes.view(n, k // self.group_size, self.group_size).sum(-1, dtype=torch.int32)
+        mean_q = sums.float() / self.group_size - 8.0
+        z = (self.zero + mean_q * (self.scale - s.float())).to(COMPUTE_DTYPE)
+        return s, z
+
     def as_kernel_sees(self) -> Int4Spec:
-        """The same spec with scale and zero rounded to the kernel's dtype."""
-        r = self.scale.to(COMPUTE_DTYPE).float(), self.zero.to(COMPUTE_DTYPE).float()
-        return Int4Spec(self.codes, r[0], r[1], self.group_size)
+        """The same spec with scale and zero as the kernel holds them."""
+        s, z = self.kernel_scale_zero()
+        return Int4Spec(self.codes, s.float(), z.float(), self.group_size)
 
 
 @dataclass(slots=True)
@@ -102,6 +118,41 @@ class Int8Spec:
 
     def as_kernel_sees(self) -> Int8Spec:
         return Int8Spec(self.codes, self.scale.to(COMPUTE_DTYPE).float())
+
+
+@dataclass(slots=True)
+class Q8BlockSpec:
+    """GGUF Q8_0 kept exact: int8 codes [N, K], one scale per block of 32 [N, K // 32] fp32.
+
+    ``_weight_int8pack_mm`` has one scale per output channel, so block scales do not fit it. They
+    do fit the int4 kernel twice over: with ``q = 16·hi + lo`` (``hi`` ∈ [−8, 7], ``lo`` ∈ [0, 15]),
+    ``q·d = (hi + 8 − 8)·16d + 0  +  (lo − 8)·d + 8d``, i.e. two int4 groups per block. Laying both
+    halves side by side along K and feeding ``[x, x]`` gives ``x·Wᵀ`` in one int4 matmul reading
+    1.25 bytes per weight (int8 would read 1) with no requantization error.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    @staticmethod
+    def concat(specs: list[Q8BlockSpec]) -> Q8BlockSpec:
+        return Q8BlockSpec(torch.cat([s.codes for s in specs]), torch.cat([s.scale for s in specs]))
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        return (self.codes.float().view(n, k // 32, 32) * self.scale.unsqueeze(-1)).view(n, k)
+
+    def as_int4_pair(self) -> Int4Spec:
+        c = self.codes  # int8; >> is an arithmetic shift (floor division by 16), & 15 the remainder
+        codes = torch.cat([(c >> 4) + 8, c & 15], dim=1).view(torch.uint8)
+        d = self.scale
+        return Int4Spec(codes, torch.cat([16.0 * d, d], 1), torch.cat([torch.zeros_like(d), 8.0 * d], 1), 32)
+
+    def kernel_weight(self) -> torch.Tensor:
+        """The effective fp32 weight [N, K] the pair kernel computes with."""
+        pair = self.as_int4_pair().as_kernel_sees().dequantize()
+        k = self.codes.shape[1]
+        return pair[:, :k] + pair[:, k:]
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = 32) -> Int4Spec:
@@ -133,9 +184,19 @@ class Int4Linear:
         if k % spec.group_size or spec.scale.shape != (n, k // spec.group_size):
             raise ValueError(f"int4 weight {n}x{k} does not fit group {spec.group_size}")  # internal
         self.out_features, self.in_features, self.group_size = n, k, spec.group_size
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(spec.codes.to(torch.int32), 1)
+        # Packed in row chunks (the layout is row-separable; chunks of 1024 are multiples of the
+        # op's 64-row tile) so the int32 staging copy stays small.
+        self.packed = torch.cat(
+            [
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    spec.codes[i : i + 1024].to(torch.int32), 1
+                )
+                for i in range(0, n, 1024)
+            ]
+        )
         # [K // group, N, 2]: (scale, zero) per group and output channel.
-        self.scale_zero = torch.stack([spec.scale.t(), spec.zero.t()], dim=2).to(COMPUTE_DTYPE).contiguous()
+        s, z = spec.kernel_scale_zero()
+        self.scale_zero = torch.stack([s.t(), z.t()], dim=2).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_zero)
@@ -143,6 +204,23 @@ class Int4Linear:
     @property
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scale_zero.numel() * 2
+
+
+class Q8PairLinear:
+    """Exact Q8_0 weight computed as one int4 matmul over ``[x, x]`` (see :class:`Q8BlockSpec`)."""
+
+    __slots__ = ("in_features", "inner", "out_features")
+
+    def __init__(self, spec: Q8BlockSpec) -> None:
+        self.inner = Int4Linear(spec.as_int4_pair())
+        self.out_features, self.in_features = spec.codes.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.cat([x, x], dim=1))
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
 
 
 class Int8Linear:
