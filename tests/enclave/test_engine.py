@@ -184,10 +184,11 @@ def batch_invariant(runner: ModelRunner) -> bool:
     part (scheduling, paging, sampling) is proved exact by the scripted-runner tests below.
     """
     a = runner.tokenizer.encode("Write a short poem about the sea:")
-    b = runner.tokenizer.encode(PROMPTS[2])
-    runner.execute([SeqStep(0, a, 0, [0, 1, 2], False), SeqStep(1, b, 0, [3, 4, 5], False)])
-    alone = runner.execute([SeqStep(0, [198], len(a), [0, 1, 2])])
-    both = runner.execute([SeqStep(0, [198], len(a), [0, 1, 2]), SeqStep(1, [198], len(b), [3, 4, 5])])
+    b = runner.tokenizer.encode(PROMPTS[7] * 2)  # a longer neighbour: a wider block table
+    ta, tb = [0, 1, 2], list(range(3, 3 + len(b) // 16 + 1))
+    runner.execute([SeqStep(0, a, 0, ta, False), SeqStep(1, b, 0, tb, False)])
+    alone = runner.execute([SeqStep(0, [198], len(a), ta)])
+    both = runner.execute([SeqStep(0, [198], len(a), ta), SeqStep(1, [198], len(b), tb)])
     return bool(torch.equal(alone[0], both[0]))
 
 
