@@ -208,7 +208,7 @@ def test_gguf_tensor_types_and_untied_output(tmp_path: Path, qtype: GGMLQuantiza
         elif kind == GGMLQuantizationType.F16:
             w.add_tensor(name, arr.astype(np.float16))
         else:
-            w.add_tensor(name, quantize(arr.astype(np.float32), kind), raw_shape=arr.shape, raw_dtype=kind)
+            w.add_tensor(name, quantize(arr.astype(np.float32), kind), raw_dtype=kind)
 
     put("token_embd.weight", sd["model.embed_tokens.weight"], GGMLQuantizationType.Q8_0)
     put("output.weight", sd["lm_head.weight"])
