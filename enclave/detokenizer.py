@@ -13,7 +13,9 @@ ids and end-of-sequence (the token is counted, never decoded), stop strings matc
 decoded text (the completion is cut where the match begins, the stop string is not
 returned), and ``max_tokens``. While stop strings are set, the last ``len(longest) - 1``
 characters are held back until the completion ends, so a prefix of a stop string is never
-streamed and then taken back.
+streamed and then taken back. A completion that ends inside a character (cut by
+``max_tokens``, or a stop token after half an emoji) ends with U+FFFD, as with vLLM and HF's
+``TextStreamer``: the streamed text is always the decode of the completion's ids.
 """
 
 from __future__ import annotations
