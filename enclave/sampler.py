@@ -8,7 +8,8 @@ Rows that use top-k or top-p look at a sorted candidate list: ``topk`` with k = 
 window of the 1024 most likely tokens for top-p alone (widened to a full sort, row by row,
 only when the nucleus is larger than the window). Rows are grouped by that k, which depends
 on the row's own parameters only, and each group is one batched ``topk``/``cumsum``/
-``searchsorted``. The all-greedy batch is one ``max``.
+``searchsorted``. The all-greedy batch is one ``max`` on the logits' device; rows that
+sample move to the CPU, where these row-wise ops do not depend on the batch shape.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Sampler:
         if not rows:
             return out
         sub = logits if len(rows) == n else logits[rows]
+        sub = sub.cpu()  # see the module docstring
         temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32).unsqueeze(1)
         probs = torch.softmax(sub / temps, dim=-1)
         us = torch.tensor([uniform(seeds[i], steps[i]) for i in rows], dtype=torch.float64)
