@@ -86,7 +86,7 @@ def _config(cfg: dict[str, Any]) -> ModelConfig:
         elif kind not in (None, "default"):
             raise ModelLoadError(f"unsupported RoPE scaling {kind!r}")
         eos = cfg.get("eos_token_id")
-        eos_first = eos[0] if isinstance(eos, list) and eos else eos
+        eos_first: Any = eos[0] if isinstance(eos, list) and eos else eos
         return ModelConfig(
             n_layers=int(cfg["num_hidden_layers"]),
             n_heads=n_heads,
@@ -187,8 +187,10 @@ def read_safetensors(folder: Path, *, quant: str = "auto") -> SafetensorsModel:
     tokenizer, template = _tokenizer(folder)
     eos = {config.eos_token_id} if config.eos_token_id is not None else set()
     for src in (cfg, _json(folder / "generation_config.json")):
-        e = src.get("eos_token_id")
-        eos.update(int(x) for x in (e if isinstance(e, list) else [e] if e is not None else []))
+        found = src.get("eos_token_id")
+        eos.update(
+            int(x) for x in (found if isinstance(found, list) else [found] if found is not None else [])
+        )
     return SafetensorsModel(config, specs, digest.digest(), tokenizer, template, frozenset(eos))
 
 

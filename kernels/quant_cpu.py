@@ -199,7 +199,10 @@ class Int4Linear:
         self.scale_zero = torch.stack([s.t(), z.t()], dim=2).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_zero)
+        out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group_size, self.scale_zero
+        )
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -234,7 +237,8 @@ class Int8Linear:
         self.scale = spec.scale.to(COMPUTE_DTYPE).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scale)
+        out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scale)
+        return out
 
     @property
     def nbytes(self) -> int:
