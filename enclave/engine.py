@@ -40,7 +40,16 @@ from veil.enclave.llm_engine import (
 )
 from veil.enclave.sampling import SamplingParams
 
-__all__ = ["ENGINE_VERSION", "AsyncEngine", "Delta", "EngineRequest", "EngineStats", "SamplingParams"]
+__all__ = [
+    "ENGINE_VERSION",
+    "AsyncEngine",
+    "Delta",
+    "EngineRequest",
+    "EngineStats",
+    "LLMEngine",
+    "RequestOutput",
+    "SamplingParams",
+]
 
 log = logging.getLogger(__name__)
 
