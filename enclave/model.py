@@ -228,11 +228,13 @@ class LlamaModel:
         if blocks is None or mask is None:  # internal invariant: only called with decode rows
             raise RuntimeError("decode attention without decode rows")
         flat = blocks.view(-1)
-        kk = kc.index_select(1, flat).view(nkv, b, -1, hd).transpose(0, 1)  # [B, nkv, L, hd]
-        vv = vc.index_select(1, flat).view(nkv, b, -1, hd).transpose(0, 1)
-        qq = q.view(b, nkv, nh // nkv, hd)
-        s = torch.matmul(qq, kk.transpose(-1, -2)).mul_(self.scale).add_(mask).softmax(-1)
-        return torch.matmul(s, vv).view(b, nh, hd)
+        # Gathered blocks come out as [nkv, B, L, hd], contiguous: batch dims (nkv, B) for bmm with
+        # no copy. q is the small operand, so it is the one reordered to match.
+        kk = kc.index_select(1, flat).view(nkv, b, -1, hd)
+        vv = vc.index_select(1, flat).view(nkv, b, -1, hd)
+        qq = q.view(b, nkv, nh // nkv, hd).transpose(0, 1)  # [nkv, B, rep, hd]
+        s = torch.matmul(qq, kk.transpose(-1, -2)).mul_(self.scale).add_(mask.view(1, b, 1, -1)).softmax(-1)
+        return torch.matmul(s, vv).transpose(0, 1).reshape(b, nh, hd)
 
 
 def reference_forward(
