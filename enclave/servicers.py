@@ -178,7 +178,7 @@ def _sampling_params(p: generate_pb2.SamplingParams) -> SamplingParams:
     kwargs: dict[str, Any] = {"stop": tuple(p.stop), "stop_token_ids": tuple(p.stop_token_ids)}
     if p.max_tokens:
         kwargs["max_tokens"] = p.max_tokens
-    for name in ("temperature", "top_p", "top_k", "seed"):
+    for name in ("temperature", "top_p", "top_k", "seed", "ignore_eos", "min_tokens"):
         if p.HasField(name):
             kwargs[name] = getattr(p, name)
     return SamplingParams(**kwargs)

@@ -39,7 +39,8 @@ from veil.proto.v1 import evidence_pb2, generate_pb2, service_pb2, service_pb2_g
 
 T = TypeVar("T")
 PROMPT = "Name one colour."
-LONG = {"prompt": "Write a long essay about the sea.", "temperature": 1.0, "seed": 7}  # runs to max_tokens
+# ignore_eos: runs to max_tokens whatever the sampled trajectory.
+LONG = {"prompt": "Write a long essay about the sea.", "temperature": 1.0, "seed": 7, "ignore_eos": True}
 
 
 class Harness:
