@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from veil.enclave.errors import ModelLoadError
 from veil.enclave.model_config import ModelConfig
 from veil.enclave.weights import LlamaSpecs, LlamaWeights, build_weights
@@ -91,7 +93,17 @@ def load_model(
     """
     if quant not in QUANT_MODES:
         raise ModelLoadError(f"unknown quantization mode {quant!r}; expected one of {QUANT_MODES}")
-    p = Path(path)
+    # Load on one thread: a multi-threaded OpenMP team left behind in the loading thread competes
+    # with the runner's own team for the cores (see ModelRunner).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _load(Path(path), quant, cache_dir, keep_specs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _load(p: Path, quant: str, cache_dir: Path | None, keep_specs: bool) -> LoadedModel:
     if p.is_dir():
         from veil.enclave.safetensors_loader import read_safetensors
 

@@ -8,7 +8,11 @@ that asked for them. The runner knows nothing about requests, sampling or text.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -18,6 +22,8 @@ from veil.enclave.model_config import ModelConfig
 from veil.enclave.model_loader import LoadedModel, default_model_path, load_model
 
 __all__ = ["ModelRunner", "SeqStep", "default_model_path", "load_model"]
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -39,7 +45,19 @@ class ModelRunner:
     ) -> None:
         if num_kv_blocks < 1 or block_size < 1:
             raise InvalidRequestError("the KV cache needs at least one block of at least one slot")
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.threads = threads or os.cpu_count() or 1
+        # Every forward runs on this one thread. OpenMP (libgomp) keeps a thread team per calling
+        # thread; once the teams of all threads together hold more threads than there are cores,
+        # libgomp stops spin-waiting and every op pays a futex wake-up: decode speed halved on 2
+        # cores when the engine's worker thread and the loading thread both had teams. So all
+        # multi-threaded torch work of the engine belongs on this thread (see ``call``).
+        self._pool = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="veil-model",
+            initializer=self._init_thread,
+        )
+        self._thread: int | None = None
+        self._callers: set[int] = set()
         self.config: ModelConfig = model.config
         self.tokenizer = model.tokenizer
         self.chat_template: str | None = model.chat_template
@@ -48,8 +66,25 @@ class ModelRunner:
         self.max_context: int = model.config.max_context
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
-        self.model = LlamaModel(model.config, model.weights)
-        self.cache = KVCache(model.config, num_kv_blocks, block_size)
+        self.model, self.cache = self._pool.submit(self._build, model, num_kv_blocks, block_size).result()
+
+    @staticmethod
+    def _build(model: LoadedModel, num_kv_blocks: int, block_size: int) -> tuple[LlamaModel, KVCache]:
+        return LlamaModel(model.config, model.weights), KVCache(model.config, num_kv_blocks, block_size)
+
+    def _init_thread(self) -> None:
+        self._thread = threading.get_ident()
+        torch.set_num_threads(self.threads)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model thread (for other multi-threaded torch work, e.g. sampling)."""
+        if threading.get_ident() == self._thread:
+            return fn(*args)
+        return self._pool.submit(fn, *args).result()
+
+    def close(self) -> None:
+        """Stop the model thread (idempotent); the runner cannot execute afterwards."""
+        self._pool.shutdown(wait=True)
 
     @staticmethod
     def blocks_for_budget(config: ModelConfig, kv_cache_bytes: int, block_size: int = 16) -> int:
@@ -74,11 +109,19 @@ class ModelRunner:
                 raise InvalidRequestError(f"sequence {s.seq_id}: block id out of range")
             if any(t < 0 or t >= self.config.vocab for t in s.token_ids):
                 raise InvalidRequestError(f"sequence {s.seq_id}: token id out of range")
-        plan = BatchPlan.build(
-            [(s.token_ids, s.start_pos, s.block_table, s.want_logits) for s in steps],
-            bs,
-            self.model.cos,
-            self.model.sin,
-        )
+        work = [(s.token_ids, s.start_pos, s.block_table, s.want_logits) for s in steps]
+        tid = threading.get_ident()
+        if tid == self._thread:
+            return self._forward(work)
+        if tid not in self._callers:
+            # The caller's own torch work (sampling) must not start a second multi-threaded
+            # OpenMP team (see __init__): keep that thread's torch single-threaded.
+            torch.set_num_threads(1)
+            self._callers.add(tid)
+        return self._pool.submit(self._forward, work).result()
+
+    def _forward(self, work: list[tuple[list[int], int, list[int], bool]]) -> torch.Tensor:
+        # Even building the plan's small tensors stays on this thread (see __init__).
         with torch.inference_mode():
+            plan = BatchPlan.build(work, self.block_size, self.model.cos, self.model.sin)
             return self.model.forward(plan, self.cache)
