@@ -70,13 +70,15 @@ def _all_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
 def test_teacher_forced_logits_match_hf_transformers(loaded: LoadedModel, hf_model: Any) -> None:
     """Top-1 agreement ≥ 98 % of positions and max |Δlogit| ≤ 2.0 against HF fp32 on the same GGUF.
 
-    Why 2.0: HF runs the file's exact fp32 dequantization with fp32 activations. We differ by
-    (a) bf16 matmul inputs/outputs, relative error 2⁻⁹ per value, injected at 120 matmuls plus the
-    LM head, (b) bf16-rounded Q4_1 scale/zero (≤ 0.2 % of a scale; ≤ 1/4 step, tested in
-    test_quant_cpu), (c) the Q8_0 LM head requantized to per-channel int8 (half a channel step per
-    weight). Logits of this model span ±30; a 2⁻⁹ relative error accumulated as a random walk over
-    30 residual layers gives a few tenths, (c) adds ≈ 0.1–0.3 on the largest logits. 2.0 leaves
-    margin for heavy-tailed positions; the measured maximum is printed for the record.
+    Why 2.0: HF runs the file's exact fp32 dequantization with fp32 activations (our fp32 reference
+    with those exact weights matches it to 7e-5). We differ by (a) bf16 inputs and outputs of every
+    quantized matmul, relative error 2⁻⁹ per value, injected at 120 matmuls plus the LM head and
+    carried through 30 residual layers — measured alone (runner vs its own fp32 reference) up to
+    ≈ 1.1 on the largest logits (|logit| ≤ 30, so ~4 %); (b) Q4_1 scale/zero rounded to bf16,
+    error-compensated (≤ 1/4 quantization step per weight, tested in test_quant_cpu), measured
+    alone ≈ 0.3. The two add to ≈ 1.4 at worst; measured 1.24 with 224 of 227 positions agreeing
+    (2026-11 run). 2.0 leaves room for heavy-tailed positions without hiding a real bug, which
+    shows up as errors of several logits and agreement far below 98 %.
     """
     runner = ModelRunner(loaded, num_kv_blocks=64, block_size=16)
     agree = total = 0
@@ -98,13 +100,13 @@ def test_teacher_forced_logits_match_hf_transformers(loaded: LoadedModel, hf_mod
 def test_reference_path_matches_hf_closely(
     loaded: LoadedModel, reference: LlamaWeights, hf_model: Any
 ) -> None:
-    """The fp32 reference differs from HF only by the weights' bf16 scales and the int8 head."""
+    """The fp32 reference differs from HF only by the kernel's bf16 scale/zero (measured ≈ 0.3)."""
     ids = _ids(loaded, PROMPTS[7])
     ours = reference_forward(loaded.config, reference, ids)
     with torch.no_grad():
         theirs = hf_model(torch.tensor([ids])).logits[0]
     assert bool((ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.98)
-    assert float((ours - theirs).abs().max()) <= 1.5
+    assert float((ours - theirs).abs().max()) <= 1.0
 
 
 def _greedy_runner(runner: ModelRunner, ids: list[int], n: int) -> list[int]:
