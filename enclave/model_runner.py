@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,11 @@ from veil.enclave.model_loader import LoadedModel, default_model_path, load_mode
 __all__ = ["ModelRunner", "SeqStep", "default_model_path", "load_model"]
 
 T = TypeVar("T")
+
+
+def _init_model_thread(tid: list[int], threads: int) -> None:
+    tid.append(threading.get_ident())
+    torch.set_num_threads(threads)
 
 
 @dataclass(slots=True)
@@ -51,13 +57,16 @@ class ModelRunner:
         # libgomp stops spin-waiting and every op pays a futex wake-up: decode speed halved on 2
         # cores when the engine's worker thread and the loading thread both had teams. So all
         # multi-threaded torch work of the engine belongs on this thread (see ``call``).
+        self._tid: list[int] = []  # filled by the model thread (no reference back to self)
         self._pool = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="veil-model",
-            initializer=self._init_thread,
+            initializer=_init_model_thread,
+            initargs=(self._tid, self.threads),
         )
-        self._thread: int | None = None
         self._callers: set[int] = set()
+        # A dropped runner must not leave its thread (and its OpenMP team) behind.
+        weakref.finalize(self, self._pool.shutdown, wait=False)
         self.config: ModelConfig = model.config
         self.tokenizer = model.tokenizer
         self.chat_template: str | None = model.chat_template
@@ -72,9 +81,9 @@ class ModelRunner:
     def _build(model: LoadedModel, num_kv_blocks: int, block_size: int) -> tuple[LlamaModel, KVCache]:
         return LlamaModel(model.config, model.weights), KVCache(model.config, num_kv_blocks, block_size)
 
-    def _init_thread(self) -> None:
-        self._thread = threading.get_ident()
-        torch.set_num_threads(self.threads)
+    @property
+    def _thread(self) -> int | None:
+        return self._tid[0] if self._tid else None
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the model thread (for other multi-threaded torch work, e.g. sampling)."""
