@@ -123,7 +123,8 @@ def _run_veil(args: argparse.Namespace) -> dict[str, Any]:
     )
     runner = engine._engine.runner
     tok = runner.tokenizer
-    weight_bytes = runner.model.weights.nbytes
+    w = runner.model.weights
+    weight_bytes = w.nbytes - w.embed.nbytes  # bytes read per decoded token (the lookup reads one row)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
 
     async def one(rid: str, ids: list[int], t0: float) -> tuple[float, float, float, int]:
