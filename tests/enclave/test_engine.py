@@ -192,6 +192,15 @@ def batch_invariant(runner: ModelRunner) -> bool:
     return bool(torch.equal(alone[0], both[0]))
 
 
+def test_runner_is_batch_invariant(batch_invariant: bool) -> None:
+    """The real runner gives a sequence the same logits alone and in a batch.
+
+    This is what makes seeded and greedy output independent of batch-mates; the tie-tolerant
+    and xfail paths below exist only to diagnose a runner that loses it, never to pass one.
+    """
+    assert batch_invariant, NOT_INVARIANT
+
+
 NOT_INVARIANT = (
     "the model runner's logits depend on the batch composition (decode attention rounding), "
     "so sampled text may too; the engine's own part is exact (scripted-runner tests)"
