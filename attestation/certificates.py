@@ -71,22 +71,14 @@ def ensure_decodable(cert: x509.Certificate) -> x509.Certificate:
     return cert
 
 
-def _load_der(der: bytes) -> x509.Certificate:
+def _load_one(data: bytes, *, pem: bool) -> x509.Certificate:
+    loader = x509.load_pem_x509_certificate if pem else x509.load_der_x509_certificate
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SERIAL_WARNING)
         try:
-            return ensure_decodable(x509.load_der_x509_certificate(der))
+            return ensure_decodable(loader(data))
         except (ValueError, x509.InvalidVersion) as exc:
-            raise MalformedInputError(f"not a DER X.509 certificate: {exc}") from None
-
-
-def _load_pem(block: bytes) -> x509.Certificate:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SERIAL_WARNING)
-        try:
-            return ensure_decodable(x509.load_pem_x509_certificate(block))
-        except (ValueError, x509.InvalidVersion) as exc:
-            raise MalformedInputError(f"not a PEM X.509 certificate: {exc}") from None
+            raise MalformedInputError(f"not a {'PEM' if pem else 'DER'} X.509 certificate: {exc}") from None
 
 
 def load_certificates(data: bytes) -> list[x509.Certificate]:
@@ -99,7 +91,7 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
         blocks = _PEM_BLOCK.findall(data)
         if not blocks:
             raise MalformedInputError("PEM data holds no CERTIFICATE block")
-        return [_load_pem(block) for block in blocks]
+        return [_load_one(block, pem=True) for block in blocks]
     if not data:
         raise MalformedInputError("empty certificate data")
-    return [_load_der(data)]
+    return [_load_one(data, pem=False)]
