@@ -86,6 +86,7 @@ class PrefillChunk:
     n: int
     blocks: torch.Tensor  # [nb] block ids covering [0, start + n)
     ctx: int  # start + n
+    first_block: int | None  # the table's first block when its blocks are consecutive (a view, no gather)
     mask: torch.Tensor  # [n, nb * block_size] bool, True = attend
 
 
@@ -101,6 +102,7 @@ class BatchPlan:
     decode_all: bool  # every row is a decode step, in order
     decode_blocks: torch.Tensor | None  # [B, nb] padded block tables
     decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] fp32, 0 or -inf
+    decode_span: tuple[int, int] | None  # (first block, nb): one decode row whose blocks are consecutive
     prefills: list[PrefillChunk]
     logit_rows: torch.Tensor  # [n_out] rows whose logits are returned
 
@@ -135,11 +137,15 @@ class BatchPlan:
                 kv = torch.arange(nb * block_size)
                 q = torch.arange(start, start + n)
                 mask = kv[None, :] <= q[:, None]
-                prefills.append(PrefillChunk(row, n, torch.tensor(table[:nb]), start + n, mask))
+                first = table[0] if _consecutive(table[:nb]) else None
+                prefills.append(PrefillChunk(row, n, torch.tensor(table[:nb]), start + n, first, mask))
             if want:
                 logit_rows.append(row + n - 1)
         pos_t = torch.tensor(pos)
         decode_blocks = decode_mask = decode_rows = None
+        decode_span = None
+        if len(dec_tables) == 1 and _consecutive(dec_tables[0]):
+            decode_span = (dec_tables[0][0], len(dec_tables[0]))
         if dec_rows:
             width = max(len(t) for t in dec_tables)
             decode_blocks = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables])
@@ -156,9 +162,20 @@ class BatchPlan:
             decode_all=not prefills,
             decode_blocks=decode_blocks,
             decode_mask=decode_mask,
+            decode_span=decode_span,
             prefills=prefills,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
         )
+
+
+def _consecutive(table: list[int]) -> bool:
+    """Whether ``table`` names consecutive blocks (the common case for one sequence, as the block
+    manager hands out a FIFO free list): its cache rows are then a strided view, not a gather."""
+    return (
+        bool(table)
+        and table[-1] - table[0] == len(table) - 1
+        and table == list(range(table[0], table[0] + len(table)))
+    )
 
 
 class LlamaModel:
@@ -209,8 +226,13 @@ class LlamaModel:
         if plan.decode_rows is not None:
             out[plan.decode_rows] = self._decode_attention(plan, q[plan.decode_rows], kc, vc)
         for c in plan.prefills:
-            kk = kc.index_select(1, c.blocks).view(1, nkv, -1, hd)
-            vv = vc.index_select(1, c.blocks).view(1, nkv, -1, hd)
+            if c.first_block is not None:
+                nb = c.blocks.shape[0]
+                kk = kc[:, c.first_block : c.first_block + nb].reshape(1, nkv, -1, hd)
+                vv = vc[:, c.first_block : c.first_block + nb].reshape(1, nkv, -1, hd)
+            else:
+                kk = kc.index_select(1, c.blocks).view(1, nkv, -1, hd)
+                vv = vc.index_select(1, c.blocks).view(1, nkv, -1, hd)
             qq = q[c.row : c.row + c.n].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 qq, kk, vv, attn_mask=c.mask, scale=self.scale, enable_gqa=True
@@ -227,11 +249,17 @@ class LlamaModel:
         blocks, mask = plan.decode_blocks, plan.decode_mask
         if blocks is None or mask is None:  # internal invariant: only called with decode rows
             raise RuntimeError("decode attention without decode rows")
-        flat = blocks.view(-1)
-        # Gathered blocks come out as [nkv, B, L, hd], contiguous: batch dims (nkv, B) for bmm with
-        # no copy. q is the small operand, so it is the one reordered to match.
-        kk = kc.index_select(1, flat).view(nkv, b, -1, hd)
-        vv = vc.index_select(1, flat).view(nkv, b, -1, hd)
+        if plan.decode_span is not None and b == 1:
+            # One sequence on consecutive blocks: read the cache in place (same values, no copy).
+            first, nb = plan.decode_span
+            kk = kc[:, first : first + nb].reshape(nkv, 1, -1, hd)
+            vv = vc[:, first : first + nb].reshape(nkv, 1, -1, hd)
+        else:
+            flat = blocks.view(-1)
+            # Gathered blocks come out as [nkv, B, L, hd], contiguous: batch dims (nkv, B) for bmm
+            # with no copy. q is the small operand, so it is the one reordered to match.
+            kk = kc.index_select(1, flat).view(nkv, b, -1, hd)
+            vv = vc.index_select(1, flat).view(nkv, b, -1, hd)
         qq = q.view(b, nkv, nh // nkv, hd).transpose(0, 1)  # [nkv, B, rep, hd]
         s = torch.matmul(qq, kk.transpose(-1, -2)).mul_(self.scale).add_(mask.view(1, b, 1, -1)).softmax(-1)
         return torch.matmul(s, vv).transpose(0, 1).reshape(b, nh, hd)
