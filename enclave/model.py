@@ -52,6 +52,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rot * sin
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE (rotate-half) on ``x`` [T, H, D] (bf16 or fp32) → fp32, in three kernels.
+
+    ``rotate_half(x) * sin`` is ``flip(halves of x) * sin_signed`` with ``sin_signed`` the sine
+    whose first half is negated; bf16 inputs widen to fp32 exactly inside the multiplications.
+    """
+    t, h, d = x.shape
+    swapped = x.view(t, h, 2, d // 2).flip(2).view(t, h, d)
+    return torch.addcmul(x * cos, swapped, sin_signed)
+
+
 class KVCache:
     """Keys and values of every layer: ``[layers, n_kv, num_blocks, block_size, head_dim]`` fp32.
 
@@ -61,7 +72,7 @@ class KVCache:
     cost is the gather, and it keeps attention exact to the reference.
     """
 
-    __slots__ = ("_buffers", "block_size", "k", "num_blocks", "v")
+    __slots__ = ("_buffers", "block_size", "k", "k_flat", "num_blocks", "v", "v_flat")
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int) -> None:
         shape = (config.n_layers, config.n_kv_heads, num_blocks, block_size, config.head_dim)
@@ -72,6 +83,9 @@ class KVCache:
         self.k = torch.frombuffer(self._buffers[0], dtype=torch.float32).view(shape)
         self.v = torch.frombuffer(self._buffers[1], dtype=torch.float32).view(shape)
         self.num_blocks, self.block_size = num_blocks, block_size
+        # per layer [n_kv, num_blocks * block_size, head_dim]: the slot-indexed views writes use
+        self.k_flat = [k.view(config.n_kv_heads, -1, config.head_dim) for k in self.k]
+        self.v_flat = [v.view(config.n_kv_heads, -1, config.head_dim) for v in self.v]
 
     @property
     def nbytes(self) -> int:
@@ -96,7 +110,7 @@ class BatchPlan:
 
     token_ids: torch.Tensor  # [T]
     cos: torch.Tensor  # [T, 1, D]
-    sin: torch.Tensor
+    sin: torch.Tensor  # [T, 1, D], first half negated (see :func:`_rope`)
     slots: torch.Tensor  # [T] flat cache slot (block * block_size + offset) for each new token
     decode_rows: torch.Tensor | None  # [B] rows that are single-token steps (None: none)
     decode_all: bool  # every row is a decode step, in order
@@ -142,6 +156,8 @@ class BatchPlan:
             if want:
                 logit_rows.append(row + n - 1)
         pos_t = torch.tensor(pos)
+        sin_signed = sin_table[pos_t]  # a fresh tensor: fold rotate-half's sign in once per step
+        sin_signed[:, : sin_signed.shape[1] // 2].neg_()
         decode_blocks = decode_mask = decode_rows = None
         decode_span = None
         if len(dec_tables) == 1 and _consecutive(dec_tables[0]):
@@ -156,7 +172,7 @@ class BatchPlan:
         return BatchPlan(
             token_ids=torch.tensor(ids),
             cos=cos_table[pos_t].unsqueeze(1),
-            sin=sin_table[pos_t].unsqueeze(1),
+            sin=sin_signed.unsqueeze(1),
             slots=torch.tensor(slots),
             decode_rows=decode_rows,
             decode_all=not prefills,
@@ -198,12 +214,12 @@ class LlamaModel:
         for li, layer in enumerate(w.layers):
             h = F.rms_norm(x, (cfg.hidden,), layer.attn_norm, cfg.rms_eps).to(COMPUTE_DTYPE)
             qkv = layer.qkv(h)
-            qk = _rotate(qkv[:, :k_end].float().view(t, nh + nkv, hd), plan.cos, plan.sin)
+            qk = _rope(qkv[:, :k_end].float().view(t, nh + nkv, hd), plan.cos, plan.sin)
             kc = cache.k[li]
             vc = cache.v[li]
-            kc.view(nkv, -1, hd).index_copy_(1, plan.slots, qk[:, nh:].transpose(0, 1))
-            vc.view(nkv, -1, hd).index_copy_(
-                1, plan.slots, qkv[:, k_end:].float().view(t, nkv, hd).transpose(0, 1)
+            cache.k_flat[li].index_copy_(1, plan.slots, qk[:, nh:].transpose(0, 1))
+            cache.v_flat[li].index_copy_(
+                1, plan.slots, qkv[:, k_end:].view(t, nkv, hd).transpose(0, 1).float()
             )
             attn = self._attention(plan, qk[:, :nh], kc, vc)
             x += layer.o(attn)
@@ -249,20 +265,25 @@ class LlamaModel:
         blocks, mask = plan.decode_blocks, plan.decode_mask
         if blocks is None or mask is None:  # internal invariant: only called with decode rows
             raise RuntimeError("decode attention without decode rows")
+        rep = nh // nkv
         if plan.decode_span is not None and b == 1:
             # One sequence on consecutive blocks: read the cache in place (same values, no copy).
             first, nb = plan.decode_span
-            kk = kc[:, first : first + nb].reshape(nkv, 1, -1, hd)
-            vv = vc[:, first : first + nb].reshape(nkv, 1, -1, hd)
+            kk = kc[:, first : first + nb].view(nkv, -1, hd)
+            vv = vc[:, first : first + nb].view(nkv, -1, hd)
+            qq = q.view(nkv, rep, hd)
         else:
             flat = blocks.view(-1)
-            # Gathered blocks come out as [nkv, B, L, hd], contiguous: batch dims (nkv, B) for bmm
-            # with no copy. q is the small operand, so it is the one reordered to match.
-            kk = kc.index_select(1, flat).view(nkv, b, -1, hd)
-            vv = vc.index_select(1, flat).view(nkv, b, -1, hd)
-        qq = q.view(b, nkv, nh // nkv, hd).transpose(0, 1)  # [nkv, B, rep, hd]
-        s = torch.matmul(qq, kk.transpose(-1, -2)).mul_(self.scale).add_(mask.view(1, b, 1, -1)).softmax(-1)
-        return torch.matmul(s, vv).transpose(0, 1).reshape(b, nh, hd)
+            # Gathered blocks come out as [nkv, B, L, hd], contiguous: batch dim nkv·B for bmm with
+            # no copy. q is the small operand, so it is the one reordered to match.
+            kk = kc.index_select(1, flat).view(nkv * b, -1, hd)
+            vv = vc.index_select(1, flat).view(nkv * b, -1, hd)
+            qq = q.view(b, nkv, rep, hd).transpose(0, 1).reshape(nkv * b, rep, hd)
+        # 3-d bmm directly (what matmul lowers to, without its reshapes); same kernels either way
+        s = torch.bmm(qq, kk.transpose(1, 2)).mul_(self.scale)
+        s.view(nkv, b, rep, -1).add_(mask.view(1, b, 1, -1))
+        o = torch.bmm(s.softmax(-1), vv)  # [nkv·B, rep, hd]
+        return o.view(nkv, b, rep, hd).transpose(0, 1).reshape(b, nh, hd)
 
 
 def reference_forward(
