@@ -31,5 +31,5 @@ class ModelConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """KV-cache bytes one token occupies across all layers (fp32 keys and values)."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+        """KV-cache bytes one token occupies across all layers (fp32 keys, bf16 values)."""
+        return self.n_layers * self.n_kv_heads * self.head_dim * (4 + 2)
