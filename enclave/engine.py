@@ -253,7 +253,11 @@ class AsyncEngine:
                         if not (self._pending_adds or self._pending_cancels or self._closing):
                             await wake.wait()
                         continue
-                    outputs = await loop.run_in_executor(self._executor, self._engine.step)
+                    submit = getattr(self._engine.runner, "submit", None)
+                    if submit is not None:  # the runner's own model thread (see ModelRunner.submit)
+                        outputs = await asyncio.wrap_future(submit(self._engine.step))
+                    else:
+                        outputs = await loop.run_in_executor(self._executor, self._engine.step)
                 except Exception as exc:  # a bug: fail what is in flight, keep serving
                     log_event(log, "engine.step_failed", logging.ERROR, error_type=type(exc).__name__)
                     outputs = self._abort_everything()

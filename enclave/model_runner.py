@@ -11,7 +11,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -90,6 +90,12 @@ class ModelRunner:
         if threading.get_ident() == self._thread:
             return fn(*args)
         return self._pool.submit(fn, *args).result()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Queue ``fn(*args)`` on the model thread. The engine runs its whole step there (schedule,
+        forward, sampling, detokenizing): one thread hand-off per step instead of two, and the
+        sampler's torch work joins the model thread's OpenMP team instead of competing with it."""
+        return self._pool.submit(fn, *args)
 
     def close(self) -> None:
         """Stop the model thread (idempotent); the runner cannot execute afterwards."""
