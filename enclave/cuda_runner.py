@@ -41,7 +41,7 @@ from veil.enclave.errors import InvalidRequestError
 from veil.enclave.model import rope_tables
 from veil.enclave.model_config import ModelConfig
 from veil.enclave.model_loader import LoadedModel
-from veil.enclave.model_runner import SeqStep
+from veil.enclave.model_runner import SeqStep, validate_steps
 from veil.enclave.weights import BlockEmbedding, LlamaSpecs, Spec
 from veil.kernels.quant_cpu import Int4Spec, Int8Spec
 from veil.kernels.triton_fused import rmsnorm_residual, rope_kv_write
@@ -294,20 +294,13 @@ class CudaModelRunner:
     # ------------------------------------------------------------------------------------------ execute
 
     def _validate(self, steps: list[SeqStep]) -> None:
-        bs = self.block_size
-        for s in steps:
-            n = len(s.token_ids)
-            end = s.start_pos + n
-            if n == 0 or s.start_pos < 0:
-                raise InvalidRequestError(f"sequence {s.seq_id}: empty step or negative start position")
-            if end > self.max_context:
-                raise InvalidRequestError(f"sequence {s.seq_id}: position {end} exceeds the context")
-            if len(s.block_table) * bs < end:
-                raise InvalidRequestError(f"sequence {s.seq_id}: block table too short for {end} tokens")
-            if any(b < 0 or b >= self.num_kv_blocks for b in s.block_table[: (end + bs - 1) // bs]):
-                raise InvalidRequestError(f"sequence {s.seq_id}: block id out of range")
-            if any(t < 0 or t >= self.config.vocab for t in s.token_ids):
-                raise InvalidRequestError(f"sequence {s.seq_id}: token id out of range")
+        validate_steps(
+            steps,
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            max_context=self.max_context,
+            vocab=self.config.vocab,
+        )
 
     def execute(self, steps: list[SeqStep]) -> torch.Tensor:
         """Run ``steps``; fp32 logits ``[number of steps with want_logits, vocab]`` on the host, in order."""

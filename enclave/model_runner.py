@@ -22,7 +22,7 @@ from veil.enclave.model import BatchPlan, KVCache, LlamaModel
 from veil.enclave.model_config import ModelConfig
 from veil.enclave.model_loader import LoadedModel, default_model_path, load_model
 
-__all__ = ["ModelRunner", "SeqStep", "default_model_path", "load_model"]
+__all__ = ["ModelRunner", "SeqStep", "default_model_path", "load_model", "validate_steps"]
 
 T = TypeVar("T")
 
@@ -41,6 +41,26 @@ class SeqStep:
     start_pos: int  # tokens of this sequence already in the KV cache
     block_table: list[int] = field(default_factory=list)  # physical blocks covering [0, start_pos + n)
     want_logits: bool = True  # only the last position's logits are returned
+
+
+def validate_steps(
+    steps: list[SeqStep], *, block_size: int, num_kv_blocks: int, max_context: int, vocab: int
+) -> None:
+    """Reject a step no runner may execute (shared by the CPU and CUDA runners)."""
+    bs = block_size
+    for s in steps:
+        n = len(s.token_ids)
+        end = s.start_pos + n
+        if n == 0 or s.start_pos < 0:
+            raise InvalidRequestError(f"sequence {s.seq_id}: empty step or negative start position")
+        if end > max_context:
+            raise InvalidRequestError(f"sequence {s.seq_id}: position {end} exceeds the context")
+        if len(s.block_table) * bs < end:
+            raise InvalidRequestError(f"sequence {s.seq_id}: block table too short for {end} tokens")
+        if any(b < 0 or b >= num_kv_blocks for b in s.block_table[: (end + bs - 1) // bs]):
+            raise InvalidRequestError(f"sequence {s.seq_id}: block id out of range")
+        if any(t < 0 or t >= vocab for t in s.token_ids):
+            raise InvalidRequestError(f"sequence {s.seq_id}: token id out of range")
 
 
 class ModelRunner:
@@ -110,20 +130,13 @@ class ModelRunner:
         """Run ``steps``; fp32 logits [number of steps with want_logits, vocab], in step order."""
         if not steps:
             return torch.empty(0, self.config.vocab)
-        bs = self.block_size
-        for s in steps:
-            n = len(s.token_ids)
-            end = s.start_pos + n
-            if n == 0 or s.start_pos < 0:
-                raise InvalidRequestError(f"sequence {s.seq_id}: empty step or negative start position")
-            if end > self.max_context:
-                raise InvalidRequestError(f"sequence {s.seq_id}: position {end} exceeds the context")
-            if len(s.block_table) * bs < end:
-                raise InvalidRequestError(f"sequence {s.seq_id}: block table too short for {end} tokens")
-            if any(b < 0 or b >= self.num_kv_blocks for b in s.block_table[: (end + bs - 1) // bs]):
-                raise InvalidRequestError(f"sequence {s.seq_id}: block id out of range")
-            if any(t < 0 or t >= self.config.vocab for t in s.token_ids):
-                raise InvalidRequestError(f"sequence {s.seq_id}: token id out of range")
+        validate_steps(
+            steps,
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            max_context=self.max_context,
+            vocab=self.config.vocab,
+        )
         work = [(s.token_ids, s.start_pos, s.block_table, s.want_logits) for s in steps]
         tid = threading.get_ident()
         if tid == self._thread:
