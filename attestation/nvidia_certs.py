@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
 
 from veil.attestation.certificates import load_certificates
+from veil.attestation.der import der_items, oid_text
 from veil.attestation.errors import CollateralError, MalformedInputError
 
 __all__ = [
@@ -176,50 +177,14 @@ def leaf_problem(leaf: x509.Certificate) -> str | None:
     return None
 
 
-def _der_items(data: bytes) -> list[tuple[int, bytes]]:
-    """Top-level DER TLVs of ``data`` as (tag, content); raises on malformed encoding."""
-    items: list[tuple[int, bytes]] = []
-    i = 0
-    while i < len(data):
-        if i + 2 > len(data):
-            raise MalformedInputError("DER truncated")
-        tag, length = data[i], data[i + 1]
-        i += 2
-        if length & 0x80:
-            n = length & 0x7F
-            if n == 0 or n > 3 or i + n > len(data):
-                raise MalformedInputError("DER length malformed")
-            length = int.from_bytes(data[i : i + n], "big")
-            i += n
-        if i + length > len(data):
-            raise MalformedInputError("DER content truncated")
-        items.append((tag, data[i : i + length]))
-        i += length
-    return items
-
-
-def _oid_text(content: bytes) -> str:
-    if not content:
-        raise MalformedInputError("empty OID")
-    parts = [min(content[0] // 40, 2)]
-    parts.append(content[0] - 40 * parts[0])
-    value = 0
-    for b in content[1:]:
-        value = (value << 7) | (b & 0x7F)
-        if not b & 0x80:
-            parts.append(value)
-            value = 0
-    return ".".join(map(str, parts))
-
-
 def _fwid_entry(content: bytes) -> bytes | None:
     """``FWID ::= SEQUENCE { hashAlg OID, digest OCTET STRING }`` → the SHA-384 digest."""
-    items = _der_items(content)
+    items = der_items(content, "FWID")
     if (
         len(items) == 2
         and items[0][0] == 0x06
         and items[1][0] == 0x04
-        and _oid_text(items[0][1]) == _SHA384_OID
+        and oid_text(items[0][1], "FWID") == _SHA384_OID
     ):
         return items[1][1]
     return None
@@ -237,15 +202,15 @@ def leaf_fwid(cert: x509.Certificate) -> bytes | None:
         return None
     value = ext.value
     raw = value.value if isinstance(value, x509.UnrecognizedExtension) else value.public_bytes()
-    outer = _der_items(raw)
+    outer = der_items(raw, "TcbInfo")
     if len(outer) != 1 or outer[0][0] != 0x30:
         raise MalformedInputError("TcbInfo extension is not one SEQUENCE")
     found: list[bytes] = []
-    for tag, content in _der_items(outer[0][1]):
+    for tag, content in der_items(outer[0][1], "TcbInfo"):
         if tag == 0x30 and (digest := _fwid_entry(content)) is not None:
             found.append(digest)
         elif tag == 0xA6:  # DiceTcbInfo fwids [6] IMPLICIT SEQUENCE OF FWID
-            for sub_tag, sub in _der_items(content):
+            for sub_tag, sub in der_items(content, "TcbInfo"):
                 if sub_tag == 0x30 and (digest := _fwid_entry(sub)) is not None:
                     found.append(digest)
     if len(found) != 1:

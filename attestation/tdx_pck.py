@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from veil.attestation.der import der_items, oid_text
 from veil.attestation.errors import MalformedInputError
 
 __all__ = ["SGX_EXTENSION_OID", "PckExtensions", "parse_pck_extensions", "parse_sgx_extension"]
@@ -55,45 +56,7 @@ class PckExtensions:
 
 
 def _tlvs(data: bytes) -> list[tuple[int, bytes]]:
-    """Split DER ``data`` into (tag, value) pairs at one nesting level."""
-    out: list[tuple[int, bytes]] = []
-    pos = 0
-    while pos < len(data):
-        if pos + 2 > len(data):
-            raise MalformedInputError("PCK SGX extension: truncated DER header")
-        tag, first = data[pos], data[pos + 1]
-        if tag & 0x1F == 0x1F:
-            raise MalformedInputError("PCK SGX extension: multi-byte DER tags are not used here")
-        pos += 2
-        if first < 0x80:
-            length = first
-        else:
-            n = first & 0x7F
-            if n == 0 or n > 4 or pos + n > len(data):
-                raise MalformedInputError("PCK SGX extension: bad DER length")
-            length = int.from_bytes(data[pos : pos + n], "big")
-            pos += n
-        if pos + length > len(data):
-            raise MalformedInputError("PCK SGX extension: DER value runs past its container")
-        out.append((tag, data[pos : pos + length]))
-        pos += length
-    return out
-
-
-def _oid(value: bytes) -> str:
-    if not value:
-        raise MalformedInputError("PCK SGX extension: empty OID")
-    arcs: list[int] = []
-    acc = 0
-    for byte in value:
-        acc = (acc << 7) | (byte & 0x7F)
-        if not byte & 0x80:
-            arcs.append(acc)
-            acc = 0
-    if value[-1] & 0x80:
-        raise MalformedInputError("PCK SGX extension: truncated OID")
-    first = min(arcs[0] // 40, 2)
-    return ".".join(str(a) for a in [first, arcs[0] - 40 * first, *arcs[1:]])
+    return der_items(data, "PCK SGX extension")
 
 
 def _entries(seq_value: bytes) -> dict[str, tuple[int, bytes]]:
@@ -105,7 +68,7 @@ def _entries(seq_value: bytes) -> dict[str, tuple[int, bytes]]:
         parts = _tlvs(value)
         if len(parts) != 2 or parts[0][0] != _OID:
             raise MalformedInputError("PCK SGX extension: entry is not {OID, value}")
-        out[_oid(parts[0][1])] = parts[1]
+        out[oid_text(parts[0][1], "PCK SGX extension")] = parts[1]
     return out
 
 
