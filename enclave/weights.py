@@ -17,13 +17,12 @@ import torch
 from veil.kernels.quant_cpu import (
     COMPUTE_DTYPE,
     DenseLinear,
-    Int4Linear,
     Int4Spec,
-    Int8Linear,
     Int8Spec,
     Q8BlockSpec,
-    Q8PairLinear,
     QuantizedLinear,
+    effective_weight,
+    pack_linear,
 )
 
 __all__ = [
@@ -167,30 +166,24 @@ def spec_nbytes(spec: Spec) -> int:
 def _effective(spec: Spec) -> torch.Tensor:
     if isinstance(spec, torch.Tensor):
         return spec.to(COMPUTE_DTYPE).float()
-    if isinstance(spec, Q8BlockSpec):
-        return spec.kernel_weight()
-    return spec.as_kernel_sees().dequantize()
+    return effective_weight(spec)
 
 
 def _pack(spec: Spec) -> QuantizedLinear:
-    if isinstance(spec, Int4Spec):
-        return Int4Linear(spec)
-    if isinstance(spec, Int8Spec):
-        return Int8Linear(spec)
-    if isinstance(spec, Q8BlockSpec):
-        return Q8PairLinear(spec)
-    return DenseLinear(spec.to(COMPUTE_DTYPE))
+    if isinstance(spec, torch.Tensor):
+        return DenseLinear(spec.to(COMPUTE_DTYPE))
+    return pack_linear(spec)
 
 
 def _fuse(specs: list[Spec], reference: bool) -> QuantizedLinear:
     if reference:
         return DenseLinear(torch.cat([_effective(s) for s in specs]))
     if all(isinstance(s, Int4Spec) for s in specs) and len({s.group_size for s in specs}) == 1:  # type: ignore[union-attr]
-        return Int4Linear(Int4Spec.concat([s for s in specs if isinstance(s, Int4Spec)]))
+        return pack_linear(Int4Spec.concat([s for s in specs if isinstance(s, Int4Spec)]))
     if all(isinstance(s, Int8Spec) for s in specs):
-        return Int8Linear(Int8Spec.concat([s for s in specs if isinstance(s, Int8Spec)]))
+        return pack_linear(Int8Spec.concat([s for s in specs if isinstance(s, Int8Spec)]))
     if all(isinstance(s, Q8BlockSpec) for s in specs):
-        return Q8PairLinear(Q8BlockSpec.concat([s for s in specs if isinstance(s, Q8BlockSpec)]))
+        return pack_linear(Q8BlockSpec.concat([s for s in specs if isinstance(s, Q8BlockSpec)]))
     if all(isinstance(s, torch.Tensor) for s in specs):
         return DenseLinear(torch.cat([s for s in specs if isinstance(s, torch.Tensor)]).to(COMPUTE_DTYPE))
     return _ConcatLinear([_pack(s) for s in specs])

@@ -1,0 +1,220 @@
+"""Veil's AVX-512 BF16 CPU kernels (``kernels/cpu``) against plain fp32 PyTorch references."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from veil.enclave.gguf_loader import _decode
+from veil.kernels import cpu_ext
+from veil.kernels.quant_cpu import Int4Spec, PackedLinear, Q8BlockSpec
+
+pytestmark = pytest.mark.skipif(
+    not cpu_ext.available(), reason="Veil CPU kernels not built or CPU lacks AVX-512 BF16"
+)
+
+EPS32 = 2.0**-24
+OPS = torch.ops.veil_cpu
+
+
+def _q4(n: int, k: int, seed: int, f16: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d = torch.rand(n, k // 32, generator=g) * 0.02 + 0.001
+    m = -torch.rand(n, k // 32, generator=g) * 0.1
+    if f16:
+        d, m = d.half().float(), m.half().float()
+    return codes, d, m
+
+
+def _bound(x: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """fp32 summation in a different order: ≤ 64·u·Σ|terms| (32-term group sums, then K/32 group
+    terms; the Q4 offset trick sums (128 + q)·x and subtracts 128·Σx, so its terms are ~16× larger:
+    ``magnitude`` includes that)."""
+    return 64 * EPS32 * (x.float().abs() @ magnitude.t()) + 1e-30
+
+
+@pytest.mark.parametrize("n,k", [(960, 576), (50, 64), (576, 1536)])
+@pytest.mark.parametrize("f16", [True, False])
+def test_q4_matches_dense_fp32(n: int, k: int, f16: bool) -> None:
+    codes, d, m = _q4(n, k, seed=n + k, f16=f16)
+    w = (codes.float().view(n, -1, 32) * d[..., None] + m[..., None]).view(n, k)
+    mag = ((128 + codes.float()).view(n, -1, 32) * d[..., None] + (m + 128 * d).abs()[..., None]).view(n, k)
+    packed = cpu_ext.pack_q4(codes, d, m, f16)
+    for rows in (1, 5, 12, 13, 16, 40, 500):  # 500 rows at K=1536 spans several L2 row chunks
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        ref = x.float() @ w.t()
+        y = cpu_ext.qmm(x, packed, cpu_ext.KIND_Q4, f16, n)
+        assert y.dtype == torch.float32 and y.shape == (rows, n)
+        assert bool(((y - ref).abs() <= _bound(x, mag)).all()), (rows, float((y - ref).abs().max()))
+        acc = torch.randn(rows, n)
+        out = acc.clone()
+        cpu_ext.qmm_add_(out, x, packed, cpu_ext.KIND_Q4, f16)
+        assert bool(((out - acc - ref).abs() <= _bound(x, mag) + 4 * EPS32 * (acc.abs() + ref.abs())).all())
+
+
+@pytest.mark.parametrize("f16", [True, False])
+def test_q8_matches_dense_fp32(f16: bool) -> None:
+    n, k = 200, 576
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    d = torch.rand(n, k // 32, generator=g) * 0.01
+    d = d.half().float() if f16 else d
+    w = (codes.float().view(n, -1, 32) * d[..., None]).view(n, k)
+    packed = cpu_ext.pack_q8(codes, d, f16)
+    for rows in (1, 7, 16, 33):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        y = cpu_ext.qmm(x, packed, cpu_ext.KIND_Q8, f16, n)
+        assert bool(((y - x.float() @ w.t()).abs() <= _bound(x, w.abs())).all())
+
+
+def test_rows_are_batch_invariant() -> None:
+    """A row's result is bit-identical alone and inside any batch (tiles only change which rows
+    share a weight unpack, never the order of a row's own sums)."""
+    codes, d, m = _q4(320, 576, seed=9)
+    packed = cpu_ext.pack_q4(codes, d, m, True)
+    x = torch.randn(41, 576).to(torch.bfloat16)
+    full = cpu_ext.qmm(x, packed, cpu_ext.KIND_Q4, True, 320)
+    for r in (0, 13, 40):
+        assert torch.equal(cpu_ext.qmm(x[r : r + 1], packed, cpu_ext.KIND_Q4, True, 320)[0], full[r])
+    assert torch.equal(cpu_ext.qmm(x[5:21], packed, cpu_ext.KIND_Q4, True, 320), full[5:21])
+
+
+def test_gguf_q4_1_tensor_packs_losslessly(model_path: Path) -> None:
+    """The embedded model's Q4_1 tensors keep their fp16 scales exactly (no bf16 rounding), and the
+    kernel reproduces gguf's own dequantization times x up to fp32 summation order."""
+    reader: Any = GGUFReader(str(model_path), "r")
+    t = next(t for t in reader.tensors if t.name == "blk.3.ffn_gate.weight")
+    n, k = int(np.prod([int(s) for s in t.shape[1:]])), int(t.shape[0])
+    _, spec = _decode("Q4_1", t.data, n, k)
+    assert isinstance(spec, Int4Spec)
+    lin = PackedLinear.from_int4(spec)
+    assert lin.f16, "GGUF's fp16 d and m must survive the packing exactly"
+    theirs = torch.from_numpy(dequantize(np.asarray(t.data), GGMLQuantizationType.Q4_1).astype(np.float32))
+    theirs = theirs.reshape(n, k)
+    x = torch.randn(3, k).to(torch.bfloat16)
+    mag = theirs.abs() + 136 * spec.scale.repeat_interleave(32, 1)
+    assert bool(((lin(x) - x.float() @ theirs.t()).abs() <= _bound(x, mag)).all())
+
+
+def test_q8_block_spec_packs_exactly() -> None:
+    g = torch.Generator().manual_seed(4)
+    spec = Q8BlockSpec(
+        torch.randint(-127, 128, (48, 96), generator=g, dtype=torch.int8), torch.rand(48, 3).half().float()
+    )
+    lin = PackedLinear.from_q8(spec.codes, spec.scale)
+    x = torch.randn(4, 96).to(torch.bfloat16)
+    w = spec.dequantize()
+    assert lin.f16 and bool(((lin(x) - x.float() @ w.t()).abs() <= _bound(x, w.abs())).all())
+
+
+def test_rms_norm_bf16() -> None:
+    x = torch.randn(7, 576) * 3
+    w = torch.rand(576) + 0.5
+    ours = OPS.rms_norm_bf16(x, w, 1e-5)
+    ref = F.rms_norm(x, (576,), w, 1e-5)
+    # one bf16 rounding of an fp32 value that itself differs by a few ulp: ≤ 1 bf16 ulp (2⁻⁸ rel.)
+    assert ours.dtype == torch.bfloat16
+    assert bool(((ours.float() - ref).abs() <= 2.0**-8 * ref.abs() + 1e-30).all())
+
+
+def test_silu_mul_bf16() -> None:
+    gu = torch.randn(5, 2 * 1536) * 4
+    gu[0, :8] = torch.tensor([-100.0, -88.0, -20.0, 0.0, 20.0, 88.0, 100.0, 1e-30])
+    ours = OPS.silu_mul_bf16(gu)
+    ref = F.silu(gu[:, :1536]) * gu[:, 1536:]
+    assert bool(((ours.float() - ref).abs() <= 2.0**-8 * ref.abs() + 1e-30).all())
+
+
+def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def test_rope_store_writes_cache_and_returns_q() -> None:
+    nh, nkv, hd, t = 9, 3, 64, 6
+    qkv = torch.randn(t, (nh + 2 * nkv) * hd)
+    ang = torch.rand(40, hd // 2) * 6
+    cos, sin = torch.cat([ang, ang], 1).cos(), torch.cat([ang, ang], 1).sin()
+    pos = torch.tensor([0, 1, 2, 17, 39, 5])
+    slots = torch.tensor([3, 4, 5, 60, 11, 0])
+    kc = torch.zeros(nkv, 64, hd)
+    vc = torch.zeros(nkv, 64, hd, dtype=torch.bfloat16)
+    q = OPS.rope_store(qkv, cos, sin, pos, slots, kc, vc, nh, nkv)
+    c, s = cos[pos][:, None], sin[pos][:, None]
+    x = qkv.view(t, nh + 2 * nkv, hd)
+    torch.testing.assert_close(q, _rope_ref(x[:, :nh], c, s), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        kc[:, slots].transpose(0, 1), _rope_ref(x[:, nh : nh + nkv], c, s), rtol=0, atol=1e-5
+    )
+    assert torch.equal(vc[:, slots].transpose(0, 1), x[:, nh + nkv :].to(torch.bfloat16))
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[slots] = False
+    assert not bool(kc[:, untouched].any()) and not bool(vc[:, untouched].float().any())
+
+
+@pytest.mark.parametrize("ctx", [[1], [16], [17, 5, 40], [100, 1, 33, 64]])
+def test_decode_attention_matches_dense_softmax(ctx: list[int]) -> None:
+    nh, nkv, hd, bs, nblocks = 9, 3, 64, 16, 40
+    b = len(ctx)
+    kc = torch.randn(nkv, nblocks * bs, hd)
+    vc = torch.randn(nkv, nblocks * bs, hd).to(torch.bfloat16)
+    q = torch.randn(b, nh, hd) * 2
+    width = max((c + bs - 1) // bs for c in ctx)
+    perm = torch.randperm(nblocks, generator=torch.Generator().manual_seed(sum(ctx)))  # scattered blocks
+    tables = perm[: b * width].view(b, width).clone()
+    scale = 1 / math.sqrt(hd)
+    out = OPS.decode_attention(q, kc, vc, tables, torch.tensor(ctx), bs, scale, False).view(b, nh, hd)
+    out16 = OPS.decode_attention(q, kc, vc, tables, torch.tensor(ctx), bs, scale, True)
+    assert torch.equal(out16, out.view(b, -1).to(torch.bfloat16))
+    for i, c in enumerate(ctx):
+        slots = (tables[i][:, None] * bs + torch.arange(bs)).view(-1)[:c]
+        k = kc[:, slots].repeat_interleave(nh // nkv, 0)  # [nh, c, hd]
+        v = vc[:, slots].float().repeat_interleave(nh // nkv, 0)
+        p = torch.softmax((q[i][:, None, :] * k).sum(-1) * scale, -1)
+        ref = (p[..., None] * v).sum(1)
+        torch.testing.assert_close(out[i], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_rejects_bad_tables() -> None:
+    kc = torch.zeros(3, 64, 64)
+    vc = torch.zeros(3, 64, 64, dtype=torch.bfloat16)
+    q = torch.zeros(1, 9, 64)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        OPS.decode_attention(q, kc, vc, torch.tensor([[7]]), torch.tensor([3]), 16, 0.125, False)
+    with pytest.raises(RuntimeError, match="context length"):
+        OPS.decode_attention(q, kc, vc, torch.tensor([[0]]), torch.tensor([17]), 16, 0.125, False)
+    with pytest.raises(RuntimeError, match="x has"):
+        cpu_ext.qmm(
+            torch.zeros(1, 64, dtype=torch.bfloat16), cpu_ext.pack_q4(*_q4(16, 32, 0), True), 0, True, 16
+        )
+
+
+def test_fallback_without_the_kernels() -> None:
+    """``VEIL_CPU_KERNELS=0``: the model packs for PyTorch's ops and runs the unfused forward."""
+    code = (
+        "from veil.enclave.model_runner import ModelRunner, SeqStep, load_model, default_model_path\n"
+        "from veil.kernels.quant_cpu import Int4Linear\n"
+        "m = load_model(default_model_path())\n"
+        "assert isinstance(m.weights.layers[0].qkv, Int4Linear)\n"
+        "r = ModelRunner(m, num_kv_blocks=8, block_size=16)\n"
+        "assert not r.model.fused\n"
+        "print(int(r.execute([SeqStep(0, [1, 2, 3], 0, [0])]).argmax()))\n"
+    )
+    env = {**os.environ, "VEIL_CPU_KERNELS": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().isdigit()
