@@ -37,7 +37,7 @@ SHAPES = {
 
 def _time(fn: Callable[[], object], budget_s: float = 0.3) -> float:
     fn()
-    n, best = 1, float("inf")
+    best = float("inf")
     t = time.perf_counter()
     fn()
     once = max(time.perf_counter() - t, 1e-6)

@@ -321,13 +321,9 @@ def _bf16_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _kernels() -> bool:
-    return cpu_ext.available()
-
-
 def pack_linear(spec: Int4Spec | Int8Spec | Q8BlockSpec) -> QuantizedLinear:
     """The fastest exact kernel for ``spec`` on this CPU."""
-    if _kernels():
+    if cpu_ext.available():
         if isinstance(spec, Int4Spec) and spec.group_size == 32:
             return PackedLinear.from_int4(spec)
         if isinstance(spec, Q8BlockSpec):
@@ -344,7 +340,7 @@ def pack_linear(spec: Int4Spec | Int8Spec | Q8BlockSpec) -> QuantizedLinear:
 
 def effective_weight(spec: Int4Spec | Int8Spec | Q8BlockSpec) -> torch.Tensor:
     """The dense fp32 weight [N, K] that :func:`pack_linear`'s kernel computes with."""
-    if _kernels():
+    if cpu_ext.available():
         return spec.dequantize()
     if isinstance(spec, Q8BlockSpec):
         return spec.kernel_weight()

@@ -68,6 +68,16 @@ VEIL_TARGET inline __m512i bcast_pair(const uint16_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// Write (or add) a finished tile's MT rows of 16 outputs.
+template <int MT>
+VEIL_TARGET inline void store_tile(__m512* tot, float* y, int64_t ldy, bool accumulate) {
+  for (int r = 0; r < MT; ++r) {
+    float* out = y + r * ldy;
+    if (accumulate) tot[r] = _mm512_add_ps(tot[r], _mm512_loadu_ps(out));
+    _mm512_storeu_ps(out, tot[r]);
+  }
+}
+
 // One tile: MT rows × 16 channels over all G groups.
 template <int MT, bool F16>
 VEIL_TARGET void q4_tile(const uint16_t* x, int64_t ldx, const float* sums, int64_t G,
@@ -104,11 +114,7 @@ VEIL_TARGET void q4_tile(const uint16_t* x, int64_t ldx, const float* sums, int6
       tot[r] = _mm512_fmadd_ps(off, _mm512_set1_ps(sums[r * G + g]), tot[r]);
     }
   }
-  for (int r = 0; r < MT; ++r) {
-    float* out = y + r * ldy;
-    if (accumulate) tot[r] = _mm512_add_ps(tot[r], _mm512_loadu_ps(out));
-    _mm512_storeu_ps(out, tot[r]);
-  }
+  store_tile<MT>(tot, y, ldy, accumulate);
 }
 
 template <int MT, bool F16>
@@ -136,11 +142,7 @@ VEIL_TARGET void q8_tile(const uint16_t* x, int64_t ldx, const float*, int64_t G
 #pragma GCC unroll 12
     for (int r = 0; r < MT; ++r) tot[r] = _mm512_fmadd_ps(acc[r], d, tot[r]);
   }
-  for (int r = 0; r < MT; ++r) {
-    float* out = y + r * ldy;
-    if (accumulate) tot[r] = _mm512_add_ps(tot[r], _mm512_loadu_ps(out));
-    _mm512_storeu_ps(out, tot[r]);
-  }
+  store_tile<MT>(tot, y, ldy, accumulate);
 }
 
 VEIL_TARGET void group_sums(const uint16_t* x, int64_t ldx, int64_t r0, int64_t r1, int64_t G, float* sums) {
