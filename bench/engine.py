@@ -111,9 +111,9 @@ def _peak_rss_mb() -> float:
 def _run_veil(args: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
-    from veil.enclave.engine import AsyncEngine
-    from veil.enclave.llm_engine import EngineRequest
-    from veil.enclave.sampling import SamplingParams
+    from veil.enclave.engine.async_engine import AsyncEngine
+    from veil.enclave.engine.sampling import SamplingParams
+    from veil.enclave.engine.sync_engine import EngineRequest
 
     max_c = max(args.concurrency)
     need_tokens = max_c * (200 + args.new_tokens + 16)
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model is None:
-        from veil.enclave.model_loader import default_model_path
+        from veil.enclave.model.loader import default_model_path
 
         args.model = default_model_path()
     if args.worker:

@@ -410,9 +410,9 @@ def bench_runner(dtype: torch.dtype, prompt_len: int = 128, decode_steps: int = 
     this is the model's decode step, the ceiling for ``bench/engine.py --device cuda``."""
     import time
 
-    from veil.enclave.cuda_runner import CudaModelRunner
-    from veil.enclave.model_loader import default_model_path, load_model
-    from veil.enclave.model_runner import SeqStep
+    from veil.enclave.model.loader import default_model_path, load_model
+    from veil.enclave.runner.cpu import SeqStep
+    from veil.enclave.runner.cuda import CudaModelRunner
 
     path = default_model_path()
     model = load_model(path)

@@ -72,11 +72,16 @@ def _good(verdict: Any) -> None:
 def snp_cases(cache: Path) -> dict[str, Callable[[], object]]:
     import httpx
 
-    from veil.attest_verify import AuditRequest, collateral_store, default_audit_policy, verify_snp_artifact
-    from veil.attestation.amd_certs import load_certificates
-    from veil.attestation.snp import Product
-    from veil.attestation.snp_policy import validate_snp
-    from veil.attestation.snp_verify import verify_snp_bytes
+    from veil.attestation.audit.verify import (
+        AuditRequest,
+        collateral_store,
+        default_audit_policy,
+        verify_snp_artifact,
+    )
+    from veil.attestation.snp.certs import load_certificates
+    from veil.attestation.snp.report import Product
+    from veil.attestation.snp.validate import validate_snp
+    from veil.attestation.snp.verify import verify_snp_bytes
 
     d = EVIDENCE / "snp/virtee-sev"
     raw = bytes.fromhex("".join((d / "report_milan.hex").read_text().split()))
@@ -114,8 +119,8 @@ def snp_floor() -> tuple[Callable[[], object], Callable[[], object]]:
     from cryptography.hazmat.primitives.asymmetric import ec, padding
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-    from veil.attestation.amd_certs import load_certificates, pinned_ask
-    from veil.attestation.snp import Product
+    from veil.attestation.snp.certs import load_certificates, pinned_ask
+    from veil.attestation.snp.report import Product
 
     d = EVIDENCE / "snp/virtee-sev"
     raw = bytes.fromhex("".join((d / "report_milan.hex").read_text().split()))
@@ -144,11 +149,16 @@ def snp_floor() -> tuple[Callable[[], object], Callable[[], object]]:
 def tdx_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
     import dcap_qvl
 
-    from veil.attest_verify import AuditRequest, collateral_store, default_audit_policy, verify_tdx_artifact
-    from veil.attestation.tdx import parse_tdx_quote
-    from veil.attestation.tdx_collateral import load_collateral
-    from veil.attestation.tdx_policy import validate_tdx
-    from veil.attestation.tdx_verify import tcb_advisories_of, tcb_status_of, verify_tdx
+    from veil.attestation.audit.verify import (
+        AuditRequest,
+        collateral_store,
+        default_audit_policy,
+        verify_tdx_artifact,
+    )
+    from veil.attestation.tdx.collateral import load_collateral
+    from veil.attestation.tdx.quote import parse_tdx_quote
+    from veil.attestation.tdx.validate import validate_tdx
+    from veil.attestation.tdx.verify import tcb_advisories_of, tcb_status_of, verify_tdx
 
     d = EVIDENCE / "tdx/dcap-qvl"
     raw = (d / "tdx_quote").read_bytes()
@@ -185,7 +195,7 @@ def p256_floor() -> Callable[[], object]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-    from veil.attestation.tdx import parse_tdx_quote
+    from veil.attestation.tdx.quote import parse_tdx_quote
 
     quote = parse_tdx_quote((EVIDENCE / "tdx/dcap-qvl/tdx_quote").read_bytes())
     sig_data = quote.signature_data
@@ -208,9 +218,9 @@ def gpu_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-    from veil.attestation.nvidia import parse_gpu_report
-    from veil.attestation.nvidia_certs import chain_problem
-    from veil.attestation.nvidia_verify import load_cert_chain, verify_gpu
+    from veil.attestation.nvidia.certs import chain_problem
+    from veil.attestation.nvidia.report import parse_gpu_report
+    from veil.attestation.nvidia.verify import load_cert_chain, verify_gpu
 
     d = EVIDENCE / "nvidia_gpu/nvtrust/decoded"
     report = (d / "gpu0_evidence.bin").read_bytes()

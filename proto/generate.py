@@ -1,14 +1,14 @@
-"""Regenerate the committed Python code for ``proto/veil/v1/*.proto``.
+"""Regenerate the committed Python code for ``proto/veil/proto/v1/*.proto``, beside the sources.
 
-Run ``make proto``. protoc writes imports as ``from veil.v1 import x_pb2``
-(the proto package path); the code is installed as ``veil.proto.v1``, so the
-script rewrites those imports. The output is deterministic for a pinned
-grpcio-tools, which ``tests/proto/test_generated.py`` relies on.
+Run ``make proto``. The sources sit at their import path (``veil/proto/v1/``) under this
+folder, so protoc's own imports (``from veil.proto.v1 import x_pb2``) are already the
+installed module names. The output is deterministic for a pinned grpcio-tools, which
+``tests/proto/test_generated.py`` relies on. The protobuf package stays ``veil.v1``: that is
+what names the gRPC services on the wire (``/veil.v1.InferenceService/Generate``).
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import tempfile
 from importlib import resources
@@ -17,13 +17,14 @@ from pathlib import Path
 from grpc_tools import protoc
 
 HERE = Path(__file__).resolve().parent
-SOURCES = HERE / "veil" / "v1"
-DEFAULT_OUT = HERE / "v1"
-_IMPORT = re.compile(r"^from veil\.v1 import ", re.MULTILINE)
+PACKAGE = Path("veil") / "proto" / "v1"
+SOURCES = HERE / PACKAGE
+DEFAULT_OUT = SOURCES
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
 def generate(out_dir: Path) -> list[Path]:
-    """Compile every .proto under proto/veil/v1 into ``out_dir``; return the files written."""
+    """Compile every .proto under ``proto/veil/proto/v1`` into ``out_dir``; return the files written."""
     protos = sorted(SOURCES.glob("*.proto"))
     include = str(resources.files("grpc_tools") / "_proto")
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,10 +41,9 @@ def generate(out_dir: Path) -> list[Path]:
             raise SystemExit("protoc failed")
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for src in sorted((Path(tmp) / "veil" / "v1").iterdir()):
-            text = _IMPORT.sub("from veil.proto.v1 import ", src.read_text())
+        for src in sorted((Path(tmp) / PACKAGE).iterdir()):
             dst = out_dir / src.name
-            dst.write_text(text)
+            dst.write_bytes(src.read_bytes())
             written.append(dst)
     init = out_dir / "__init__.py"
     init.write_text('"""Generated gRPC/protobuf code for veil.v1 (see proto/generate.py)."""\n')

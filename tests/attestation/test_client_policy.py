@@ -11,11 +11,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from veil.attestation.errors import PolicyError
 from veil.attestation.policy import HARDWARE_PLATFORMS, PlatformName, Policy, TrustedRoots
-from veil.attestation.snp import TcbVersion, build_snp_report
+from veil.attestation.snp.report import TcbVersion, build_snp_report
 from veil.client import Policy as ClientPolicy
-from veil.enclave.simulated_tee import load_or_create_simulation
+from veil.enclave.tee.simulated import load_or_create_simulation
 
-ROOTS = Path(__file__).resolve().parents[2] / "attestation" / "roots"
+ROOTS = Path(__file__).resolve().parents[2] / "attestation" / "veil" / "attestation" / "roots"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_default_is_production_strict() -> None:
 
 
 def test_vendor_roots_equal_the_shared_evidence_copies(evidence_dir: Path) -> None:
-    from veil.attestation.amd_certs import load_certificates
+    from veil.attestation.snp.certs import load_certificates
 
     ark = load_certificates((ROOTS / "amd_milan_ark.pem").read_bytes())[0]
     shared = load_certificates((evidence_dir / "snp" / "virtee-sev" / "milan_ark.pem").read_bytes())[0]

@@ -1,4 +1,4 @@
-"""Whole-bundle verification (veil.attestation.evidence) on simulated and real evidence."""
+"""Whole-bundle verification (veil.attestation.bundle) on simulated and real evidence."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from veil.attestation.binding import Claims, gpu_nonce, report_data
+from veil.attestation.bundle import verify_evidence
 from veil.attestation.errors import MalformedInputError
-from veil.attestation.evidence import verify_evidence
 from veil.attestation.policy import Policy
 from veil.enclave.keys import EnclaveIdentity, create_identity, measurement_from_build_digest
-from veil.enclave.simulated_tee import SimulatedTeeProvider, load_or_create_simulation
+from veil.enclave.tee.simulated import SimulatedTeeProvider, load_or_create_simulation
 from veil.proto.v1 import evidence_pb2
 
 BUILD = hashlib.sha256(b"build").digest()
@@ -227,7 +227,7 @@ def test_real_snp_report_through_the_same_code(evidence_dir: Path) -> None:
     the bundle fails only because nothing binds the report to a Veil nonce and key."""
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from veil.attestation.amd_certs import load_certificates
+    from veil.attestation.snp.certs import load_certificates
 
     raw = bytes.fromhex((evidence_dir / "snp" / "virtee-sev" / "report_milan.hex").read_text().strip())
     vcek = load_certificates((evidence_dir / "snp" / "virtee-sev" / "vcek_milan.der").read_bytes())[0]

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from veil.attestation.errors import MalformedInputError, UnsupportedError, VeilAttestationError
-from veil.attestation.nvidia import (
+from veil.attestation.nvidia.report import (
     REQUEST_SIZE,
     SIGNATURE_SIZE,
     OpaqueFieldType,

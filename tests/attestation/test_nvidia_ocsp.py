@@ -15,12 +15,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
-from nvidia_fakes import FakeGpuCa, later, make_fake_ca
 
 from veil.attestation.collateral import CollateralStore, Endpoints
 from veil.attestation.errors import CollateralError
-from veil.attestation.nvidia_rim import parse_rim, verify_rim
-from veil.attestation.nvidia_verify import check_ocsp, verify_gpu
+from veil.attestation.nvidia.rim import parse_rim, verify_rim
+from veil.attestation.nvidia.verify import check_ocsp, verify_gpu
+from veil.attestation.testing.nvidia import FakeGpuCa, later, make_fake_ca
 from veil.attestation.verdict import CheckStatus
 
 NOW = later(400)

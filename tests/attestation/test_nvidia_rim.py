@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nvidia_fakes import make_fake_ca
 
 from veil.attestation.collateral import CollateralStore, Endpoints
 from veil.attestation.errors import MalformedInputError, VeilAttestationError
-from veil.attestation.nvidia import parse_gpu_report
-from veil.attestation.nvidia_certs import load_cert_chain, nvidia_device_root
-from veil.attestation.nvidia_rim import (
+from veil.attestation.nvidia.certs import load_cert_chain, nvidia_device_root
+from veil.attestation.nvidia.report import parse_gpu_report
+from veil.attestation.nvidia.rim import (
     NVDEC0_DISABLED,
     Rim,
     RimMeasurement,
@@ -28,7 +27,8 @@ from veil.attestation.nvidia_rim import (
     parse_rim,
     verify_rim,
 )
-from veil.attestation.nvidia_verify import GpuPolicy, verify_gpu
+from veil.attestation.nvidia.verify import GpuPolicy, verify_gpu
+from veil.attestation.testing.nvidia import make_fake_ca
 from veil.attestation.verdict import CheckStatus
 
 # Every RIM signer here is valid inside 2023-09-06 .. 2025-06-22 (the narrowest windows overlap).

@@ -15,8 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from veil.attestation.errors import MalformedInputError
-from veil.attestation.nvidia import parse_gpu_report
-from veil.attestation.nvidia_certs import (
+from veil.attestation.nvidia.certs import (
     NVIDIA_DEVICE_ROOT_SHA256,
     NVIDIA_RIM_ROOT_SHA256,
     TCB_INFO_OID,
@@ -26,7 +25,8 @@ from veil.attestation.nvidia_certs import (
     nvidia_device_root,
     nvidia_rim_root,
 )
-from veil.attestation.nvidia_verify import (
+from veil.attestation.nvidia.report import parse_gpu_report
+from veil.attestation.nvidia.verify import (
     GpuPolicy,
     gpu_rim_ids,
     load_nvtrust_evidence,
@@ -42,7 +42,7 @@ NOW = datetime(2025, 10, 1, tzinfo=UTC)
 BEFORE = datetime(2022, 1, 1, tzinfo=UTC)  # before the provisioner ICA's notBefore
 TODAY = datetime(2026, 11, 22, tzinfo=UTC)
 DEVICES = [(f"gpu{i}", "gpu") for i in range(8)] + [(f"switch{i}", "nvswitch") for i in range(4)]
-REPO_ROOTS = Path(__file__).resolve().parents[2] / "attestation" / "roots"
+REPO_ROOTS = Path(__file__).resolve().parents[2] / "attestation" / "veil" / "attestation" / "roots"
 
 
 def _load(evidence_dir: Path, name: str) -> tuple[bytes, tuple[x509.Certificate, ...]]:

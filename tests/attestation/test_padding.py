@@ -5,14 +5,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from veil.attestation.channel import HpkeSuite, PrivateKey, seal_request
-from veil.attestation.errors import MessageTooLargeError
-from veil.attestation.padding import (
+from veil.attestation.channel.hpke import HpkeSuite, PrivateKey, seal_request
+from veil.attestation.channel.padding import (
     MAX_REQUEST_BYTES,
     chunk_bucket,
     pad_to_bucket,
     request_bucket,
 )
+from veil.attestation.errors import MessageTooLargeError
 from veil.proto.v1 import generate_pb2
 
 

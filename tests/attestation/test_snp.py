@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from veil.attestation.errors import MalformedInputError, UnsupportedError, VeilAttestationError
-from veil.attestation.snp import (
+from veil.attestation.snp.report import (
     REPORT_SIZE,
     Product,
     SigningKey,

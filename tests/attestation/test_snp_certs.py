@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from snp_fakes import INSIDE, der_ia5, der_int, ext, issue, make_fake_amd, rsa_key
 
-from veil.attestation import amd_certs
-from veil.attestation.amd_certs import (
+from veil.attestation.errors import MalformedInputError, VeilAttestationError
+from veil.attestation.snp import certs as amd_certs
+from veil.attestation.snp.certs import (
     PINNED_FINGERPRINTS,
     fingerprint,
     load_certificates,
@@ -26,11 +26,11 @@ from veil.attestation.amd_certs import (
     pinned_ask,
     pinned_asvk,
 )
-from veil.attestation.errors import MalformedInputError, VeilAttestationError
-from veil.attestation.snp import Product, TcbVersion
-from veil.attestation.snp_verify import verify_amd_chain, verify_snp_bytes
+from veil.attestation.snp.report import Product, TcbVersion
+from veil.attestation.snp.verify import verify_amd_chain, verify_snp_bytes
+from veil.attestation.testing.snp import INSIDE, der_ia5, der_int, ext, issue, make_fake_amd, rsa_key
 
-ROOTS_DIR = Path(amd_certs.__file__).parent / "roots"
+ROOTS_DIR = Path(amd_certs.__file__).parent.parent / "roots"
 SHARED_CHAINS = {
     Product.MILAN: ("go-sev-guest/ask_ark_milan.pem", "go-sev-guest/ask_ark_milan_vlek.pem"),
     Product.GENOA: ("go-sev-guest/ask_ark_genoa.pem", "go-sev-guest/ask_ark_genoa_vlek.pem"),

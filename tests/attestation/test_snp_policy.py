@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from veil.attestation.amd_certs import load_certificates
 from veil.attestation.errors import MalformedInputError
-from veil.attestation.snp import (
+from veil.attestation.snp.certs import load_certificates
+from veil.attestation.snp.report import (
     Product,
     SigningKey,
     SnpReport,
@@ -19,8 +19,8 @@ from veil.attestation.snp import (
     build_snp_report,
     parse_snp_report,
 )
-from veil.attestation.snp_policy import SnpPolicy, TcbRule, validate_snp
-from veil.attestation.snp_verify import verify_snp
+from veil.attestation.snp.validate import SnpPolicy, TcbRule, validate_snp
+from veil.attestation.snp.verify import verify_snp
 from veil.attestation.verdict import CheckStatus, Verdict
 
 

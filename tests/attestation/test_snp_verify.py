@@ -13,12 +13,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from snp_fakes import INSIDE, FakeAmd, issue, make_fake_amd, name, rsa_key, signed_report
 
-from veil.attestation.amd_certs import load_certificates
 from veil.attestation.errors import MalformedInputError
-from veil.attestation.snp import SigningKey, TcbVersion, parse_snp_report
-from veil.attestation.snp_verify import verify_amd_chain, verify_snp, verify_snp_bytes
+from veil.attestation.snp.certs import load_certificates
+from veil.attestation.snp.report import SigningKey, TcbVersion, parse_snp_report
+from veil.attestation.snp.verify import verify_amd_chain, verify_snp, verify_snp_bytes
+from veil.attestation.testing.snp import INSIDE, FakeAmd, issue, make_fake_amd, name, rsa_key, signed_report
 from veil.attestation.verdict import CheckStatus, Verdict
 
 # Instants inside each vector's validity window (SOURCES.tsv), and one long after all of them.

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from veil.attestation.channel.stream import HEADER_SIZE, StreamDecryptor, StreamEncryptor
 from veil.attestation.errors import (
     MalformedInputError,
     MessageTooLargeError,
     StreamError,
     TruncatedStreamError,
 )
-from veil.attestation.stream import HEADER_SIZE, StreamDecryptor, StreamEncryptor
 from veil.proto.v1 import generate_pb2
 
 KEY = bytes(range(32))

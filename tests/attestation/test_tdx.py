@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from veil.attestation.errors import MalformedInputError, UnsupportedError, VeilAttestationError
-from veil.attestation.tdx import (
+from veil.attestation.tdx.pck import SGX_EXTENSION_OID, parse_pck_extensions, parse_sgx_extension
+from veil.attestation.tdx.quote import (
     BODY_TYPE_TD_REPORT_15,
     INTEL_QE_VENDOR_ID,
     TD_REPORT_10_SIZE,
@@ -24,7 +25,6 @@ from veil.attestation.tdx import (
     parse_td_report,
     parse_tdx_quote,
 )
-from veil.attestation.tdx_pck import SGX_EXTENSION_OID, parse_pck_extensions, parse_sgx_extension
 
 
 def read_quote(path: Path) -> bytes:

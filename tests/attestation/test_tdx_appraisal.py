@@ -10,12 +10,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
-from tdx_fakes import FakeIntel, TcbLevelSpec
 
-from veil.attestation.tdx import parse_tdx_quote
-from veil.attestation.tdx_fetch import pck_ca_of
-from veil.attestation.tdx_policy import TdxPolicy, validate_tdx
-from veil.attestation.tdx_verify import tcb_advisories_of, tcb_status_of, verify_tdx
+from veil.attestation.tdx.fetch import pck_ca_of
+from veil.attestation.tdx.quote import parse_tdx_quote
+from veil.attestation.tdx.validate import TdxPolicy, validate_tdx
+from veil.attestation.tdx.verify import tcb_advisories_of, tcb_status_of, verify_tdx
+from veil.attestation.testing.tdx import FakeIntel, TcbLevelSpec
 from veil.attestation.verdict import CheckStatus, Verdict
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)

@@ -14,10 +14,10 @@ import pytest
 
 from veil.attestation.collateral import CollateralStore, Endpoints, quote_chain
 from veil.attestation.errors import CollateralError
-from veil.attestation.tdx import TdxQuote, parse_tdx_quote
-from veil.attestation.tdx_collateral import dump_collateral, load_collateral
-from veil.attestation.tdx_fetch import fetch_tdx_collateral, pck_ca_of
-from veil.attestation.tdx_verify import verify_tdx
+from veil.attestation.tdx.collateral import dump_collateral, load_collateral
+from veil.attestation.tdx.fetch import fetch_tdx_collateral, pck_ca_of
+from veil.attestation.tdx.quote import TdxQuote, parse_tdx_quote
+from veil.attestation.tdx.verify import verify_tdx
 from veil.attestation.verdict import CheckStatus
 
 FMSPC = "50806f000000"

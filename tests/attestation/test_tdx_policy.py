@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from veil.attestation.errors import MalformedInputError
-from veil.attestation.tdx import TdxQuote, parse_tdx_quote
-from veil.attestation.tdx_collateral import load_collateral
-from veil.attestation.tdx_policy import TdxPolicy, validate_tdx
-from veil.attestation.tdx_verify import tcb_advisories_of, tcb_status_of, verify_tdx
+from veil.attestation.tdx.collateral import load_collateral
+from veil.attestation.tdx.quote import TdxQuote, parse_tdx_quote
+from veil.attestation.tdx.validate import TdxPolicy, validate_tdx
+from veil.attestation.tdx.verify import tcb_advisories_of, tcb_status_of, verify_tdx
 from veil.attestation.verdict import CheckStatus, Verdict
 
 REPORT_DATA_OFFSET = 48 + 520  # quote v4: header, then report_data at 520 in the TD report

@@ -16,16 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from veil.attestation.errors import MalformedInputError, VeilAttestationError
-from veil.attestation.tdx import TdxQuote, parse_tdx_quote
-from veil.attestation.tdx_collateral import (
+from veil.attestation.tdx.collateral import (
     TdxCollateral,
     collateral_from_pcs,
     load_collateral,
     parse_tcb_info,
     signed_member,
 )
-from veil.attestation.tdx_tcb import TcbAppraisal, check_for_relaunch, converge
-from veil.attestation.tdx_verify import (
+from veil.attestation.tdx.quote import TdxQuote, parse_tdx_quote
+from veil.attestation.tdx.tcb import TcbAppraisal, check_for_relaunch, converge
+from veil.attestation.tdx.verify import (
     INTEL_SGX_ROOT_CA_SHA256,
     intel_sgx_root_ca,
     tcb_advisories_of,

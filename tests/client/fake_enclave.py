@@ -12,12 +12,12 @@ import hashlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from veil.attestation.channel import open_request
+from veil.attestation.channel.hpke import open_request
+from veil.attestation.channel.stream import StreamEncryptor
 from veil.attestation.errors import StaleKeyError
-from veil.attestation.stream import StreamEncryptor
 from veil.client.errors import ServerError
 from veil.enclave.keys import create_identity, measurement_from_build_digest
-from veil.enclave.simulated_tee import SimulatedTeeProvider, load_or_create_simulation
+from veil.enclave.tee.simulated import SimulatedTeeProvider, load_or_create_simulation
 from veil.proto.v1 import evidence_pb2, generate_pb2, service_pb2
 
 BUILD = hashlib.sha256(b"fake build").digest()

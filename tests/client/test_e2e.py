@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from relay import Relay
 
 from veil.client import (
     AsyncClient,
@@ -23,8 +22,9 @@ from veil.client import (
     Client,
     Policy,
 )
+from veil.demo.relay import Relay
 from veil.enclave.keys import create_identity
-from veil.local_server import LocalServer
+from veil.enclave.local_server import LocalServer
 from veil.proto.v1 import evidence_pb2, service_pb2
 
 pytestmark = pytest.mark.slow

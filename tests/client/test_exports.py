@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import veil.client
-from veil.attestation import evidence, policy
+from veil.attestation import bundle as evidence
+from veil.attestation import policy
 
 
 def test_all_is_complete_and_importable() -> None:

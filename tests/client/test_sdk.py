@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fake_enclave import DATA_POLICY, MODEL, FakeAsyncTransport, FakeEnclave, FakeTransport
 
-from veil.attestation.evidence import verify_evidence
+from veil.attestation.bundle import verify_evidence
 from veil.client import (
     AsyncClient,
     AttestationError,

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from veil.enclave.block_manager import BlockManager
+from veil.enclave.engine.block_manager import BlockManager
+from veil.enclave.engine.sequence import Sequence
 from veil.enclave.errors import EngineInternalError
-from veil.enclave.sequence import Sequence
 
 
 def test_grow_allocates_whole_blocks_only_when_needed() -> None:

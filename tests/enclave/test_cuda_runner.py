@@ -21,13 +21,13 @@ if not HAS_CUDA:
 
 pytest.importorskip("triton")
 
-from veil.enclave.cuda_runner import CudaModelRunner  # noqa: E402
 from veil.enclave.errors import InvalidRequestError  # noqa: E402
-from veil.enclave.model import reference_forward  # noqa: E402
-from veil.enclave.model_config import ModelConfig  # noqa: E402
-from veil.enclave.model_loader import LoadedModel  # noqa: E402
-from veil.enclave.model_runner import SeqStep  # noqa: E402
-from veil.enclave.weights import BlockEmbedding, LayerSpecs, LlamaSpecs, build_weights  # noqa: E402
+from veil.enclave.model.config import ModelConfig  # noqa: E402
+from veil.enclave.model.llama import reference_forward  # noqa: E402
+from veil.enclave.model.loader import LoadedModel  # noqa: E402
+from veil.enclave.model.weights import BlockEmbedding, LayerSpecs, LlamaSpecs, build_weights  # noqa: E402
+from veil.enclave.runner.cpu import SeqStep  # noqa: E402
+from veil.enclave.runner.cuda import CudaModelRunner  # noqa: E402
 from veil.kernels.quant_cpu import Int4Spec, Int8Spec  # noqa: E402
 
 VOCAB, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 80, 64, 96, 4, 2, 16
@@ -166,8 +166,8 @@ def test_execute_rejects_bad_steps(device: torch.device) -> None:
 
 @pytest.mark.gpu
 def test_gpu_smollm2_graph_decode_matches_eager_and_the_cpu_runner(model_path: Path) -> None:
-    from veil.enclave.model_loader import load_model
-    from veil.enclave.model_runner import ModelRunner
+    from veil.enclave.model.loader import load_model
+    from veil.enclave.runner.cpu import ModelRunner
 
     model = load_model(model_path)
     graphs = CudaModelRunner(model, num_kv_blocks=256, block_size=16, max_batch=8)

@@ -10,21 +10,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from veil.enclave.detokenizer import (
+from veil.enclave.engine.detokenizer import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
     FINISH_STOP,
     CompletionTracker,
     IncrementalDetokenizer,
 )
-from veil.enclave.sampling import SamplingParams
+from veil.enclave.engine.sampling import SamplingParams
 
 MULTIBYTE = "Grüße 🌍 wörld ✓ 日本語 👩‍👩‍👧 naïve café 🇫🇷 Ω≈ç√ end"
 
 
 @pytest.fixture(scope="module")
 def tok(model_path: Path) -> Any:
-    from veil.enclave.gguf_loader import load_gguf_tokenizer
+    from veil.enclave.model.gguf_loader import load_gguf_tokenizer
 
     digest = hashlib.sha256(model_path.read_bytes()).digest()
     return load_gguf_tokenizer(model_path, digest)  # cached after the first build

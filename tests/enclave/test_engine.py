@@ -21,16 +21,16 @@ from typing import Any
 import pytest
 import torch
 
-from veil.enclave.engine import AsyncEngine, Delta, EngineRequest, EngineStats
+from veil.enclave.engine.async_engine import AsyncEngine, Delta, EngineRequest, EngineStats
+from veil.enclave.engine.sampling import SamplingParams
+from veil.enclave.engine.sync_engine import LLMEngine
 from veil.enclave.errors import (
     EngineOverloadedError,
     EngineStoppedError,
     InvalidRequestError,
     PromptTooLongError,
 )
-from veil.enclave.llm_engine import LLMEngine
-from veil.enclave.model_runner import ModelRunner, SeqStep, load_model
-from veil.enclave.sampling import SamplingParams
+from veil.enclave.runner.cpu import ModelRunner, SeqStep, load_model
 
 MULTIBYTE = "Grüße 🌍 wörld ✓ 日本語 👩‍👩‍👧 café"
 

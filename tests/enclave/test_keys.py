@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from veil.attestation.binding import Claims, length_prefixed
-from veil.attestation.channel import HpkeSuite, open_request, seal_request
+from veil.attestation.channel.hpke import HpkeSuite, open_request, seal_request
 from veil.enclave.errors import EnclaveError
 from veil.enclave.keys import (
     BUILD_DIGEST_DOMAIN,
@@ -68,12 +68,14 @@ def test_build_digest_matches_its_definition() -> None:
     assert names == sorted(names)
     assert "veil/enclave/keys.py" in names
     assert "veil/enclave/data_policy.toml" in names
-    assert "veil/proto/veil/v1/service.proto" in names
+    assert "veil/proto/v1/service.proto" in names
+    assert "veil/cli.py" in names and "veil/demo/cli.py" in names
     assert "veil/proto/v1/service_pb2.py" in names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     # each entry is the SHA-256 of the file it names
     keys_py = dict(manifest)["veil/enclave/keys.py"]
-    assert keys_py == hashlib.sha256((ROOT / "enclave" / "keys.py").read_bytes()).digest()
+    keys_file = ROOT / "enclave" / "veil" / "enclave" / "keys.py"
+    assert keys_py == hashlib.sha256(keys_file.read_bytes()).digest()
     h = hashlib.sha256(BUILD_DIGEST_DOMAIN)
     for name, digest in manifest:
         h.update(length_prefixed(name.encode()) + digest)

@@ -15,11 +15,11 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from veil.enclave.errors import ModelLoadError
-from veil.enclave.gguf_loader import read_gguf
-from veil.enclave.model import BatchPlan, KVCache, LlamaModel, reference_forward
-from veil.enclave.model_config import ModelConfig
-from veil.enclave.model_loader import LoadedModel, default_model_path, load_model
-from veil.enclave.weights import build_weights
+from veil.enclave.model.config import ModelConfig
+from veil.enclave.model.gguf_loader import read_gguf
+from veil.enclave.model.llama import BatchPlan, KVCache, LlamaModel, reference_forward
+from veil.enclave.model.loader import LoadedModel, default_model_path, load_model
+from veil.enclave.model.weights import build_weights
 
 TEXT = "Confidential inference keeps the prompt encrypted until it reaches the enclave."
 
@@ -65,7 +65,7 @@ def test_tokenizer_and_chat_template_come_from_the_file(loaded: LoadedModel, cac
 
 
 def test_tokenizer_cache_is_reused(model_path: Path, cache_dir: Path, loaded: LoadedModel) -> None:
-    from veil.enclave.gguf_loader import load_gguf_tokenizer
+    from veil.enclave.model.gguf_loader import load_gguf_tokenizer
 
     tok = load_gguf_tokenizer(model_path, loaded.model_digest, cache_dir)
     assert tok(TEXT).input_ids == loaded.tokenizer(TEXT).input_ids

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from veil.enclave.errors import InvalidRequestError
-from veil.enclave.model import BatchPlan, reference_forward
-from veil.enclave.model_loader import LoadedModel, load_model
-from veil.enclave.model_runner import ModelRunner, SeqStep
-from veil.enclave.weights import LlamaWeights
+from veil.enclave.model.llama import BatchPlan, reference_forward
+from veil.enclave.model.loader import LoadedModel, load_model
+from veil.enclave.model.weights import LlamaWeights
+from veil.enclave.runner.cpu import ModelRunner, SeqStep
 
 PROMPTS = [
     "The capital of France is",

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
+from veil.enclave.engine.sampler import Sampler, mix_seed
+from veil.enclave.engine.sampling import MAX_SEED, MAX_STOP_STRINGS, SamplingParams
 from veil.enclave.errors import EngineInternalError, InvalidRequestError
-from veil.enclave.sampler import Sampler, mix_seed
-from veil.enclave.sampling import MAX_SEED, MAX_STOP_STRINGS, SamplingParams
 
 # --------------------------------------------------------------------------- SamplingParams
 

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from veil.enclave.block_manager import BlockManager
+from veil.enclave.engine.block_manager import BlockManager
+from veil.enclave.engine.scheduler import Scheduler, SchedulerOutput
+from veil.enclave.engine.sequence import Sequence, SequenceStatus
 from veil.enclave.errors import EngineInternalError
-from veil.enclave.scheduler import Scheduler, SchedulerOutput
-from veil.enclave.sequence import Sequence, SequenceStatus
 
 VOCAB = 1000
 

@@ -24,17 +24,17 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from veil.attestation.binding import Claims, gpu_nonce, report_data
-from veil.attestation.channel import PublicKey, seal_request
-from veil.attestation.nvidia import parse_gpu_report
-from veil.attestation.nvidia_verify import verify_gpu
-from veil.attestation.snp import parse_snp_report
-from veil.attestation.snp_verify import verify_snp
-from veil.attestation.stream import StreamDecryptor
+from veil.attestation.channel.hpke import PublicKey, seal_request
+from veil.attestation.channel.stream import StreamDecryptor
+from veil.attestation.nvidia.report import parse_gpu_report
+from veil.attestation.nvidia.verify import verify_gpu
+from veil.attestation.snp.report import parse_snp_report
+from veil.attestation.snp.verify import verify_snp
 from veil.enclave.keys import build_digest, create_identity, measurement_from_build_digest
+from veil.enclave.local_server import LocalServer
 from veil.enclave.server import EnclaveServer, ServerOptions
 from veil.enclave.servicers import STALE_KEY_MESSAGE, UNDECRYPTABLE_MESSAGE
-from veil.enclave.simulated_tee import SIMULATION_ROOT_FILE, SimulatedTeeProvider, load_or_create_simulation
-from veil.local_server import LocalServer
+from veil.enclave.tee.simulated import SIMULATION_ROOT_FILE, SimulatedTeeProvider, load_or_create_simulation
 from veil.proto.v1 import evidence_pb2, generate_pb2, service_pb2, service_pb2_grpc
 
 T = TypeVar("T")
@@ -57,7 +57,7 @@ class Harness:
         self.identity = self.new_identity()
 
     async def _start_engine(self, model_path: Path) -> Any:
-        from veil.enclave.engine import AsyncEngine
+        from veil.enclave.engine.async_engine import AsyncEngine
 
         engine = AsyncEngine.from_model(str(model_path), kv_cache_mb=64, max_batch=8)
         await engine.start()

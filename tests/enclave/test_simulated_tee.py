@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from veil.attestation.amd_certs import parse_amd_extensions
 from veil.attestation.binding import gpu_nonce, report_data
-from veil.attestation.nvidia import parse_gpu_report
-from veil.attestation.nvidia_certs import leaf_fwid
-from veil.attestation.nvidia_verify import verify_gpu
-from veil.attestation.snp import parse_snp_report
-from veil.attestation.snp_verify import verify_snp
+from veil.attestation.nvidia.certs import leaf_fwid
+from veil.attestation.nvidia.report import parse_gpu_report
+from veil.attestation.nvidia.verify import verify_gpu
+from veil.attestation.snp.certs import parse_amd_extensions
+from veil.attestation.snp.report import parse_snp_report
+from veil.attestation.snp.verify import verify_snp
 from veil.attestation.verdict import CheckStatus
 from veil.enclave.errors import AttestationProviderError
-from veil.enclave.simulated_tee import (
+from veil.enclave.tee.simulated import (
     SIMULATION_ROOT_FILE,
     SimulatedTeeProvider,
     load_or_create_simulation,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from veil.enclave.gguf_loader import _decode
+from veil.enclave.model.gguf_loader import _decode
 from veil.kernels import cpu_ext
 from veil.kernels.quant_cpu import Int4Spec, PackedLinear, Q8BlockSpec
 
@@ -204,7 +204,7 @@ def test_decode_attention_rejects_bad_tables() -> None:
 def test_fallback_without_the_kernels() -> None:
     """``VEIL_CPU_KERNELS=0``: the model packs for PyTorch's ops and runs the unfused forward."""
     code = (
-        "from veil.enclave.model_runner import ModelRunner, SeqStep, load_model, default_model_path\n"
+        "from veil.enclave.runner.cpu import ModelRunner, SeqStep, load_model, default_model_path\n"
         "from veil.kernels.quant_cpu import Int4Linear\n"
         "m = load_model(default_model_path())\n"
         "assert isinstance(m.weights.layers[0].qkv, Int4Linear)\n"

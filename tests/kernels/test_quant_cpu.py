@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 
-from veil.enclave.gguf_loader import _decode
+from veil.enclave.model.gguf_loader import _decode
 from veil.kernels.quant_cpu import (
     COMPUTE_DTYPE,
     Int4Linear,
@@ -75,7 +75,7 @@ def test_q4_0_maps_onto_int4_with_zero_offset() -> None:
 
 def test_q8_0_blocks_exact(reader: Any) -> None:
     """Q8_0 rows decode to exactly ``q·d`` (an int8 times an fp16 is exact in fp32)."""
-    from veil.enclave.gguf_loader import _as_embedding
+    from veil.enclave.model.gguf_loader import _as_embedding
 
     t = _tensor(reader, "token_embd.weight")
     n, k = _rows_cols(t)

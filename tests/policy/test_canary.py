@@ -21,13 +21,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from relay import Relay
 
-from veil.attestation.channel import PublicKey, seal_request
-from veil.attestation.evidence import verify_evidence
-from veil.attestation.stream import StreamDecryptor
+from veil.attestation.bundle import verify_evidence
+from veil.attestation.channel.hpke import PublicKey, seal_request
+from veil.attestation.channel.stream import StreamDecryptor
 from veil.client import Client, Policy
-from veil.local_server import LocalServer
+from veil.demo.relay import Relay
+from veil.enclave.local_server import LocalServer
 from veil.proto.v1 import generate_pb2, service_pb2
 
 pytestmark = pytest.mark.slow

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+GENERATED = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "__init__.py")
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
@@ -14,7 +15,8 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     fresh = {p.name: p.read_bytes() for p in module.generate(tmp_path / "v1")}
-    committed = {p.name: p.read_bytes() for p in (ROOT / "proto" / "v1").iterdir() if p.is_file()}
+    generated = ROOT / "proto" / "veil" / "proto" / "v1"
+    committed = {p.name: p.read_bytes() for p in generated.iterdir() if p.name.endswith(GENERATED)}
     assert sorted(fresh) == sorted(committed), "generated file set differs: run `make proto`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"stale generated code {stale}: run `make proto`"

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from veil.attestation.snp import parse_snp_report
-from veil.attestation.tdx import parse_tdx_quote
+from veil.attestation.snp.report import parse_snp_report
+from veil.attestation.tdx.quote import parse_tdx_quote
 from veil.cli import main
 
 GSG_AT = "2022-09-24T01:00:00Z"
@@ -621,7 +621,7 @@ def test_show_azure_tdx_and_gpu(evidence_dir: Path, capsys: pytest.CaptureFixtur
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from veil.local_server import LocalServer
+    from veil.enclave.local_server import LocalServer
 
     base = tmp_path_factory.mktemp("attest-server")
     with LocalServer(base / "state", log_dir=base / "logs") as srv:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 
-from veil.demo import WireTap, _plaintext_in
+from veil.demo.cli import WireTap, _plaintext_in
 
 
 def test_in_process_demo_runs() -> None:

@@ -1,0 +1,435 @@
+"""Verification of a whole Veil ``Evidence`` bundle against a client :class:`Policy`.
+
+One function, :func:`verify_evidence`, composes the per-format verifiers: it
+parses the bundle, dispatches the CPU report by platform (simulated and real
+SEV-SNP go through the same :func:`~veil.attestation.snp.verify.verify_snp`; only
+the trusted root differs), verifies every GPU report with
+:func:`~veil.attestation.nvidia.verify.verify_gpu` for the GPU nonce bound to the
+client's nonce and the enclave key, checks the binding of claims, key, nonce and
+GPU reports into ``report_data``, and appraises the result against the policy.
+
+Every check is named; the bundle-level ones are:
+
+* ``evidence.parse``, ``evidence.format_version``
+* ``binding.nonce`` — the bundle echoes the client's nonce
+* ``binding.claims`` — the claims parse (canonical JSON)
+* ``binding.enclave_key`` — the claims name exactly the key in ``Evidence.enclave_key``
+* ``binding.simulated`` — platform, ``Evidence.simulated`` and the claims agree
+* ``binding.report_data`` — the CPU report's REPORT_DATA equals
+  ``binding.report_data(client nonce, claims bytes, GPU reports)``
+* ``binding.gpu_nonce`` — every GPU report was requested with
+  ``binding.gpu_nonce(client nonce, enclave public key)``
+* ``policy.platform``, ``policy.simulated``, ``policy.model_digest``,
+  ``policy.data_policy_digest``, ``policy.gpu_count``
+
+* ``simulated.measurement`` — simulated evidence only: the simulator reports the server
+  build digest (zero-padded to 48 bytes) as its launch measurement, so it must equal
+  ``claims.server_build_digest ‖ 0¹⁶``
+
+Platform verifiers add theirs (``snp.*``, ``gpu[i].*``) and the SNP field appraisal of
+:func:`~veil.attestation.snp.validate.validate_snp` adds ``policy.debug``,
+``policy.min_tcb``, ``policy.measurement``, ``policy.report_data`` and the rest. Nothing here does I/O:
+time (``now``) and the roots (in the policy) are parameters.
+
+What the GPU binding proves, and what it does not: each GPU report carries the GPU nonce
+derived from the client's nonce and the enclave key, and ``report_data`` commits to the
+hash of every GPU report, so the CPU TEE vouches that these fresh GPU reports belong to
+this exchange and this key. Hopper GPUs are not bound to the CPU TEE by hardware: nothing
+here proves the attested GPU is the one physically attached to this confidential VM.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from google.protobuf.message import DecodeError
+
+from veil.attestation.binding import NONCE_SIZE, Claims, gpu_nonce, report_data
+from veil.attestation.channel.hpke import HpkeSuite, PublicKey
+from veil.attestation.errors import MalformedInputError
+from veil.attestation.nvidia.report import parse_gpu_report
+from veil.attestation.nvidia.verify import GpuKind, load_cert_chain, verify_gpu
+from veil.attestation.policy import PlatformName, Policy, vendor_amd_roots
+from veil.attestation.snp.certs import load_certificates
+from veil.attestation.snp.report import SnpReport
+from veil.attestation.snp.validate import validate_snp
+from veil.attestation.snp.verify import verify_snp_bytes
+from veil.attestation.verdict import Verdict, VerdictBuilder
+from veil.proto.v1 import evidence_pb2
+
+__all__ = ["VerifiedEvidence", "parse_evidence", "verify_evidence"]
+
+SUPPORTED_FORMAT_VERSION = 1
+MAX_EVIDENCE_BYTES = 8 * 1024 * 1024
+_SNP_PLATFORMS = (PlatformName.SEV_SNP, PlatformName.SIMULATED_SEV_SNP)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedEvidence:
+    """The outcome of :func:`verify_evidence`.
+
+    ``claims`` and ``public_key`` are set whenever they parsed, but are trustworthy
+    only when ``ok``: never seal to ``public_key`` of a bad verdict.
+    """
+
+    verdict: Verdict
+    evidence: evidence_pb2.Evidence | None
+    claims: Claims | None
+    public_key: PublicKey | None
+
+    @property
+    def ok(self) -> bool:
+        """True when no check failed (and at least one passed)."""
+        return self.verdict.ok
+
+
+def parse_evidence(data: bytes) -> evidence_pb2.Evidence:
+    """Parse serialized ``Evidence``; raises :class:`MalformedInputError`."""
+    if len(data) > MAX_EVIDENCE_BYTES:
+        raise MalformedInputError(f"evidence of {len(data)} bytes exceeds {MAX_EVIDENCE_BYTES}")
+    msg = evidence_pb2.Evidence()
+    try:
+        msg.ParseFromString(bytes(data))
+    except DecodeError:
+        raise MalformedInputError("bytes are not a Veil Evidence message") from None
+    return msg
+
+
+def _platform(value: int) -> PlatformName | None:
+    try:
+        name = evidence_pb2.Platform.Name(value)
+    except ValueError:
+        return None
+    if name == "PLATFORM_UNSPECIFIED":
+        return None
+    return PlatformName(name.removeprefix("PLATFORM_"))
+
+
+def verify_evidence(
+    evidence: bytes | evidence_pb2.Evidence,
+    *,
+    policy: Policy,
+    nonce: bytes | None,
+    now: datetime,
+) -> VerifiedEvidence:
+    """Verify an ``Evidence`` bundle (bytes or message) for ``nonce`` under ``policy`` at ``now``.
+
+    ``nonce`` is the 32-byte nonce the client sent; ``None`` (offline audit of a
+    saved bundle) recomputes the binding with the echoed nonce and marks freshness
+    as skipped. Never raises for bad evidence: every problem is a failed check in
+    the returned verdict. Raises :class:`MalformedInputError` only for unusable
+    arguments (a nonce of the wrong size, a naive ``now``).
+    """
+    if nonce is not None and len(nonce) != NONCE_SIZE:
+        raise MalformedInputError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
+    if now.tzinfo is None:
+        raise MalformedInputError("now must be a timezone-aware datetime")
+    v = VerdictBuilder()
+
+    # ---- parse
+    if isinstance(evidence, evidence_pb2.Evidence):
+        msg = evidence
+        v.passed("evidence.parse", "Evidence message")
+    else:
+        try:
+            msg = parse_evidence(evidence)
+        except MalformedInputError as exc:
+            v.fail("evidence.parse", str(exc))
+            return VerifiedEvidence(v.build(), None, None, None)
+        v.passed("evidence.parse", f"{len(evidence)} bytes")
+    v.check(
+        "evidence.format_version",
+        msg.format_version == SUPPORTED_FORMAT_VERSION,
+        f"version {msg.format_version} (supported: {SUPPORTED_FORMAT_VERSION})",
+    )
+    platform = _platform(msg.platform)
+
+    # ---- freshness
+    if nonce is None:
+        v.skip("binding.nonce", "no expected nonce given: freshness not checked (offline audit)")
+        bound_nonce = bytes(msg.nonce)
+    else:
+        v.check(
+            "binding.nonce",
+            hmac.compare_digest(bytes(msg.nonce), nonce),
+            "evidence echoes this request's nonce" if msg.nonce == nonce else "evidence is for another nonce",
+        )
+        bound_nonce = nonce
+
+    # ---- claims and key
+    claims: Claims | None = None
+    try:
+        claims = Claims.from_bytes(bytes(msg.claims))
+        v.passed("binding.claims", f"engine {claims.engine_version}, suite {claims.hpke_suite}")
+    except MalformedInputError as exc:
+        v.fail("binding.claims", str(exc))
+    public_key: PublicKey | None = None
+    try:
+        public_key = PublicKey.from_proto(msg.enclave_key)
+    except MalformedInputError as exc:
+        v.fail("binding.enclave_key", f"Evidence.enclave_key unusable: {exc}")
+    if public_key is not None and claims is not None:
+        _check_key(v, claims, public_key)
+    elif public_key is not None:
+        v.fail("binding.enclave_key", "claims did not parse, so nothing names this key")
+    simulated_claims = claims.simulated if claims is not None else None
+    consistent = (
+        platform is not None
+        and msg.simulated == platform.simulated
+        and (simulated_claims is None or simulated_claims == platform.simulated)
+    )
+    v.check(
+        "binding.simulated",
+        consistent,
+        f"platform {platform.value if platform else 'unknown'}, Evidence.simulated={msg.simulated}, "
+        f"claims.simulated={simulated_claims}",
+    )
+
+    # ---- CPU report
+    report = _verify_cpu(v, msg, platform, policy, now)
+
+    # ---- binding of nonce, claims and GPU reports into report_data
+    expected: bytes | None = None
+    if len(bound_nonce) != NONCE_SIZE:
+        v.fail("binding.report_data", f"nonce is {len(bound_nonce)} bytes, not {NONCE_SIZE}")
+    elif report is None:
+        v.fail("binding.report_data", "no parsed CPU report to compare with")
+    else:
+        expected = report_data(bound_nonce, bytes(msg.claims), [bytes(g.report) for g in msg.gpus])
+        ok = hmac.compare_digest(expected, report.report_data)
+        v.check(
+            "binding.report_data",
+            ok,
+            "H(nonce, claims, GPU reports) = signed REPORT_DATA"
+            if ok
+            else "signed REPORT_DATA does not match H(nonce, claims, GPU reports)",
+        )
+
+    if report is not None and claims is not None and platform is PlatformName.SIMULATED_SEV_SNP:
+        expected_measurement = claims.server_build_digest.ljust(len(report.measurement), b"\0")
+        ok = hmac.compare_digest(report.measurement, expected_measurement)
+        v.check(
+            "simulated.measurement",
+            ok,
+            "measurement = claims.server_build_digest (zero-padded)"
+            if ok
+            else "measurement is not the claimed server build digest",
+        )
+
+    # ---- GPUs
+    _verify_gpus(
+        v, msg, platform=platform, policy=policy, now=now, bound_nonce=bound_nonce, public_key=public_key
+    )
+
+    # ---- policy
+    _appraise(
+        v,
+        msg,
+        platform=platform,
+        policy=policy,
+        report=report,
+        claims=claims,
+        expected_report_data=expected,
+    )
+    return VerifiedEvidence(v.build(), msg, claims, public_key)
+
+
+def _check_key(v: VerdictBuilder, claims: Claims, public_key: PublicKey) -> None:
+    key_bytes = public_key.to_bytes()
+    if not hmac.compare_digest(claims.enclave_public_key, key_bytes):
+        v.fail("binding.enclave_key", "the claims name a different key than Evidence.enclave_key")
+        return
+    try:
+        suite = HpkeSuite.from_name(claims.hpke_suite)
+    except MalformedInputError as exc:
+        v.fail("binding.enclave_key", str(exc))
+        return
+    v.check(
+        "binding.enclave_key",
+        suite is public_key.suite,
+        f"claims name this key (key_id {public_key.key_id.hex()}, {suite.name})"
+        if suite is public_key.suite
+        else f"claims say suite {suite.name}, key is {public_key.suite.name}",
+    )
+
+
+def _verify_cpu(
+    v: VerdictBuilder,
+    msg: evidence_pb2.Evidence,
+    platform: PlatformName | None,
+    policy: Policy,
+    now: datetime,
+) -> SnpReport | None:
+    if platform not in _SNP_PLATFORMS:
+        name = platform.value if platform else f"unknown platform {msg.platform}"
+        v.fail("platform.verify", f"{name}: verification of this platform is not supported by this client")
+        return None
+    roots: tuple[x509.Certificate, ...] | None
+    if platform is PlatformName.SIMULATED_SEV_SNP:
+        roots = policy.trusted_roots.simulation
+        if not roots:
+            v.fail("snp.chain.ark", "simulated evidence, and the policy trusts no simulation root")
+            return None
+    else:
+        amd = policy.trusted_roots.amd
+        # The package's own ARKs: let verify_snp fill in a missing ASK from the package too.
+        roots = None if amd == vendor_amd_roots() else amd
+        if roots is not None and not roots:
+            v.fail("snp.chain.ark", "the policy trusts no AMD root")
+            return None
+    try:
+        certs = load_certificates(bytes(msg.cpu_cert_chain)) if msg.cpu_cert_chain else []
+    except MalformedInputError as exc:
+        v.fail("snp.chain.parse", str(exc))
+        certs = []
+    report, verdict = verify_snp_bytes(bytes(msg.cpu_report), certs, trusted_roots=roots, now=now)
+    v.extend(verdict.checks)
+    return report
+
+
+def _gpu_root(
+    chain: tuple[x509.Certificate, ...], roots: tuple[x509.Certificate, ...]
+) -> x509.Certificate | None:
+    if not roots:
+        return None
+    top = chain[-1] if chain else None
+    for root in roots:
+        if top is not None and (top == root or top.issuer == root.subject):
+            return root
+    return roots[0]
+
+
+def _verify_gpus(
+    v: VerdictBuilder,
+    msg: evidence_pb2.Evidence,
+    *,
+    platform: PlatformName | None,
+    policy: Policy,
+    now: datetime,
+    bound_nonce: bytes,
+    public_key: PublicKey | None,
+) -> None:
+    if not msg.gpus:
+        v.skip("binding.gpu_nonce", "no GPU reports")
+        return
+    simulated = platform is not None and platform.simulated
+    roots = policy.trusted_roots.simulation if simulated else policy.trusted_roots.nvidia
+    expected = None
+    if public_key is not None and len(bound_nonce) == NONCE_SIZE:
+        expected = gpu_nonce(bound_nonce, public_key.to_bytes())
+    mismatched: list[str] = []
+    for i, gpu in enumerate(msg.gpus):
+        prefix = f"gpu[{i}]"
+        kind: GpuKind = "nvswitch" if gpu.kind == evidence_pb2.GpuEvidence.KIND_NVSWITCH else "gpu"
+        try:
+            chain = load_cert_chain(bytes(gpu.cert_chain)) if gpu.cert_chain else ()
+        except MalformedInputError as exc:
+            v.fail(f"{prefix}.chain", str(exc))
+            chain = ()
+        root = _gpu_root(chain, roots)
+        if root is None:
+            v.fail(f"{prefix}.chain", "the policy trusts no root for this GPU evidence")
+        try:
+            nonce_in_report = parse_gpu_report(bytes(gpu.report)).nonce
+        except MalformedInputError:
+            nonce_in_report = None
+        if expected is None or nonce_in_report is None or not hmac.compare_digest(nonce_in_report, expected):
+            mismatched.append(str(i))
+        if root is not None:
+            verdict = verify_gpu(
+                bytes(gpu.report), chain, nonce=expected, now=now, trusted_root=root, kind=kind, prefix=prefix
+            )
+            v.extend(verdict.checks)
+    if expected is None:
+        v.fail("binding.gpu_nonce", "no usable enclave key to derive the GPU nonce from")
+    else:
+        v.check(
+            "binding.gpu_nonce",
+            not mismatched,
+            f"all {len(msg.gpus)} GPU report(s) requested with H(nonce, enclave key)"
+            if not mismatched
+            else f"GPU report(s) {', '.join(mismatched)} not requested with H(nonce, enclave key)",
+        )
+
+
+def _appraise(
+    v: VerdictBuilder,
+    msg: evidence_pb2.Evidence,
+    *,
+    platform: PlatformName | None,
+    policy: Policy,
+    report: SnpReport | None,
+    claims: Claims | None,
+    expected_report_data: bytes | None,
+) -> None:
+    allowed = ", ".join(sorted(p.value for p in policy.platforms))
+    if platform is None:
+        v.fail("policy.platform", f"unknown platform {msg.platform}")
+    else:
+        v.check(
+            "policy.platform",
+            platform in policy.platforms,
+            f"{platform.value} {'is' if platform in policy.platforms else 'is not'} allowed ({allowed})",
+        )
+    if platform is not None and platform.simulated:
+        v.check(
+            "policy.simulated",
+            policy.allows_simulated,
+            "SIMULATED TEE, accepted only because the policy explicitly trusts the simulator"
+            if policy.allows_simulated
+            else "simulated evidence: the policy does not trust the simulator",
+        )
+    else:
+        v.passed("policy.simulated", "hardware evidence (not simulated)")
+
+    if report is None:
+        for name in ("policy.debug", "policy.min_tcb", "policy.measurement"):
+            v.fail(name, "no verified CPU report to appraise")
+    else:
+        _appraise_snp(v, report, policy, expected_report_data)
+
+    if claims is None:
+        v.fail("policy.model_digest", "no claims")
+        v.fail("policy.data_policy_digest", "no claims")
+    else:
+        if policy.model_digests:
+            ok = claims.model_digest in policy.model_digests
+            v.check(
+                "policy.model_digest",
+                ok,
+                f"model sha256:{claims.model_digest.hex()}" + ("" if ok else " not allowed"),
+            )
+        else:
+            v.skip("policy.model_digest", f"no allow-list (model sha256:{claims.model_digest.hex()})")
+        if policy.data_policy_digest is not None:
+            ok = hmac.compare_digest(claims.data_policy_digest, policy.data_policy_digest)
+            v.check(
+                "policy.data_policy_digest",
+                ok,
+                f"data policy sha256:{claims.data_policy_digest.hex()}"
+                + ("" if ok else " is not the required one"),
+            )
+        else:
+            v.skip(
+                "policy.data_policy_digest",
+                f"none required (enclave states {claims.data_policy_digest.hex()})",
+            )
+
+    gpus = sum(1 for g in msg.gpus if g.kind != evidence_pb2.GpuEvidence.KIND_NVSWITCH)
+    if policy.gpu_count is None:
+        v.skip("policy.gpu_count", f"any number allowed ({gpus} GPU report(s))")
+    else:
+        v.check(
+            "policy.gpu_count",
+            gpus == policy.gpu_count,
+            f"{gpus} GPU report(s), policy requires {policy.gpu_count}",
+        )
+
+
+def _appraise_snp(
+    v: VerdictBuilder, report: SnpReport, policy: Policy, expected_report_data: bytes | None
+) -> None:
+    v.extend(validate_snp(report, policy.snp_policy(report, expected_report_data)).checks)

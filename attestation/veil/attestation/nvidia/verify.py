@@ -1,0 +1,504 @@
+"""Verify NVIDIA GPU / NVSwitch SPDM reports: signature, certificate chain, FWID, nonce, RIMs.
+
+The *verify* half (signatures, chains, collateral) of NVIDIA attestation, in the manner of
+NVIDIA's local GPU verifier but stricter:
+
+* ``{p}.signature`` — ECDSA P-384 / SHA-384 over request ‖ response-without-signature, with
+  the public key of the chain's leaf certificate (the device's alias key).
+* ``{p}.chain`` — every certificate is issued (name and signature) by the next, issuers are
+  CAs allowed to sign certificates, and the chain ends at the trusted root: the NVIDIA Device
+  Identity CA pinned in this package unless the caller passes another (the simulation root).
+* ``{p}.chain.validity`` — every certificate, root included, is valid at the injected ``now``.
+* ``{p}.chain.leaf`` — the leaf is an end-entity signing key (not a CA), EC P-384.
+* ``{p}.fwid`` — the FWID in the leaf's DICE TcbInfo extension (2.23.133.5.4.1) equals the
+  FWID the firmware put in the opaque data (NVSwitch reports carry none: skipped).
+* ``{p}.nonce`` — the request's nonce is the one the verifier asked for.
+* ``{p}.driver_version`` / ``{p}.vbios_version`` — reported, and equal to the policy's if set.
+* ``{p}.rim.driver`` / ``{p}.rim.vbios`` / ``{p}.measurements`` — see :mod:`.nvidia_rim`.
+* ``{p}.ocsp`` — online only, through an injected HTTP poster; offline it is skipped.
+
+Parsed certificates and chain results are cached, so verifying a report whose chain has been
+seen before costs one ECDSA verification.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from veil.attestation.errors import MalformedInputError, UnsupportedError
+from veil.attestation.nvidia.certs import (
+    NVIDIA_DEVICE_ROOT_SHA256,
+    TCB_INFO_OID,
+    cert_name,
+    chain_problem,
+    check_now,
+    encode_tcb_info_fwid,
+    leaf_fwid,
+    leaf_problem,
+    load_cert_chain,
+    nvidia_device_root,
+    validity_problem,
+)
+from veil.attestation.nvidia.ocsp import OcspPost, check_ocsp
+from veil.attestation.nvidia.report import (
+    SIGNATURE_SIZE,
+    GpuReport,
+    OpaqueFieldType,
+    Signer,
+    parse_gpu_report,
+)
+from veil.attestation.nvidia.rim import (
+    Rim,
+    RimKind,
+    RimSet,
+    compare_measurements,
+    driver_rim_id,
+    switch_bios_rim_id,
+    vbios_rim_id,
+    verify_rim,
+)
+from veil.attestation.verdict import Verdict, VerdictBuilder
+
+__all__ = [
+    "NVIDIA_DEVICE_ROOT_SHA256",
+    "TCB_INFO_OID",
+    "GpuKind",
+    "GpuPolicy",
+    "NvtrustEvidence",
+    "OcspPost",
+    "check_ocsp",
+    "encode_tcb_info_fwid",
+    "gpu_rim_ids",
+    "leaf_fwid",
+    "load_cert_chain",
+    "load_nvtrust_evidence",
+    "nvidia_device_root",
+    "p384_signer",
+    "verify_gpu",
+    "verify_gpu_cert_chain",
+    "verify_gpus",
+]
+
+GpuKind = Literal["gpu", "nvswitch"]
+
+
+@dataclass(frozen=True, slots=True)
+class GpuPolicy:
+    """What a GPU report must state beyond being genuine.
+
+    ``driver_versions`` / ``vbios_versions``: allowed versions (empty: any; the check still
+    passes only when the version is reported, and names it). ``require_rims``: fail rather than
+    skip when no RIM for the reported driver / VBIOS is given.
+    """
+
+    driver_versions: frozenset[str] = frozenset()
+    vbios_versions: frozenset[str] = frozenset()
+    require_rims: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# signing (simulation) and the report signature
+
+
+def p384_signer(private_key: ec.EllipticCurvePrivateKey) -> Signer:
+    """A :data:`Signer` producing the raw 96-byte ``r ‖ s`` ECDSA P-384 / SHA-384 signature."""
+    if private_key.curve.name != "secp384r1":
+        raise MalformedInputError("the GPU report signing key must be P-384")
+
+    def sign(data: bytes) -> bytes:
+        r, s = decode_dss_signature(private_key.sign(data, ec.ECDSA(hashes.SHA384())))
+        return r.to_bytes(48, "big") + s.to_bytes(48, "big")
+
+    return sign
+
+
+def _signature_ok(report: GpuReport, leaf: x509.Certificate) -> tuple[bool, str]:
+    key = leaf.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
+        return False, "leaf key is not EC P-384"
+    if len(report.signature) != SIGNATURE_SIZE:
+        return False, "signature is not 96 bytes"
+    r = int.from_bytes(report.signature[:48], "big")
+    s = int.from_bytes(report.signature[48:], "big")
+    try:
+        key.verify(encode_dss_signature(r, s), report.signed_bytes, ec.ECDSA(hashes.SHA384()))
+    except InvalidSignature:
+        return False, f"ECDSA P-384 signature does not verify with {cert_name(leaf)}"
+    return True, f"ECDSA P-384/SHA-384 by {cert_name(leaf)} over {len(report.signed_bytes)} bytes"
+
+
+# --------------------------------------------------------------------------------------------
+# public verification
+
+
+def verify_gpu_cert_chain(
+    cert_chain: Sequence[x509.Certificate],
+    *,
+    now: datetime,
+    trusted_root: x509.Certificate | None = None,
+    kind: GpuKind = "gpu",
+    prefix: str | None = None,
+) -> Verdict:
+    """Checks ``{p}.chain``, ``{p}.chain.validity``, ``{p}.chain.leaf`` and ``{p}.fwid``
+    (present in the leaf) for a certificate chain alone, leaf first (e.g. Trustee's chain cases).
+    """
+    check_now(now)
+    p = prefix or kind
+    root = trusted_root if trusted_root is not None else nvidia_device_root()
+    chain = tuple(cert_chain)
+    v = VerdictBuilder()
+    _chain_checks(v, p, chain, root, now)
+    if chain:
+        _fwid_present(v, p, chain[0], kind)
+    return v.build()
+
+
+def _chain_checks(
+    v: VerdictBuilder, p: str, chain: tuple[x509.Certificate, ...], root: x509.Certificate, now: datetime
+) -> None:
+    problem = chain_problem(chain, root)
+    if problem is None:
+        v.passed(f"{p}.chain", f"{len(chain)} certificates to {cert_name(root)}")
+    else:
+        v.fail(f"{p}.chain", problem)
+    certs = chain if chain and chain[-1] == root else (*chain, root)
+    validity = validity_problem(certs, now)
+    if validity is None:
+        v.passed(f"{p}.chain.validity", f"all valid at {now.isoformat()}")
+    else:
+        v.fail(f"{p}.chain.validity", validity)
+    if not chain:
+        v.fail(f"{p}.chain.leaf", "no certificates")
+    elif (problem := leaf_problem(chain[0])) is None:
+        v.passed(f"{p}.chain.leaf", cert_name(chain[0]))
+    else:
+        v.fail(f"{p}.chain.leaf", problem)
+
+
+def _fwid_present(v: VerdictBuilder, p: str, leaf: x509.Certificate, kind: GpuKind) -> bytes | None:
+    try:
+        fwid = leaf_fwid(leaf)
+    except MalformedInputError as exc:
+        v.fail(f"{p}.fwid", f"TcbInfo extension malformed: {exc}")
+        return None
+    if fwid is None:
+        if kind == "gpu":
+            v.fail(
+                f"{p}.fwid",
+                f"FWID (OID {TCB_INFO_OID.dotted_string}) not found in the leaf {cert_name(leaf)}",
+            )
+        else:
+            v.skip(f"{p}.fwid", "NVSwitch leaf carries no FWID")
+        return None
+    v.passed(f"{p}.fwid", f"leaf FWID {fwid.hex()}")
+    return fwid
+
+
+def verify_gpu(
+    report: GpuReport | bytes,
+    cert_chain: Sequence[x509.Certificate],
+    *,
+    nonce: bytes | None,
+    now: datetime,
+    trusted_root: x509.Certificate | None = None,
+    kind: GpuKind = "gpu",
+    rims: RimSet | None = None,
+    policy: GpuPolicy | None = None,
+    rim_root: x509.Certificate | None = None,
+    ocsp_post: OcspPost | None = None,
+    prefix: str | None = None,
+) -> Verdict:
+    """Verify one GPU or NVSwitch report against its certificate chain (leaf first).
+
+    ``trusted_root`` defaults to the pinned NVIDIA Device Identity CA; the simulated provider
+    passes its simulation root. ``nonce`` is the 32-byte nonce the report must carry (None:
+    the check is skipped, which a policy must not accept). ``now`` is the verification time.
+    ``rims`` (driver / VBIOS reference manifests) enable measurement comparison; ``ocsp_post``
+    enables the online revocation check. Every check is named ``{prefix}.…`` (default: kind).
+    Raises only :class:`MalformedInputError` for unusable arguments; evidence problems are
+    failed checks.
+    """
+    check_now(now)
+    p = prefix or kind
+    policy = policy or GpuPolicy()
+    v = VerdictBuilder()
+    if not isinstance(report, GpuReport):
+        try:
+            report = parse_gpu_report(report)
+        except MalformedInputError as exc:
+            v.fail(f"{p}.report.parse", str(exc))
+            return v.build()
+    v.passed(
+        f"{p}.report.parse",
+        f"SPDM 1.1 MEASUREMENTS, {len(report.response.blocks)} blocks"
+        + (f", {len(report.trailing)} trailing zero bytes ignored" if report.trailing else ""),
+    )
+    root = trusted_root if trusted_root is not None else nvidia_device_root()
+    chain = tuple(cert_chain)
+
+    if chain:
+        ok, detail = _signature_ok(report, chain[0])
+        v.check(f"{p}.signature", ok, detail)
+    else:
+        v.fail(f"{p}.signature", "no leaf certificate to verify with")
+    _chain_checks(v, p, chain, root, now)
+    _fwid_check(v, p, report, chain, kind)
+    _nonce_check(v, p, report, nonce)
+    _version_checks(v, p, report, kind, policy)
+    _rim_checks(
+        v,
+        p=p,
+        report=report,
+        kind=kind,
+        rims=rims,
+        policy=policy,
+        rim_root=rim_root,
+        now=now,
+        ocsp_post=ocsp_post,
+    )
+    if ocsp_post is None:
+        v.skip(f"{p}.ocsp", "offline: revocation not checked")
+    else:
+        v.extend(check_ocsp(chain, post=ocsp_post, now=now, prefix=p, root=root).checks)
+    return v.build()
+
+
+def _fwid_check(
+    v: VerdictBuilder, p: str, report: GpuReport, chain: tuple[x509.Certificate, ...], kind: GpuKind
+) -> None:
+    reported = report.opaque.fwid
+    if not chain:
+        v.fail(f"{p}.fwid", "no leaf certificate")
+        return
+    if reported is None and kind == "nvswitch":
+        v.skip(f"{p}.fwid", "NVSwitch reports carry no FWID in their opaque data")
+        return
+    if reported is None:
+        v.fail(f"{p}.fwid", "report opaque data carries no FWID")
+        return
+    try:
+        in_leaf = leaf_fwid(chain[0])
+    except MalformedInputError as exc:
+        v.fail(f"{p}.fwid", f"TcbInfo extension malformed: {exc}")
+        return
+    if in_leaf is None:
+        v.fail(
+            f"{p}.fwid",
+            f"FWID (OID {TCB_INFO_OID.dotted_string}) not found in the leaf {cert_name(chain[0])}",
+        )
+    elif hmac.compare_digest(in_leaf, reported):
+        v.passed(f"{p}.fwid", f"leaf FWID = reported FWID {reported.hex()}")
+    else:
+        v.fail(f"{p}.fwid", f"leaf FWID {in_leaf.hex()} != reported {reported.hex()}")
+
+
+def _nonce_check(v: VerdictBuilder, p: str, report: GpuReport, nonce: bytes | None) -> None:
+    if nonce is None:
+        v.skip(f"{p}.nonce", f"no expected nonce given (report carries {report.nonce.hex()})")
+    elif len(nonce) != len(report.nonce):
+        v.fail(f"{p}.nonce", f"expected nonce must be {len(report.nonce)} bytes, got {len(nonce)}")
+    elif hmac.compare_digest(bytes(nonce), report.nonce):
+        v.passed(f"{p}.nonce", report.nonce.hex())
+    else:
+        v.fail(f"{p}.nonce", f"report nonce {report.nonce.hex()} != expected {bytes(nonce).hex()}")
+
+
+def _version_checks(v: VerdictBuilder, p: str, report: GpuReport, kind: GpuKind, policy: GpuPolicy) -> None:
+    for name, allowed, needed in (
+        ("driver_version", policy.driver_versions, kind == "gpu"),
+        ("vbios_version", policy.vbios_versions, True),
+    ):
+        try:
+            version = (
+                report.opaque.driver_version if name == "driver_version" else report.opaque.vbios_version
+            )
+        except MalformedInputError as exc:
+            v.fail(f"{p}.{name}", str(exc))
+            continue
+        if version is None:
+            if needed:
+                v.fail(f"{p}.{name}", "not reported")
+            else:
+                v.skip(f"{p}.{name}", f"not reported by {kind}")
+        elif allowed and version not in allowed:
+            v.fail(f"{p}.{name}", f"{version} not in allowed {sorted(allowed)}")
+        else:
+            v.passed(f"{p}.{name}", version)
+
+
+def _rim_checks(
+    v: VerdictBuilder,
+    *,
+    p: str,
+    report: GpuReport,
+    kind: GpuKind,
+    rims: RimSet | None,
+    policy: GpuPolicy,
+    rim_root: x509.Certificate | None,
+    now: datetime,
+    ocsp_post: OcspPost | None,
+) -> None:
+    missing = v.fail if policy.require_rims else v.skip
+    if rims is None:
+        if kind == "nvswitch":
+            v.skip(f"{p}.rim.driver", "NVSwitches have no driver RIM")
+        else:
+            missing(f"{p}.rim.driver", "no RIMs given")
+        missing(f"{p}.rim.vbios", "no RIMs given")
+        missing(f"{p}.measurements", "no RIMs given")
+        return
+    try:
+        driver_version = report.opaque.driver_version
+        vbios_version = report.opaque.vbios_version
+    except MalformedInputError as exc:
+        v.fail(f"{p}.measurements", f"versions unreadable: {exc}")
+        return
+    chosen: dict[str, Rim | None] = {}
+    pairs: tuple[tuple[RimKind, str | None], ...] = (("driver", driver_version), ("vbios", vbios_version))
+    for which, version in pairs:
+        name = f"{p}.rim.{which}"
+        if which == "driver" and kind == "nvswitch":
+            v.skip(name, "NVSwitches have no driver RIM")
+            chosen[which] = None
+            continue
+        found = () if version is None else rims.candidates(which, version)
+        chosen[which] = None
+        if len(found) > 1:
+            v.fail(name, f"{len(found)} different {which} RIMs for version {version}: give exactly one")
+            continue
+        if not found:
+            missing(name, f"no {which} RIM for version {version}")
+            continue
+        rim = chosen[which] = found[0]
+        rim_verdict = verify_rim(rim, trusted_root=rim_root, now=now, prefix=name, ocsp_post=ocsp_post)
+        if rim_verdict.ok:
+            v.passed(name, f"{rim.tag_id[:16]}… version {rim.version}: signature, chain and validity good")
+        else:
+            v.fail(name, "; ".join(f"{c.name}: {c.detail}" for c in rim_verdict.failed))
+            chosen[which] = None
+    driver_rim, vbios_rim = chosen.get("driver"), chosen.get("vbios")
+    if vbios_rim is None or (kind == "gpu" and driver_rim is None):
+        missing(f"{p}.measurements", "not compared: no verified RIM for this driver and VBIOS")
+        return
+    nvdec = report.opaque.get(OpaqueFieldType.NVDEC0_STATUS)
+    problems = compare_measurements(
+        report.measurements,
+        driver=driver_rim,
+        vbios=vbios_rim,
+        nvdec0_status=nvdec[0] if nvdec and len(nvdec) == 1 else None,
+    )
+    if problems:
+        v.fail(f"{p}.measurements", "; ".join(problems[:8]))
+    else:
+        v.passed(f"{p}.measurements", f"{len(report.measurements)} blocks match the RIMs")
+
+
+def gpu_rim_ids(report: GpuReport, kind: GpuKind = "gpu") -> dict[RimKind, str]:
+    """The RIM service ids for a report's driver and VBIOS (what to fetch before verifying)."""
+    opaque = report.opaque
+    vbios = opaque.vbios_version
+    ids: dict[RimKind, str] = {}
+    if kind == "nvswitch":
+        if vbios is not None:
+            ids["vbios"] = switch_bios_rim_id(vbios)
+        return ids
+    if opaque.driver_version is not None:
+        ids["driver"] = driver_rim_id(opaque.driver_version)
+    project = opaque.text(OpaqueFieldType.PROJECT)
+    project_sku = opaque.text(OpaqueFieldType.PROJECT_SKU)
+    chip_sku = opaque.text(OpaqueFieldType.CHIP_SKU)
+    if vbios is not None and project and project_sku and chip_sku:
+        ids["vbios"] = vbios_rim_id(project, project_sku, chip_sku, vbios)
+    return ids
+
+
+@dataclass(frozen=True, slots=True)
+class NvtrustEvidence:
+    """One entry of NVIDIA's evidence-list JSON (``gpu_evidence.json`` / ``switch_evidence.json``)."""
+
+    kind: GpuKind
+    arch: str
+    nonce: bytes  # the nonce the entry says it was requested with (the report's own is checked)
+    report: bytes
+    cert_chain: tuple[x509.Certificate, ...]
+
+
+_ARCH_KIND: dict[str, GpuKind] = {"HOPPER": "gpu", "BLACKWELL": "gpu", "LS10": "nvswitch"}
+
+
+def load_nvtrust_evidence(data: bytes) -> tuple[NvtrustEvidence, ...]:
+    """Parse NVIDIA's evidence list: ``[{"arch", "nonce" (hex), "evidence" (base64 SPDM),
+    "certificate" (base64 PEM chain), …}, …]``."""
+    try:
+        entries = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedInputError(f"NVIDIA evidence list is not JSON: {exc}") from None
+    if not isinstance(entries, list) or not entries:
+        raise MalformedInputError("NVIDIA evidence list must be a non-empty JSON array")
+    out: list[NvtrustEvidence] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise MalformedInputError(f"evidence entry {i} is not an object")
+        arch = entry.get("arch")
+        kind = _ARCH_KIND.get(arch) if isinstance(arch, str) else None
+        if kind is None:
+            raise UnsupportedError(f"evidence entry {i}: architecture {arch!r} not supported")
+        try:
+            nonce = bytes.fromhex(entry["nonce"])
+            report = base64.b64decode(entry["evidence"], validate=True)
+            chain = load_cert_chain(base64.b64decode(entry["certificate"], validate=True))
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise MalformedInputError(f"evidence entry {i}: {type(exc).__name__} in its fields") from None
+        out.append(NvtrustEvidence(kind, str(arch), nonce, report, chain))
+    return tuple(out)
+
+
+def verify_gpus(
+    devices: Sequence[tuple[bytes | GpuReport, Sequence[x509.Certificate], GpuKind]],
+    *,
+    nonce: bytes | None,
+    now: datetime,
+    trusted_root: x509.Certificate | None = None,
+    rims: RimSet | None = None,
+    policy: GpuPolicy | None = None,
+    ocsp_post: OcspPost | None = None,
+) -> Verdict:
+    """Verify several GPUs and NVSwitches of one system; checks are named ``gpu[i].…`` and
+    ``nvswitch[j].…`` (numbered per kind, in order)."""
+    v = VerdictBuilder()
+    counters: dict[str, int] = {"gpu": 0, "nvswitch": 0}
+    for report, chain, kind in devices:
+        prefix = f"{kind}[{counters[kind]}]"
+        counters[kind] += 1
+        verdict = verify_gpu(
+            report,
+            chain,
+            nonce=nonce,
+            now=now,
+            trusted_root=trusted_root,
+            kind=kind,
+            rims=rims,
+            policy=policy,
+            ocsp_post=ocsp_post,
+            prefix=prefix,
+        )
+        v.extend(verdict.checks)
+    if not devices:
+        v.fail("gpu.count", "no GPU evidence")
+    return v.build()

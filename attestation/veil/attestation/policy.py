@@ -1,0 +1,386 @@
+"""The client's appraisal policy: which enclaves it is willing to talk to.
+
+A :class:`Policy` is a frozen value. The default trusts hardware TEEs only, under
+the vendor roots shipped in ``roots/`` (AMD ARKs, NVIDIA device root), never
+allows debug guests and never accepts the software simulator. Trusting the
+simulator takes an explicit :meth:`Policy.simulated` (or a policy file naming a
+simulation root), and says so loudly on stderr.
+
+Policy files are TOML (every key optional)::
+
+    platforms = ["SEV_SNP"]           # allowed: SEV_SNP, AZURE_SEV_SNP, TDX, AZURE_TDX, SIMULATED_SEV_SNP
+    allow_debug = false               # never true in production
+    min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }   # SNP; fmc on Turin
+    measurements = ["<96 hex>"]       # launch measurement allow-list; empty = any (shown as skip)
+    gpu_count = 1                     # exact number of GPU reports required; absent = any
+    model_digests = ["<64 hex>"]      # SHA-256 of the weights file; empty = any (skip)
+    data_policy_digest = "<64 hex>"   # the data-handling policy the enclave must enforce
+
+    [snp]                             # more SEV-SNP options (veil.attestation.snp.validate.SnpPolicy)
+    vmpls = [0]
+    require_smt_disabled = true
+
+    [roots]                           # paths relative to the policy file
+    amd = ["ark.pem"]                 # replaces the shipped AMD roots
+    nvidia = ["root.pem"]             # replaces the shipped NVIDIA device root
+    simulation = "simulation-root.pem"  # needs "SIMULATED_SEV_SNP" in platforms
+
+Unknown keys, wrong types and unreadable files raise :class:`PolicyError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import hashlib
+import logging
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from veil.attestation.errors import PolicyError, VeilAttestationError
+from veil.attestation.nvidia.verify import nvidia_device_root
+from veil.attestation.snp.certs import load_certificates, pinned_ark
+from veil.attestation.snp.report import Product, SnpReport, TcbVersion
+from veil.attestation.snp.validate import SnpPolicy
+
+__all__ = ["PlatformName", "Policy", "TrustedRoots", "load_roots", "vendor_amd_roots"]
+
+_log = logging.getLogger("veil.attestation.policy")
+
+TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")
+MEASUREMENT_SIZES = (48,)  # SNP launch measurement, TDX MRTD
+DIGEST_SIZE = 32
+# SnpPolicy fields the top-level policy owns (so a policy file states each once).
+_SNP_TOP_LEVEL = frozenset({"allow_debug", "minimum_tcb", "measurements", "report_data"})
+_DEFAULT_SNP = SnpPolicy()
+
+
+class PlatformName(enum.Enum):
+    """Evidence platforms; the names are the proto ``Platform`` names without the prefix."""
+
+    SIMULATED_SEV_SNP = "SIMULATED_SEV_SNP"
+    SEV_SNP = "SEV_SNP"
+    AZURE_SEV_SNP = "AZURE_SEV_SNP"
+    TDX = "TDX"
+    AZURE_TDX = "AZURE_TDX"
+
+    @property
+    def simulated(self) -> bool:
+        return self is PlatformName.SIMULATED_SEV_SNP
+
+    @classmethod
+    def parse(cls, name: str) -> PlatformName:
+        """``"SEV_SNP"`` or ``"PLATFORM_SEV_SNP"`` (any case); raises :class:`PolicyError`."""
+        key = str(name).upper().removeprefix("PLATFORM_")
+        try:
+            return cls[key]
+        except KeyError:
+            allowed = ", ".join(p.value for p in cls)
+            raise PolicyError(f"unknown platform {name!r} (allowed: {allowed})") from None
+
+
+HARDWARE_PLATFORMS = frozenset(p for p in PlatformName if not p.simulated)
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.DER)
+
+
+@functools.cache
+def vendor_amd_roots() -> tuple[x509.Certificate, ...]:
+    return tuple(pinned_ark(product) for product in Product)
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedRoots:
+    """The trust anchors, one tuple per vendor.
+
+    ``simulation`` holds the simulator's root(s); it is used only for evidence whose
+    platform is ``SIMULATED_*`` and never for real hardware evidence, and vendor
+    roots are never used for simulated evidence.
+    """
+
+    amd: tuple[x509.Certificate, ...] = ()
+    nvidia: tuple[x509.Certificate, ...] = ()
+    simulation: tuple[x509.Certificate, ...] = ()
+
+    @classmethod
+    def vendor(cls) -> TrustedRoots:
+        """The vendor roots shipped in the package (fingerprint-checked when loaded)."""
+        try:
+            return cls(amd=vendor_amd_roots(), nvidia=(nvidia_device_root(),))
+        except (VeilAttestationError, OSError) as exc:
+            raise PolicyError(f"shipped vendor roots unusable: {exc}") from exc
+
+    def describe(self) -> dict[str, list[str]]:
+        """SHA-256 fingerprints of every root, per vendor."""
+        return {
+            name: [hashlib.sha256(_der(c)).hexdigest() for c in getattr(self, name)]
+            for name in ("amd", "nvidia", "simulation")
+        }
+
+
+def load_roots(path: str | Path) -> tuple[x509.Certificate, ...]:
+    """Every certificate in a PEM (or DER) file, as trust anchors."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"cannot read root certificate file {path}: {exc.strerror}") from None
+    try:
+        return tuple(load_certificates(data))
+    except VeilAttestationError as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+
+
+def _hex_set(values: Iterable[bytes | str], what: str, sizes: tuple[int, ...]) -> frozenset[bytes]:
+    out = set()
+    for item in values:
+        value = item
+        if isinstance(item, str):
+            try:
+                value = bytes.fromhex(item.removeprefix("sha256:"))
+            except ValueError:
+                raise PolicyError(f"{what}: {item!r} is not hex") from None
+        if not isinstance(value, bytes) or len(value) not in sizes:
+            raise PolicyError(f"{what}: each entry must be {' or '.join(map(str, sizes))} bytes")
+        out.add(value)
+    return frozenset(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What evidence must show before the client sends anything (see the module docstring).
+
+    Empty allow-lists mean "any" and show up in the verdict as skipped checks.
+    ``min_tcb`` maps SNP TCB component names to minimum security patch levels.
+    """
+
+    platforms: frozenset[PlatformName] = HARDWARE_PLATFORMS
+    allow_debug: bool = False
+    min_tcb: Mapping[str, int] = field(default_factory=dict)
+    measurements: frozenset[bytes] = frozenset()
+    gpu_count: int | None = None
+    model_digests: frozenset[bytes] = frozenset()
+    data_policy_digest: bytes | None = None
+    trusted_roots: TrustedRoots = field(default_factory=TrustedRoots.vendor)
+    snp: SnpPolicy = field(default_factory=SnpPolicy)
+
+    def __post_init__(self) -> None:
+        platforms = frozenset(
+            p if isinstance(p, PlatformName) else PlatformName.parse(p) for p in self.platforms
+        )
+        object.__setattr__(self, "platforms", platforms)
+        if not platforms:
+            raise PolicyError("policy allows no platform")
+        if not isinstance(self.allow_debug, bool):
+            raise PolicyError("allow_debug must be a boolean")
+        tcb = dict(self.min_tcb)
+        for name, level in tcb.items():
+            if name not in TCB_COMPONENTS:
+                raise PolicyError(f"min_tcb: unknown component {name!r} (known: {', '.join(TCB_COMPONENTS)})")
+            if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 255:
+                raise PolicyError(f"min_tcb.{name} must be an integer in 0..255")
+        object.__setattr__(self, "min_tcb", tcb)
+        object.__setattr__(
+            self, "measurements", _hex_set(self.measurements, "measurements", MEASUREMENT_SIZES)
+        )
+        object.__setattr__(
+            self, "model_digests", _hex_set(self.model_digests, "model_digests", (DIGEST_SIZE,))
+        )
+        if self.data_policy_digest is not None:
+            (digest,) = _hex_set([self.data_policy_digest], "data_policy_digest", (DIGEST_SIZE,))
+            object.__setattr__(self, "data_policy_digest", digest)
+        if self.gpu_count is not None and (
+            isinstance(self.gpu_count, bool) or not isinstance(self.gpu_count, int) or self.gpu_count < 0
+        ):
+            raise PolicyError("gpu_count must be a non-negative integer")
+        if not isinstance(self.snp, SnpPolicy):
+            raise PolicyError("snp must be an SnpPolicy")
+        clashing = sorted(k for k in _SNP_TOP_LEVEL if getattr(self.snp, k) != getattr(_DEFAULT_SNP, k))
+        if clashing:
+            raise PolicyError(f"set {', '.join(clashing)} with the top-level keys, not in the SNP policy")
+        if not isinstance(self.trusted_roots, TrustedRoots):
+            raise PolicyError("trusted_roots must be a TrustedRoots")
+        simulated = PlatformName.SIMULATED_SEV_SNP in platforms
+        if simulated and not self.trusted_roots.simulation:
+            raise PolicyError("SIMULATED_SEV_SNP is allowed but no simulation root is given")
+        if self.trusted_roots.simulation and not simulated:
+            raise PolicyError("a simulation root is given but SIMULATED_SEV_SNP is not an allowed platform")
+
+    def __hash__(self) -> int:
+        return hash(
+            (self.platforms, self.allow_debug, tuple(sorted(self.min_tcb.items())), self.measurements)
+        )
+
+    def snp_policy(self, report: SnpReport, report_data: bytes | None) -> SnpPolicy:
+        """The SEV-SNP field policy for ``report``: the ``snp`` options plus debug, TCB and measurements.
+
+        ``min_tcb`` becomes a TCB_VERSION in the report's layout (Turin's includes ``fmc``).
+        """
+        minimum = None
+        if self.min_tcb:
+            parts = {k: self.min_tcb.get(k, 0) for k in ("bootloader", "tee", "snp", "microcode")}
+            fmc = self.min_tcb.get("fmc", 0) if report.reported_tcb.turin else None
+            minimum = TcbVersion.from_parts(**parts, fmc=fmc)
+        return dataclasses.replace(
+            self.snp,
+            allow_debug=self.allow_debug,
+            minimum_tcb=minimum,
+            measurements=self.measurements,
+            report_data=report_data,
+        )
+
+    @property
+    def allows_simulated(self) -> bool:
+        """True when this policy trusts the software simulator (never by default)."""
+        return PlatformName.SIMULATED_SEV_SNP in self.platforms
+
+    def replace(self, **changes: Any) -> Policy:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def simulated(cls, root_pem_path: str | Path, **changes: Any) -> Policy:
+        """Trust *only* the software simulator whose root is in ``root_pem_path``.
+
+        For development and CI. The evidence it accepts proves nothing about
+        hardware; a warning saying so is logged (and printed to stderr when
+        logging is not configured).
+        """
+        roots = load_roots(root_pem_path)
+        fingerprints = ", ".join(hashlib.sha256(_der(c)).hexdigest()[:16] for c in roots)
+        _log.warning(
+            "TRUSTING A SIMULATED TEE: evidence signed by the simulation root %s (sha256 %s…) "
+            "proves nothing about hardware; never use this policy in production",
+            root_pem_path,
+            fingerprints,
+        )
+        base = cls(
+            platforms=frozenset({PlatformName.SIMULATED_SEV_SNP}),
+            trusted_roots=TrustedRoots(simulation=roots),
+        )
+        return base.replace(**changes) if changes else base
+
+    @classmethod
+    def from_toml(cls, text: str, *, base_dir: str | Path | None = None) -> Policy:
+        """Parse a TOML policy (see the module docstring); root paths resolve against ``base_dir``."""
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"policy is not valid TOML: {exc}") from None
+        return cls.from_mapping(doc, base_dir=Path(base_dir) if base_dir else Path.cwd())
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Policy:
+        """Read a TOML policy file; relative root paths resolve against its folder."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(f"cannot read policy file {p}: {exc}") from None
+        try:
+            return cls.from_toml(text, base_dir=p.resolve().parent)
+        except PolicyError as exc:
+            raise PolicyError(f"{p}: {exc}") from None
+
+    @classmethod
+    def from_mapping(cls, doc: Mapping[str, Any], *, base_dir: Path) -> Policy:
+        """Build a policy from a parsed TOML document."""
+        known = {
+            "platforms", "allow_debug", "min_tcb", "measurements", "gpu_count", "model_digests",
+            "data_policy_digest", "roots", "snp",
+        }  # fmt: skip
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise PolicyError(f"unknown policy key(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        if "platforms" in doc:
+            kwargs["platforms"] = frozenset(PlatformName.parse(p) for p in _list(doc, "platforms", str))
+        if "allow_debug" in doc:
+            kwargs["allow_debug"] = _typed(doc, "allow_debug", bool)
+        if "min_tcb" in doc:
+            kwargs["min_tcb"] = dict(_typed(doc, "min_tcb", dict))
+        for key in ("measurements", "model_digests"):
+            if key in doc:
+                kwargs[key] = _list(doc, key, str)
+        if "gpu_count" in doc:
+            kwargs["gpu_count"] = _typed(doc, "gpu_count", int)
+        if "data_policy_digest" in doc:
+            kwargs["data_policy_digest"] = _typed(doc, "data_policy_digest", str)
+        if "roots" in doc:
+            kwargs["trusted_roots"] = _roots(_typed(doc, "roots", dict), base_dir)
+        if "snp" in doc:
+            table = _typed(doc, "snp", dict)
+            top = sorted(set(table) & (_SNP_TOP_LEVEL | {"minimum_tcb"}))
+            if top:
+                raise PolicyError(f"[snp] {', '.join(top)}: use the top-level keys instead")
+            try:
+                kwargs["snp"] = SnpPolicy.from_mapping(table)
+            except VeilAttestationError as exc:
+                raise PolicyError(f"[snp]: {exc}") from None
+        policy = cls(**kwargs)
+        if policy.allows_simulated:
+            _log.warning(
+                "TRUSTING A SIMULATED TEE (policy file allows SIMULATED_SEV_SNP): "
+                "such evidence proves nothing about hardware"
+            )
+        return policy
+
+    def describe(self) -> list[str]:
+        """One line per setting, for CLI summaries."""
+        roots = self.trusted_roots.describe()
+        return [
+            f"platforms: {', '.join(sorted(p.value for p in self.platforms))}",
+            f"debug guests: {'ALLOWED' if self.allow_debug else 'rejected'}",
+            f"minimum TCB: {self.min_tcb or 'any'}",
+            f"measurements: {len(self.measurements) or 'any'}",
+            f"GPUs required: {'any' if self.gpu_count is None else self.gpu_count}",
+            f"models: {len(self.model_digests) or 'any'}",
+            f"data policy: {self.data_policy_digest.hex() if self.data_policy_digest else 'any'}",
+            "roots: " + ", ".join(f"{k} {len(v)}" for k, v in roots.items() if v),
+        ]
+
+
+def _typed(doc: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = doc[key]
+    if kind is int and isinstance(value, bool):
+        raise PolicyError(f"{key} must be an integer")
+    if not isinstance(value, kind):
+        raise PolicyError(f"{key} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _list(doc: Mapping[str, Any], key: str, kind: type) -> list[Any]:
+    value = doc[key]
+    if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+        raise PolicyError(f"{key} must be a list of {kind.__name__}")
+    return value
+
+
+def _roots(doc: Mapping[str, Any], base_dir: Path) -> TrustedRoots:
+    unknown = sorted(set(doc) - {"amd", "nvidia", "simulation"})
+    if unknown:
+        raise PolicyError(f"unknown [roots] key(s): {', '.join(unknown)}")
+    vendor = TrustedRoots.vendor()
+
+    def load(key: str) -> tuple[x509.Certificate, ...]:
+        value = doc[key]
+        paths = [value] if isinstance(value, str) else value
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths) or not paths:
+            raise PolicyError(f"roots.{key} must be a path or a non-empty list of paths")
+        return tuple(c for p in paths for c in load_roots(base_dir / p))
+
+    return TrustedRoots(
+        amd=load("amd") if "amd" in doc else vendor.amd,
+        nvidia=load("nvidia") if "nvidia" in doc else vendor.nvidia,
+        simulation=load("simulation") if "simulation" in doc else (),
+    )

@@ -1,0 +1,324 @@
+"""SEV-SNP **validate**: a verified report's fields against a policy (pure, no I/O).
+
+Run :func:`veil.attestation.snp.verify.verify_snp` first: these checks only mean
+something once the signature and chain hold. The default :class:`SnpPolicy` is
+production-strict: debug and migration agents refused, provisional (uncommitted)
+firmware refused, committed ≤ current TCB enforced. Allow-lists that are left
+empty show as a skipped check ("no allow-list"), never as a pass.
+
+TCB rule. The minimum TCB is always compared with ``reported_tcb``: that is the
+level the VCEK/VLEK certifies, and firmware below it cannot derive that key, so it
+is the cryptographically meaningful one. ``tcb_rule`` adds stricter comparisons:
+``COMMITTED`` also requires the committed TCB (the anti-rollback floor) to meet the
+minimum; ``CURRENT`` requires the committed and the running (current) TCB to.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from veil.attestation.errors import MalformedInputError, UnsupportedError
+from veil.attestation.snp.report import Product, SigningKey, SnpReport, TcbVersion
+from veil.attestation.verdict import Verdict, VerdictBuilder
+
+__all__ = ["SnpPolicy", "TcbRule", "validate_snp"]
+
+
+class TcbRule(enum.Enum):
+    """Which of the report's TCB values must meet ``minimum_tcb`` (reported always does)."""
+
+    REPORTED = "reported"
+    COMMITTED = "committed"
+    CURRENT = "current"
+
+
+def _frozen_bytes(values: Iterable[bytes], size: int, what: str) -> frozenset[bytes]:
+    out = frozenset(bytes(v) for v in values)
+    if any(len(v) != size for v in out):
+        raise MalformedInputError(f"every {what} must be {size} bytes")
+    return out
+
+
+@dataclass(frozen=True)
+class SnpPolicy:
+    """What a verified SEV-SNP report must show. Defaults are production-strict.
+
+    Byte-valued fields are exact sizes: ``report_data`` 64, ``host_data`` 32,
+    measurements 48, ID/author key digests 48, ``family_id``/``image_id`` 16.
+    ``None`` / empty means "not checked" and is reported as a skip.
+    """
+
+    allow_debug: bool = False
+    allow_migration_agent: bool = False
+    require_smt_disabled: bool = False
+    vmpls: frozenset[int] | None = None
+    minimum_tcb: TcbVersion | None = None
+    tcb_rule: TcbRule = TcbRule.REPORTED
+    permit_provisional_firmware: bool = False
+    minimum_firmware: tuple[int, int, int] | None = None
+    minimum_guest_svn: int | None = None
+    measurements: frozenset[bytes] = field(default_factory=frozenset)
+    report_data: bytes | None = None
+    host_data: bytes | None = None
+    require_id_block: bool = False
+    id_key_digests: frozenset[bytes] = field(default_factory=frozenset)
+    author_key_digests: frozenset[bytes] = field(default_factory=frozenset)
+    family_id: bytes | None = None
+    image_id: bytes | None = None
+    products: frozenset[Product] | None = None
+    signing_keys: frozenset[SigningKey] = frozenset({SigningKey.VCEK, SigningKey.VLEK})
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "measurements", _frozen_bytes(self.measurements, 48, "measurement"))
+        set_(self, "id_key_digests", _frozen_bytes(self.id_key_digests, 48, "ID key digest"))
+        set_(self, "author_key_digests", _frozen_bytes(self.author_key_digests, 48, "author key digest"))
+        for name, size in (("report_data", 64), ("host_data", 32), ("family_id", 16), ("image_id", 16)):
+            value = getattr(self, name)
+            if value is not None and len(value) != size:
+                raise MalformedInputError(f"policy {name} must be {size} bytes, got {len(value)}")
+        if self.vmpls is not None:
+            set_(self, "vmpls", frozenset(self.vmpls))
+            if any(not 0 <= v <= 3 for v in self.vmpls):
+                raise MalformedInputError("VMPLs are 0..3")
+        if self.products is not None:
+            set_(self, "products", frozenset(self.products))
+
+    @staticmethod
+    def from_mapping(data: Mapping[str, Any]) -> SnpPolicy:
+        """A policy from a JSON/TOML-style mapping: byte fields as hex strings,
+        ``minimum_tcb`` as ``{"bootloader": .., "tee": .., "snp": .., "microcode": .., "fmc": ..}``,
+        ``tcb_rule`` as ``"reported" | "committed" | "current"``, ``products`` as names,
+        ``signing_keys`` as ``"VCEK"``/``"VLEK"``. Unknown keys are an error.
+        """
+        known = set(SnpPolicy.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise MalformedInputError(f"unknown SNP policy key(s): {', '.join(sorted(unknown))}")
+        kwargs: dict[str, Any] = {}
+        try:
+            for key, value in data.items():
+                if key in ("report_data", "host_data", "family_id", "image_id"):
+                    kwargs[key] = bytes.fromhex(value)
+                elif key in ("measurements", "id_key_digests", "author_key_digests"):
+                    kwargs[key] = frozenset(bytes.fromhex(v) for v in value)
+                elif key == "minimum_tcb":
+                    kwargs[key] = TcbVersion.from_parts(
+                        bootloader=int(value["bootloader"]),
+                        tee=int(value["tee"]),
+                        snp=int(value["snp"]),
+                        microcode=int(value["microcode"]),
+                        fmc=int(value["fmc"]) if value.get("fmc") is not None else None,
+                    )
+                elif key == "tcb_rule":
+                    kwargs[key] = TcbRule(value)
+                elif key == "products":
+                    kwargs[key] = frozenset(Product.from_name(v) for v in value)
+                elif key == "signing_keys":
+                    kwargs[key] = frozenset(SigningKey[v.upper()] for v in value)
+                elif key == "vmpls":
+                    kwargs[key] = frozenset(int(v) for v in value)
+                elif key == "minimum_firmware":
+                    major, minor, build = (int(v) for v in value)
+                    kwargs[key] = (major, minor, build)
+                elif key == "minimum_guest_svn":
+                    kwargs[key] = int(value)
+                else:
+                    if not isinstance(value, bool):
+                        raise MalformedInputError(f"SNP policy {key} must be true or false")
+                    kwargs[key] = value
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise MalformedInputError(f"bad SNP policy value: {exc}") from None
+        return SnpPolicy(**kwargs)
+
+
+def _hex(b: bytes, n: int = 16) -> str:
+    h = b.hex()
+    return h if len(h) <= n else h[:n] + "…"
+
+
+def _tcb_checks(b: VerdictBuilder, report: SnpReport, policy: SnpPolicy) -> None:
+    # Internal consistency, always: committed <= current, reported <= current.
+    problems = [
+        f"{name} {tcb} exceeds current {report.current_tcb}"
+        for name, tcb in (("committed", report.committed_tcb), ("reported", report.reported_tcb))
+        if not report.current_tcb.at_least(tcb)
+    ]
+    b.check("policy.tcb_order", not problems, "; ".join(problems) or "reported, committed <= current")
+
+    provisional = (
+        report.committed_tcb.raw != report.current_tcb.raw
+        or report.firmware_committed != report.firmware_current
+    )
+    if policy.permit_provisional_firmware:
+        b.passed("policy.provisional_firmware", "provisional firmware permitted by policy")
+    else:
+        b.check(
+            "policy.provisional_firmware",
+            not provisional,
+            (
+                f"running uncommitted firmware: current {report.current_tcb} "
+                f"v{'.'.join(map(str, report.firmware_current))}, committed {report.committed_tcb} "
+                f"v{'.'.join(map(str, report.firmware_committed))}"
+            )
+            if provisional
+            else "committed = current",
+        )
+
+    if policy.minimum_tcb is None:
+        b.skip("policy.min_tcb", "no minimum TCB in policy")
+    else:
+        compared = [("reported", report.reported_tcb)]
+        if policy.tcb_rule in (TcbRule.COMMITTED, TcbRule.CURRENT):
+            compared.append(("committed", report.committed_tcb))
+        if policy.tcb_rule is TcbRule.CURRENT:
+            compared.append(("current", report.current_tcb))
+        low = [f"{name} {tcb}" for name, tcb in compared if not tcb.at_least(policy.minimum_tcb)]
+        b.check(
+            "policy.min_tcb",
+            not low,
+            (f"below minimum {policy.minimum_tcb}: " + "; ".join(low))
+            if low
+            else f"{', '.join(n for n, _ in compared)} >= {policy.minimum_tcb}",
+        )
+
+    if policy.minimum_firmware is None:
+        b.skip("policy.min_firmware", "no minimum firmware version in policy")
+    else:
+        ok = report.firmware_committed >= policy.minimum_firmware
+        b.check(
+            "policy.min_firmware",
+            ok,
+            f"committed firmware {'.'.join(map(str, report.firmware_committed))} "
+            f"{'>=' if ok else '<'} {'.'.join(map(str, policy.minimum_firmware))}",
+        )
+
+
+def _exact(b: VerdictBuilder, name: str, actual: bytes, expected: bytes | None, what: str) -> None:
+    if expected is None:
+        b.skip(name, f"no expected {what} in policy")
+    else:
+        ok = actual == expected
+        b.check(name, ok, f"{what} {_hex(actual)} " + ("matches" if ok else f"!= expected {_hex(expected)}"))
+
+
+def validate_snp(report: SnpReport, policy: SnpPolicy, *, product: Product | str | None = None) -> Verdict:
+    """Appraise a (verified) report against ``policy``; every check is named ``policy.*``.
+
+    ``product``: the verified product (a :class:`Product` or a name such as ``"Milan"``)
+    when the report does not carry CPUID (version 2); defaults to the report's own
+    CPUID product. An unknown product name counts as no product.
+    """
+    b = VerdictBuilder()
+    prod: Product | None = report.product
+    if isinstance(product, Product):
+        prod = product
+    elif isinstance(product, str):
+        try:
+            prod = Product.from_name(product)
+        except UnsupportedError:
+            prod = None
+    if policy.products is None:
+        b.skip("policy.product", "any product allowed")
+    else:
+        allowed = ", ".join(sorted(p.value for p in policy.products))
+        b.check(
+            "policy.product",
+            prod in policy.products,
+            f"{prod.value if prod else 'unknown product'} "
+            + ("allowed" if prod in policy.products else f"not in {allowed}"),
+        )
+
+    gp = report.guest_policy
+    b.check(
+        "policy.debug",
+        policy.allow_debug or not gp.debug,
+        "guest policy DEBUG=1 (host can read and change guest memory)"
+        + (", allowed by policy" if policy.allow_debug else "")
+        if gp.debug
+        else "DEBUG=0",
+    )
+    b.check(
+        "policy.migration_agent",
+        policy.allow_migration_agent or not gp.migrate_ma,
+        ("MIGRATE_MA=1" + (", allowed by policy" if policy.allow_migration_agent else ""))
+        if gp.migrate_ma
+        else "MIGRATE_MA=0",
+    )
+    if policy.require_smt_disabled:
+        smt = report.platform.smt_en
+        b.check("policy.smt", not smt, "platform SMT enabled" if smt else "platform SMT disabled")
+    else:
+        b.skip("policy.smt", "SMT permitted by policy")
+
+    if policy.vmpls is None:
+        b.skip("policy.vmpl", "any VMPL allowed")
+    else:
+        b.check(
+            "policy.vmpl", report.vmpl in policy.vmpls, f"VMPL {report.vmpl}, allowed {sorted(policy.vmpls)}"
+        )
+
+    try:
+        key_name = SigningKey(report.signing_key).name
+    except ValueError:
+        key_name = str(report.signing_key)
+    b.check(
+        "policy.signing_key",
+        report.signing_key in policy.signing_keys,
+        f"signed by {key_name}, allowed {sorted(k.name for k in policy.signing_keys)}",
+    )
+    _tcb_checks(b, report, policy)
+    if policy.minimum_guest_svn is None:
+        b.skip("policy.guest_svn", "no minimum guest SVN in policy")
+    else:
+        b.check(
+            "policy.guest_svn",
+            report.guest_svn >= policy.minimum_guest_svn,
+            f"guest SVN {report.guest_svn}, minimum {policy.minimum_guest_svn}",
+        )
+
+    if not policy.measurements:
+        b.skip("policy.measurement", "no allow-list")
+    else:
+        ok = report.measurement in policy.measurements
+        b.check(
+            "policy.measurement",
+            ok,
+            f"{_hex(report.measurement)} " + ("allowed" if ok else "not in the allow-list"),
+        )
+    _exact(b, "policy.report_data", report.report_data, policy.report_data, "report_data")
+    _exact(b, "policy.host_data", report.host_data, policy.host_data, "host_data")
+    _id_block_checks(b, report, policy)
+    return b.build()
+
+
+def _id_block_checks(b: VerdictBuilder, report: SnpReport, policy: SnpPolicy) -> None:
+    has_id_block = any(report.id_key_digest)
+    if policy.id_key_digests:
+        ok = report.id_key_digest in policy.id_key_digests
+        b.check(
+            "policy.id_key",
+            ok,
+            f"ID key {_hex(report.id_key_digest)} " + ("allowed" if ok else "not in the allow-list"),
+        )
+    elif policy.require_id_block:
+        b.check(
+            "policy.id_key", has_id_block, "ID block present" if has_id_block else "no ID block at launch"
+        )
+    else:
+        b.skip("policy.id_key", "no allow-list")
+    if policy.author_key_digests:
+        ok = report.author_key_en and report.author_key_digest in policy.author_key_digests
+        b.check(
+            "policy.author_key",
+            ok,
+            f"author key {_hex(report.author_key_digest)} "
+            + ("allowed" if ok else "absent or not in the allow-list"),
+        )
+    else:
+        b.skip("policy.author_key", "no allow-list")
+    _exact(b, "policy.family_id", report.family_id, policy.family_id, "family_id")
+    _exact(b, "policy.image_id", report.image_id, policy.image_id, "image_id")

@@ -1,0 +1,148 @@
+"""Validate a verified TDX quote against a policy (the *validate* half; see ``tdx_verify``).
+
+The defaults are production-strict: debug TDs are refused, only ``UpToDate`` is an
+acceptable TCB status, and a missing TCB status (no collateral) fails. Measurement
+allow-lists that are empty are reported as ``skip: no allow-list`` — never as a pass.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from veil.attestation.errors import MalformedInputError
+from veil.attestation.tdx.collateral import TCB_STATUSES
+from veil.attestation.tdx.quote import TdxQuote
+from veil.attestation.tdx.tcb import RELAUNCH_STATUSES
+from veil.attestation.verdict import Verdict, VerdictBuilder
+
+__all__ = ["TdxPolicy", "validate_tdx"]
+
+_NO_ALLOW_LIST = "no allow-list"
+
+
+def _digests(values: Iterable[bytes], size: int, what: str) -> frozenset[bytes]:
+    out = frozenset(bytes(v) for v in values)
+    if any(len(v) != size for v in out):
+        raise MalformedInputError(f"{what} allow-list entries must be {size} bytes")
+    return out
+
+
+@dataclass(frozen=True)
+class TdxPolicy:
+    """What a TD must look like to be trusted.
+
+    ``rtmr`` holds one allow-list per RTMR (0–3); an empty list leaves that RTMR
+    unconstrained. ``report_data`` None skips the check (the caller binds the nonce
+    elsewhere, e.g. through :mod:`veil.attestation.binding`).
+    """
+
+    allow_debug: bool = False
+    mrtd: frozenset[bytes] = frozenset()
+    rtmr: tuple[frozenset[bytes], frozenset[bytes], frozenset[bytes], frozenset[bytes]] = (
+        frozenset(),
+        frozenset(),
+        frozenset(),
+        frozenset(),
+    )
+    mrseam: frozenset[bytes] = frozenset()
+    allowed_tcb_statuses: frozenset[str] = field(default_factory=lambda: frozenset({"UpToDate"}))
+    allow_missing_tcb_status: bool = False
+    rejected_advisories: frozenset[str] = frozenset()
+    report_data: bytes | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mrtd", _digests(self.mrtd, 48, "MRTD"))
+        object.__setattr__(self, "mrseam", _digests(self.mrseam, 48, "MRSEAM"))
+        if len(self.rtmr) != 4:
+            raise MalformedInputError("rtmr must hold four allow-lists (RTMR0–3)")
+        rtmr = tuple(_digests(r, 48, f"RTMR{i}") for i, r in enumerate(self.rtmr))
+        object.__setattr__(self, "rtmr", rtmr)
+        statuses = frozenset(self.allowed_tcb_statuses)
+        unknown = statuses - {*TCB_STATUSES, *RELAUNCH_STATUSES}
+        if unknown:
+            raise MalformedInputError(f"unknown TCB statuses in policy: {sorted(unknown)}")
+        object.__setattr__(self, "allowed_tcb_statuses", statuses)
+        object.__setattr__(self, "rejected_advisories", frozenset(self.rejected_advisories))
+        if self.report_data is not None and len(self.report_data) != 64:
+            raise MalformedInputError("report_data must be 64 bytes")
+
+
+def _in_list(b: VerdictBuilder, name: str, value: bytes, allowed: frozenset[bytes], what: str) -> None:
+    if not allowed:
+        b.skip(name, _NO_ALLOW_LIST)
+    elif value in allowed:
+        b.passed(name, f"{what} {value.hex()} is allowed")
+    else:
+        b.fail(name, f"{what} {value.hex()} is not in the allow-list ({len(allowed)} entries)")
+
+
+def validate_tdx(
+    quote: TdxQuote,
+    policy: TdxPolicy,
+    *,
+    tcb_status: str | None,
+    advisory_ids: Iterable[str] = (),
+) -> Verdict:
+    """Check the quote's fields against ``policy``.
+
+    ``tcb_status`` / ``advisory_ids`` come from :func:`~veil.attestation.tdx.verify.verify_tdx`
+    (see ``tcb_status_of``); None means no collateral was appraised.
+    """
+    td = quote.td_report
+    b = VerdictBuilder()
+    if td.debug:
+        b.check(
+            "policy.debug",
+            policy.allow_debug,
+            "TD DEBUG attribute is set" + ("; allowed" if policy.allow_debug else ""),
+        )
+    else:
+        b.passed("policy.debug", "TD DEBUG attribute is off")
+    _in_list(b, "policy.mrtd", td.mr_td, policy.mrtd, "MRTD")
+    constrained = [i for i in range(4) if policy.rtmr[i]]
+    if not constrained:
+        b.skip("policy.rtmr", _NO_ALLOW_LIST)
+    else:
+        bad = [i for i in constrained if td.rtmrs[i] not in policy.rtmr[i]]
+        free = [f"RTMR{i}" for i in range(4) if i not in constrained]
+        note = f"; unconstrained: {', '.join(free)}" if free else ""
+        if bad:
+            b.fail(
+                "policy.rtmr", ", ".join(f"RTMR{i} {td.rtmrs[i].hex()} is not allowed" for i in bad) + note
+            )
+        else:
+            b.passed("policy.rtmr", ", ".join(f"RTMR{i}" for i in constrained) + " allowed" + note)
+    _in_list(b, "policy.mrseam", td.mr_seam, policy.mrseam, "MRSEAM")
+
+    if tcb_status is None:
+        if policy.allow_missing_tcb_status:
+            b.skip("policy.tcb_status", "no TCB status (no collateral appraised); policy allows that")
+        else:
+            b.fail("policy.tcb_status", "no TCB status: verify with collateral to appraise the TCB")
+    else:
+        allowed = sorted(policy.allowed_tcb_statuses)
+        b.check(
+            "policy.tcb_status",
+            tcb_status in policy.allowed_tcb_statuses,
+            f"TCB status {tcb_status}; allowed: {', '.join(allowed)}",
+        )
+    if policy.rejected_advisories:
+        hit = sorted(set(advisory_ids) & policy.rejected_advisories)
+        b.check(
+            "policy.advisories", not hit, f"rejected advisories present: {hit}" if hit else "none rejected"
+        )
+
+    if policy.report_data is None:
+        b.skip("policy.report_data", "no expected report_data given")
+    else:
+        match = hmac.compare_digest(td.report_data, policy.report_data)
+        b.check(
+            "policy.report_data",
+            match,
+            "report_data matches"
+            if match
+            else f"report_data {td.report_data.hex()} is not the expected value",
+        )
+    return b.build()

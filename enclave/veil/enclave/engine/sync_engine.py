@@ -1,0 +1,396 @@
+"""The synchronous engine core: :class:`LLMEngine` and the types the engine API speaks.
+
+One :meth:`LLMEngine.step` is: schedule → ``runner.execute`` → sample → detokenize and apply
+stop rules → one :class:`Delta` per request that has something to say. Failures stay with
+the request that caused them: a batch whose ``execute`` raises is re-run one sequence at a
+time, a sampling failure is retried row by row, and whatever still fails (or a detokenizer
+error) ends that request alone with finish reason ``error``.
+
+Logs carry metadata only (request ids, counts, exception types): never prompt or completion
+text, which also never appears in an exception message raised from here.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import random
+from collections.abc import Mapping
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from veil.enclave.data_policy import log_event
+from veil.enclave.engine.block_manager import BlockManager
+from veil.enclave.engine.detokenizer import FINISH_CANCELLED, FINISH_ERROR, CompletionTracker
+from veil.enclave.engine.sampler import Sampler
+from veil.enclave.engine.sampling import SamplingParams
+from veil.enclave.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from veil.enclave.engine.sequence import Sequence
+from veil.enclave.errors import EngineInternalError, InvalidRequestError, PromptTooLongError
+from veil.enclave.runner.cpu import SeqStep
+
+__all__ = [
+    "CHAT_ROLES",
+    "ENGINE_VERSION",
+    "ERROR_TEXT",
+    "Delta",
+    "EngineRequest",
+    "EngineStats",
+    "LLMEngine",
+    "RequestOutput",
+    "Runner",
+]
+
+ENGINE_VERSION = f"veil-engine/{importlib.metadata.version('veil')}"
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+MAX_REQUEST_ID_CHARS = 128
+ERROR_TEXT = "internal error while generating"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """A prompt, or chat messages to render with the model's template, and how to sample."""
+
+    request_id: str
+    params: SamplingParams
+    prompt: str | None = None
+    messages: Seq[Mapping[str, str]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New text for one request. The last delta of a stream has ``finish_reason`` set."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    free_kv_blocks: int
+    total_kv_blocks: int
+    preemptions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    request_id: str
+    delta: Delta
+
+
+class Runner(Protocol):
+    """What the engine needs of a model runner (``veil.enclave.runner.cpu.ModelRunner``)."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+    @property
+    def chat_template(self) -> str | None: ...
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+    @property
+    def model_digest(self) -> bytes: ...
+    @property
+    def max_context(self) -> int: ...
+    @property
+    def num_kv_blocks(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    def execute(self, steps: list[SeqStep]) -> torch.Tensor: ...
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    request_id: str
+    seq: Sequence
+    params: SamplingParams
+    seed: int
+    tracker: CompletionTracker
+
+
+class LLMEngine:
+    """The synchronous engine core; not thread-safe (one caller at a time)."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        max_batch: int = 64,
+        max_num_batched_tokens: int = 512,
+        rng: random.Random | None = None,
+        decode_tokenizer: Any = None,
+    ) -> None:
+        if max_batch < 1 or max_num_batched_tokens < 1:
+            raise InvalidRequestError("max_batch and max_num_batched_tokens must be positive")
+        self.runner = runner
+        self.tokenizer = runner.tokenizer  # encodes prompts (encode)
+        # decodes completions (step); a separate copy when encode and step run on two threads
+        self.decode_tokenizer = decode_tokenizer if decode_tokenizer is not None else runner.tokenizer
+        self.eos_token_ids = frozenset(runner.eos_token_ids)
+        self.max_context = int(runner.max_context)
+        self.block_manager = BlockManager(runner.num_kv_blocks, runner.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs=max_batch, max_num_batched_tokens=max_num_batched_tokens
+        )
+        self.sampler = Sampler()
+        self._settings = (max_batch, max_num_batched_tokens)
+        self._rng = rng if rng is not None else random.SystemRandom()
+        self._requests: dict[str, _Request] = {}
+        self._by_seq: dict[int, _Request] = {}
+        self._next_seq_id = 0
+
+    def fresh(self) -> LLMEngine:
+        """A new engine over the same runner and settings, with no requests."""
+        max_batch, max_tokens = self._settings
+        return LLMEngine(
+            self.runner,
+            max_batch=max_batch,
+            max_num_batched_tokens=max_tokens,
+            rng=self._rng,
+            decode_tokenizer=self.decode_tokenizer,
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def encode(self, request: EngineRequest) -> list[int]:
+        """Validate ``request`` and return its prompt token ids (raises before anything is queued)."""
+        if not isinstance(request.params, SamplingParams):
+            raise InvalidRequestError("params must be SamplingParams")
+        rid = request.request_id
+        if not isinstance(rid, str) or not 0 < len(rid) <= MAX_REQUEST_ID_CHARS:
+            raise InvalidRequestError(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters")
+        if (request.prompt is None) == (request.messages is None):
+            raise InvalidRequestError("give exactly one of prompt and messages")
+        if request.prompt is not None:
+            if not isinstance(request.prompt, str) or not request.prompt:
+                raise InvalidRequestError("prompt must be a non-empty string")
+            ids = self._tokenize(request.prompt, add_special_tokens=True)
+        else:
+            ids = self._tokenize(self._render_chat(request.messages), add_special_tokens=False)
+        if not ids:
+            raise InvalidRequestError("prompt has no tokens")
+        self._check_length(len(ids), request.params)
+        return ids
+
+    def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+        """Queue a request whose prompt was checked by :meth:`encode`."""
+        if request_id in self._requests:
+            raise InvalidRequestError("duplicate request_id")
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt has no tokens")
+        self._check_length(len(prompt_token_ids), params)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
+        seq = Sequence(self._next_seq_id, list(prompt_token_ids))
+        self._next_seq_id += 1
+        tracker = CompletionTracker(self.decode_tokenizer, seq.token_ids, params, self.eos_token_ids)
+        req = _Request(request_id, seq, params, seed, tracker)
+        self.scheduler.add(seq, len(prompt_token_ids) + params.max_tokens)
+        self._requests[request_id] = req
+        self._by_seq[seq.seq_id] = req
+
+    def abort_request(self, request_id: str, reason: str = FINISH_CANCELLED) -> RequestOutput | None:
+        """End a request now (its blocks are freed); returns its final delta, None if unknown."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        req.tracker.abort(reason)
+        return self._end(req)
+
+    def abort_all(self, reason: str) -> list[RequestOutput]:
+        return [out for rid in list(self._requests) if (out := self.abort_request(rid, reason))]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=self.scheduler.num_running,
+            waiting=self.scheduler.num_waiting,
+            free_kv_blocks=self.block_manager.num_free,
+            total_kv_blocks=self.block_manager.num_blocks,
+            preemptions=self.scheduler.num_preemptions,
+        )
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            if self.has_unfinished():
+                raise EngineInternalError("requests are queued but none can be scheduled")
+            return []
+        outputs: list[RequestOutput] = []
+        done, logits, failed = self._execute(sched)
+        for item in failed:
+            outputs.append(self._fail(self._by_seq[item.seq.seq_id], "engine.execute_failed"))
+        self.scheduler.commit(SchedulerOutput(done))
+        want = [self._by_seq[item.seq.seq_id] for item in done if item.want_logits]
+        if not want:
+            return outputs
+        if logits is None or logits.dim() != 2 or logits.shape[0] != len(want):
+            raise EngineInternalError("the runner returned logits of the wrong shape")
+        for req, token in zip(want, self._sample(logits, want), strict=True):
+            if token is None:
+                outputs.append(self._fail(req, "engine.sampling_failed"))
+                continue
+            try:
+                req.seq.append_token(token)
+                req.tracker.append(token)
+                text, ids = req.tracker.take_delta()
+            except Exception as exc:
+                outputs.append(self._fail(req, "engine.detokenize_failed", exc))
+                continue
+            if req.tracker.finished:
+                self._release(req)
+            if text or req.tracker.finished:
+                outputs.append(RequestOutput(req.request_id, self._delta(req, text, ids)))
+        return outputs
+
+    def _execute(
+        self, sched: SchedulerOutput
+    ) -> tuple[list[ScheduledSeq], torch.Tensor | None, list[ScheduledSeq]]:
+        steps = [_seq_step(item) for item in sched.scheduled]
+        try:
+            return sched.scheduled, self.runner.execute(steps), []
+        except Exception as exc:
+            log_event(log, "engine.batch_failed", logging.WARNING, error_type=type(exc).__name__)
+        if len(steps) == 1:
+            return [], None, list(sched.scheduled)
+        # Find the culprit: run each sequence alone. Re-running writes the same KV positions.
+        done: list[ScheduledSeq] = []
+        rows: list[torch.Tensor] = []
+        failed: list[ScheduledSeq] = []
+        for item, step in zip(sched.scheduled, steps, strict=True):
+            try:
+                out = self.runner.execute([step])
+            except Exception:
+                failed.append(item)
+                continue
+            done.append(item)
+            if item.want_logits:
+                rows.append(out[0])
+        return done, (torch.stack(rows) if rows else None), failed
+
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | None]:
+        params = [r.params for r in reqs]
+        seeds = [r.seed for r in reqs]
+        steps = [r.seq.num_completion_tokens for r in reqs]
+        try:
+            return list(self.sampler.sample(logits, params, seeds, steps))
+        except Exception as exc:
+            log_event(log, "engine.batch_sampling_failed", logging.WARNING, error_type=type(exc).__name__)
+        out: list[int | None] = []
+        for i in range(len(reqs)):
+            try:
+                out.append(
+                    self.sampler.sample(
+                        logits[i : i + 1], params[i : i + 1], seeds[i : i + 1], steps[i : i + 1]
+                    )[0]
+                )
+            except Exception:
+                out.append(None)
+        return out
+
+    # ------------------------------------------------------------------ helpers
+
+    def _fail(self, req: _Request, event: str, exc: BaseException | None = None) -> RequestOutput:
+        log_event(
+            log,
+            event,
+            logging.ERROR,
+            request=req.request_id,
+            error_type=type(exc).__name__ if exc is not None else None,
+        )
+        req.tracker.abort(FINISH_ERROR)
+        return self._end(req)
+
+    def _end(self, req: _Request) -> RequestOutput:
+        self._release(req)
+        text, ids = req.tracker.take_delta()
+        return RequestOutput(req.request_id, self._delta(req, text, ids))
+
+    def _release(self, req: _Request) -> None:
+        self.scheduler.finish(req.seq)
+        self._requests.pop(req.request_id, None)
+        self._by_seq.pop(req.seq.seq_id, None)
+
+    def _delta(self, req: _Request, text: str, ids: tuple[int, ...]) -> Delta:
+        reason = req.tracker.finish_reason
+        return Delta(
+            text=text,
+            token_ids=ids,
+            finish_reason=reason,
+            prompt_tokens=req.seq.num_prompt_tokens,
+            completion_tokens=req.tracker.completion_tokens,
+            error=ERROR_TEXT if reason == FINISH_ERROR else None,
+        )
+
+    def _check_length(self, num_prompt: int, params: SamplingParams) -> None:
+        total = num_prompt + params.max_tokens
+        if total > self.max_context:
+            raise PromptTooLongError(
+                f"prompt ({num_prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"the {self.max_context}-token context"
+            )
+        if not self.scheduler.fits(total):
+            raise PromptTooLongError(
+                f"prompt ({num_prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"the KV cache ({self.block_manager.capacity_tokens} tokens)"
+            )
+
+    def _tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as exc:
+            raise InvalidRequestError("the prompt could not be tokenized") from exc
+        return [int(i) for i in ids]
+
+    def _render_chat(self, messages: object) -> str:
+        template = self.runner.chat_template
+        if template is None:
+            raise InvalidRequestError("this model has no chat template; send a prompt")
+        if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Seq) or not messages:
+            raise InvalidRequestError("messages must be a non-empty list")
+        clean: list[dict[str, str]] = []
+        for m in messages:
+            if not isinstance(m, Mapping):
+                raise InvalidRequestError("each message must be a mapping with role and content")
+            role, content = m.get("role"), m.get("content")
+            if role not in CHAT_ROLES:
+                raise InvalidRequestError(f"message role must be one of {sorted(CHAT_ROLES)}")
+            if not isinstance(content, str):
+                raise InvalidRequestError("message content must be a string")
+            clean.append({"role": role, "content": content})
+        try:
+            text = self.tokenizer.apply_chat_template(
+                clean, chat_template=template, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:
+            raise InvalidRequestError("the chat template rejected these messages") from exc
+        if not isinstance(text, str) or not text:
+            raise InvalidRequestError("the chat template produced no text")
+        return text
+
+
+def _seq_step(item: ScheduledSeq) -> SeqStep:
+    return SeqStep(
+        seq_id=item.seq.seq_id,
+        token_ids=item.token_ids,
+        start_pos=item.start_pos,
+        block_table=list(item.seq.block_table),
+        want_logits=item.want_logits,
+    )

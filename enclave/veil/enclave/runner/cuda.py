@@ -1,0 +1,447 @@
+"""The GPU model runner: the Llama forward pass on Triton kernels, decode steps replayed from CUDA graphs.
+
+Same contract as :class:`veil.enclave.runner.cpu.ModelRunner` (the engine's ``Runner`` protocol):
+``execute(steps)`` runs one scheduled batch of :class:`SeqStep` and returns the fp32 logits of every
+step that asked for them, on the host, in step order. Only this object holds device tensors.
+
+Hot loop, per layer: fused RMSNorm + residual → QKV (w4a16 / int8 Triton matmul, Q/K/V fused) →
+fused RoPE + paged-KV write → paged attention → O → fused RMSNorm + residual → gate/up (fused) →
+SiLU·mul → down. Weights are repacked once from the loader's unpacked specs (``LoadedModel.specs()``):
+int4 specs become the w4a16 layout, int8 specs the int8 weight-only layout; a tied LM head over a
+GGUF Q8_0 embedding uses the embedding's own group-32 int8 codes.
+
+KV cache: per layer ``[num_blocks, block_size, n_kv_heads, head_dim]`` (the CPU runner's layout).
+
+Decode steps (every step one token) run from **CUDA graphs** captured at start-up for a ladder of
+batch sizes; a batch is padded to the next size on the ladder. Padding rows are inert: slot ``-1``
+(nothing written to the cache) and context length 0 (attention returns zeros). Every per-step input
+lives in a static device buffer that the graphs read; the attention split is sized from the model's
+maximum context, never from this step's lengths, so one graph serves every length. Prefill and mixed
+steps run eagerly (their shapes vary too much to capture).
+
+Host↔device copies use **pageable** memory on purpose. On a confidential-computing GPU (H100/H200 in
+CC mode) ``cudaHostRegister`` and pinned host allocations are not usable for DMA from private
+memory: all transfers go through the driver's encrypted bounce buffers. So nothing here pins memory
+(no ``pin_memory()``, no ``non_blocking=True`` staging): step inputs are built in ordinary host
+tensors and copied in, and logits are copied out the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from veil.enclave.errors import InvalidRequestError
+from veil.enclave.model.config import ModelConfig
+from veil.enclave.model.llama import rope_tables
+from veil.enclave.model.loader import LoadedModel
+from veil.enclave.model.weights import BlockEmbedding, LlamaSpecs, Spec
+from veil.enclave.runner.cpu import SeqStep, validate_steps
+from veil.kernels.quant_cpu import Int4Spec, Int8Spec
+from veil.kernels.triton_fused import rmsnorm_residual, rope_kv_write
+from veil.kernels.triton_linear import (
+    DenseCudaLinear,
+    Int8WeightOnlyLinear,
+    W4A16Linear,
+    w4a16_from_scale_zero,
+)
+from veil.kernels.triton_paged_attention import paged_attention_decode, paged_attention_prefill
+
+__all__ = ["DEFAULT_GRAPH_BATCHES", "CudaModelRunner", "GpuLayer", "GpuWeights", "build_gpu_weights"]
+
+DEFAULT_GRAPH_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
+
+Linear = W4A16Linear | Int8WeightOnlyLinear | DenseCudaLinear
+
+
+@dataclass(slots=True)
+class GpuLayer:
+    attn_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    ffn_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+
+
+@dataclass(slots=True)
+class GpuWeights:
+    embed: BlockEmbedding  # on the device; rows expanded on lookup
+    layers: list[GpuLayer]
+    norm: torch.Tensor
+    output: Linear
+
+    @property
+    def nbytes(self) -> int:
+        lin = [self.output, *(w for la in self.layers for w in (la.qkv, la.o, la.gate_up, la.down))]
+        return self.embed.nbytes + sum(w.nbytes for w in lin)
+
+
+def _dense(spec: Spec) -> torch.Tensor:
+    return spec.float() if isinstance(spec, torch.Tensor) else spec.dequantize()
+
+
+def _gpu_linear(specs: list[Spec], device: torch.device, dtype: torch.dtype) -> Linear:
+    """Fuse ``specs`` along the output dimension and pack them for the GPU kernels."""
+    if all(isinstance(s, Int4Spec) and s.group_size == 32 for s in specs):
+        spec = Int4Spec.concat([s for s in specs if isinstance(s, Int4Spec)])
+        return W4A16Linear(w4a16_from_scale_zero(spec.codes, spec.scale, spec.zero).to(device))
+    if all(isinstance(s, Int8Spec) for s in specs):
+        spec8 = Int8Spec.concat([s for s in specs if isinstance(s, Int8Spec)])
+        lin = Int8WeightOnlyLinear.from_codes(spec8.codes, spec8.scale.float())
+        return Int8WeightOnlyLinear(lin.weight.to(device))
+    # 16-bit tensors, or a rare mix of kinds: one dense weight
+    return DenseCudaLinear(torch.cat([_dense(s) for s in specs]).to(device, dtype))
+
+
+def _lm_head(specs: LlamaSpecs, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Linear:
+    e = specs.embed
+    q8_embedding = e.codes.dtype == torch.int8 and e.zero is None and not e.offset and e.group == 32
+    if config.tied_output and q8_embedding:
+        # The GGUF Q8_0 table itself (group-32 scales), not a per-channel re-quantization of it.
+        lin = Int8WeightOnlyLinear.from_codes(e.codes, e.scale.reshape(e.codes.shape[0], -1))
+        return Int8WeightOnlyLinear(lin.weight.to(device))
+    return _gpu_linear([specs.output], device, dtype)
+
+
+def build_gpu_weights(
+    specs: LlamaSpecs, config: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> GpuWeights:
+    """Repack the loader's specs for the Triton kernels and move them to ``device``."""
+    layers = [
+        GpuLayer(
+            attn_norm=ls.attn_norm.to(device, dtype),
+            qkv=_gpu_linear([ls.q, ls.k, ls.v], device, dtype),
+            o=_gpu_linear([ls.o], device, dtype),
+            ffn_norm=ls.ffn_norm.to(device, dtype),
+            gate_up=_gpu_linear([ls.gate, ls.up], device, dtype),
+            down=_gpu_linear([ls.down], device, dtype),
+        )
+        for ls in specs.layers
+    ]
+    e = specs.embed
+    embed = BlockEmbedding(
+        e.codes.to(device),
+        e.scale.to(device),
+        None if e.zero is None else e.zero.to(device),
+        e.group,
+        e.offset,
+    )
+    return GpuWeights(embed, layers, specs.norm.to(device, dtype), _lm_head(specs, config, device, dtype))
+
+
+@dataclass(slots=True)
+class _StepMeta:
+    """Device tensors describing one eager step."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    decode_rows: torch.Tensor | None
+    decode_tables: torch.Tensor | None
+    decode_lens: torch.Tensor | None
+    prefill_rows: torch.Tensor | None
+    prefill_tables: torch.Tensor | None
+    prefill_lens: torch.Tensor | None
+    prefill_starts: torch.Tensor | None
+    prefill_max_q: int
+
+
+class CudaModelRunner:
+    """Executes batches of :class:`SeqStep` on a GPU (or, for tests, on the CPU under the Triton interpreter).
+
+    ``graph_batches``: the decode batch sizes to capture (only sizes up to ``max_batch`` are kept);
+    ``use_graphs`` defaults to True on CUDA. ``prefill_impl`` picks the prefill attention
+    (``"sdpa"`` or ``"triton"``, see ``veil.kernels.triton_paged_attention``). ``device_logits``
+    returns the logits on the device instead of copying them to the host: at 64 sequences × a 49k
+    vocabulary the fp32 logits are 12.6 MB per step, which through CC-mode bounce buffers can cost
+    as much as the step itself, so a sampler on the device should take them there.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        num_kv_blocks: int,
+        block_size: int = 16,
+        *,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        max_batch: int = 64,
+        graph_batches: Sequence[int] = DEFAULT_GRAPH_BATCHES,
+        use_graphs: bool | None = None,
+        prefill_impl: str = "sdpa",
+        specs: LlamaSpecs | None = None,
+        device_logits: bool = False,
+    ) -> None:
+        if num_kv_blocks < 1 or block_size < 1 or max_batch < 1:
+            raise InvalidRequestError("the KV cache needs at least one block of one slot, and max_batch ≥ 1")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.config: ModelConfig = model.config
+        self.tokenizer = model.tokenizer
+        self.chat_template: str | None = model.chat_template
+        self.eos_token_ids: frozenset[int] = model.eos_token_ids
+        self.model_digest: bytes = model.model_digest
+        self.max_context: int = model.config.max_context
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks
+        self.prefill_impl = prefill_impl
+        self.device_logits = device_logits
+        cfg = self.config
+        self.weights = build_gpu_weights(
+            specs if specs is not None else model.specs(), cfg, self.device, dtype
+        )
+        shape = (cfg.n_layers, num_kv_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        cos, sin = rope_tables(cfg, cfg.max_context)  # [P, D] rotate-half, both halves equal
+        half = cfg.head_dim // 2
+        self.cos = cos[:, :half].contiguous().to(self.device)
+        self.sin = sin[:, :half].contiguous().to(self.device)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.max_blocks_per_seq = -(-self.max_context // block_size)
+
+        ladder = sorted({b for b in graph_batches if 0 < b <= max_batch} | {max_batch})
+        self.graph_batches: tuple[int, ...] = tuple(ladder)
+        top = ladder[-1]
+        # Static decode inputs (graphs read these addresses; each step copies its values in).
+        self._tokens = torch.zeros(top, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(top, dtype=torch.long, device=self.device)
+        self._slots = torch.full((top,), -1, dtype=torch.long, device=self.device)
+        self._tables = torch.zeros((top, self.max_blocks_per_seq), dtype=torch.int32, device=self.device)
+        self._lens = torch.zeros(top, dtype=torch.int32, device=self.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if use_graphs if use_graphs is not None else self.device.type == "cuda":
+            self._capture()
+
+    @staticmethod
+    def blocks_for_budget(
+        config: ModelConfig, kv_cache_bytes: int, block_size: int = 16, dtype_bytes: int = 2
+    ) -> int:
+        """How many KV blocks fit in ``kv_cache_bytes`` (16-bit cache)."""
+        per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype_bytes
+        return max(0, kv_cache_bytes // (per_token * block_size))
+
+    # ----------------------------------------------------------------------------------- the forward pass
+
+    def _forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        attention: Callable[[int, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, ``[T, hidden]`` in ``self.dtype``."""
+        cfg, w = self.config, self.weights
+        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        inter = cfg.intermediate
+        t = tokens.shape[0]
+        x = w.embed.lookup(tokens).to(self.dtype)
+        residual: torch.Tensor | None = None
+        for li, layer in enumerate(w.layers):
+            h, residual = rmsnorm_residual(x, residual, layer.attn_norm, cfg.rms_eps)
+            qkv = layer.qkv(h)
+            q = qkv[:, : nh * hd].view(t, nh, hd)
+            k = qkv[:, nh * hd : (nh + nkv) * hd].view(t, nkv, hd)
+            v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)
+            q, _ = rope_kv_write(
+                q, k, v, positions=positions, cos=self.cos, sin=self.sin,
+                k_cache=self.k_cache[li], v_cache=self.v_cache[li], slot_mapping=slots,
+            )  # fmt: skip
+            x = layer.o(attention(li, q).reshape(t, nh * hd))
+            h, residual = rmsnorm_residual(x, residual, layer.ffn_norm, cfg.rms_eps)
+            gu = layer.gate_up(h)
+            x = layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+        out, _ = rmsnorm_residual(x, residual, w.norm, cfg.rms_eps)
+        return out
+
+    def _decode_attention(self, batch: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        def attend(li: int, q: torch.Tensor) -> torch.Tensor:
+            return paged_attention_decode(
+                q, self.k_cache[li], self.v_cache[li], self._tables[:batch], self._lens[:batch],
+                scale=self.scale, max_context_len=self.max_context,
+            )  # fmt: skip
+
+        return attend
+
+    def _decode_body(self, batch: int) -> torch.Tensor:
+        """One padded decode step over the static buffers: fp32 logits ``[batch, vocab]``."""
+        h = self._forward(
+            self._tokens[:batch], self._positions[:batch], self._slots[:batch], self._decode_attention(batch)
+        )
+        return self.weights.output(h).float()
+
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        for batch in sorted(self.graph_batches, reverse=True):  # largest first: the pool fits the rest
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._decode_body(batch)  # compile the kernels, set up cuBLAS, outside the capture
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._decode_body(batch)
+            self._graphs[batch] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------------------------------ execute
+
+    def _validate(self, steps: list[SeqStep]) -> None:
+        validate_steps(
+            steps,
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            max_context=self.max_context,
+            vocab=self.config.vocab,
+        )
+
+    def execute(self, steps: list[SeqStep]) -> torch.Tensor:
+        """Run ``steps``; fp32 logits ``[number of steps with want_logits, vocab]`` on the host, in order."""
+        if not steps:
+            return torch.empty(0, self.config.vocab)
+        self._validate(steps)
+        with torch.inference_mode():
+            if all(len(s.token_ids) == 1 for s in steps) and len(steps) <= self.graph_batches[-1]:
+                logits = self._execute_decode(steps)
+                want = [i for i, s in enumerate(steps) if s.want_logits]
+            else:
+                logits, want = self._execute_eager(steps)
+            if len(want) != logits.shape[0]:
+                logits = logits[want]
+            # pageable device→host copy (CC mode: no pinned staging); a graph's output buffer is reused
+            # by the next replay, so device logits are handed out as a copy too
+            return logits.clone() if self.device_logits else logits.cpu()
+
+    def _execute_decode(self, steps: list[SeqStep]) -> torch.Tensor:
+        n = len(steps)
+        batch = next(b for b in self.graph_batches if b >= n)
+        bs = self.block_size
+        # Host staging in plain numpy arrays (pageable), then one copy per static buffer. Padding rows
+        # keep slot -1 and length 0. Only the block-table columns a row uses are written: the kernel
+        # never reads a column past a row's context, so stale entries further right are harmless.
+        ints = np.zeros((4, batch), dtype=np.int64)  # tokens, positions, slots, lengths
+        ints[2, :] = -1
+        used = [(s.start_pos + bs) // bs for s in steps]  # blocks covering positions 0 .. start_pos
+        width = max(used)
+        tables = np.zeros((batch, width), dtype=np.int32)
+        for i, s in enumerate(steps):
+            p = s.start_pos
+            ints[0, i] = s.token_ids[0]
+            ints[1, i] = p
+            ints[2, i] = s.block_table[p // bs] * bs + p % bs
+            ints[3, i] = p + 1
+            tables[i, : used[i]] = s.block_table[: used[i]]
+        staged = torch.from_numpy(ints)
+        self._tokens[:batch].copy_(staged[0])
+        self._positions[:batch].copy_(staged[1])
+        self._slots[:batch].copy_(staged[2])
+        self._lens[:batch].copy_(staged[3])
+        self._tables[:batch, :width].copy_(torch.from_numpy(tables))
+        captured = self._graphs.get(batch)
+        if captured is not None:
+            graph, logits = captured
+            graph.replay()
+            return logits[:n]
+        return self._decode_body(batch)[:n]
+
+    def _execute_eager(self, steps: list[SeqStep]) -> tuple[torch.Tensor, list[int]]:
+        meta, logit_rows = self._step_meta(steps)
+        k_cache, v_cache = self.k_cache, self.v_cache
+
+        def attend(li: int, q: torch.Tensor) -> torch.Tensor:
+            out = torch.empty_like(q)
+            if (
+                meta.decode_rows is not None
+                and meta.decode_tables is not None
+                and meta.decode_lens is not None
+            ):
+                out[meta.decode_rows] = paged_attention_decode(
+                    q[meta.decode_rows], k_cache[li], v_cache[li], meta.decode_tables, meta.decode_lens,
+                    scale=self.scale, max_context_len=self.max_context,
+                )  # fmt: skip
+            if (
+                meta.prefill_rows is not None
+                and meta.prefill_tables is not None
+                and meta.prefill_lens is not None
+                and meta.prefill_starts is not None
+            ):
+                out[meta.prefill_rows] = paged_attention_prefill(
+                    q[meta.prefill_rows], k_cache[li], v_cache[li], meta.prefill_tables,
+                    context_lens=meta.prefill_lens, query_start_loc=meta.prefill_starts,
+                    max_query_len=meta.prefill_max_q, scale=self.scale, impl=self.prefill_impl,
+                )  # fmt: skip
+            return out
+
+        h = self._forward(meta.tokens, meta.positions, meta.slots, attend)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        return self.weights.output(h[rows]).float(), list(range(len(logit_rows)))
+
+    def _step_meta(self, steps: list[SeqStep]) -> tuple[_StepMeta, list[int]]:
+        bs = self.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        dec_rows: list[int] = []
+        dec_seqs: list[SeqStep] = []
+        pf_rows: list[int] = []
+        pf_seqs: list[SeqStep] = []
+        pf_starts = [0]
+        logit_rows: list[int] = []
+        for s in steps:
+            row, n = len(tokens), len(s.token_ids)
+            tokens.extend(s.token_ids)
+            for p in range(s.start_pos, s.start_pos + n):
+                positions.append(p)
+                slots.append(s.block_table[p // bs] * bs + p % bs)
+            if n == 1:
+                dec_rows.append(row)
+                dec_seqs.append(s)
+            else:
+                pf_rows.extend(range(row, row + n))
+                pf_seqs.append(s)
+                pf_starts.append(pf_starts[-1] + n)
+            if s.want_logits:
+                logit_rows.append(row + n - 1)
+
+        def dev(values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device)  # pageable copy
+
+        def tables(seqs: list[SeqStep]) -> torch.Tensor:
+            width = max(-(-(s.start_pos + len(s.token_ids)) // bs) for s in seqs)
+            rows = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs]
+            return dev([b for r in rows for b in r], torch.int32).view(len(seqs), width)
+
+        def lens(seqs: list[SeqStep]) -> torch.Tensor:
+            return dev([s.start_pos + len(s.token_ids) for s in seqs], torch.int32)
+
+        meta = _StepMeta(
+            tokens=dev(tokens),
+            positions=dev(positions),
+            slots=dev(slots),
+            decode_rows=dev(dec_rows) if dec_rows else None,
+            decode_tables=tables(dec_seqs) if dec_seqs else None,
+            decode_lens=lens(dec_seqs) if dec_seqs else None,
+            prefill_rows=dev(pf_rows) if pf_rows else None,
+            prefill_tables=tables(pf_seqs) if pf_seqs else None,
+            prefill_lens=lens(pf_seqs) if pf_seqs else None,
+            prefill_starts=dev(pf_starts, torch.int32) if pf_seqs else None,
+            prefill_max_q=max((len(s.token_ids) for s in pf_seqs), default=0),
+        )
+        return meta, logit_rows
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata for logs and benchmarks (no request data)."""
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype),
+            "graph_batches": list(self._graphs) or [],
+            "weights_bytes": self.weights.nbytes,
+            "kv_cache_bytes": 2 * self.k_cache.numel() * self.k_cache.element_size(),
+        }
