@@ -3,9 +3,10 @@
 It starts ``veil serve --tee simulated`` on a free loopback port in a subprocess
 (with a temporary state directory), routes the client's traffic through an
 in-process TCP relay (:class:`veil.demo.relay.Relay`, recording only) that counts
-and records every byte (the untrusted host's view), attests the enclave and prints the verdict, streams the answer to a sample
-question, then shows how many bytes crossed the wire and checks that none of
-the question's or the answer's text appears in them. Exit status 0 on success.
+and records every byte (the untrusted host's view), attests the enclave and prints
+the verdict, streams the answer to a sample question, then shows how many bytes
+crossed the wire and checks that none of the question's or the answer's text
+appears in them. Exit status 0 on success.
 
 ``veil demo --in-process`` runs the channel alone, in one process, without the
 model or the server: it seals a request to a fresh enclave key, opens it, streams
