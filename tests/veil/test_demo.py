@@ -1,4 +1,4 @@
-"""``veil demo``: the in-process channel mode, and the wire tap's plaintext search."""
+"""``veil demo``: the in-process channel mode, the plaintext search, and its recording relay."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import subprocess
 import sys
 import threading
 
-from veil.demo.cli import WireTap, _plaintext_in
+from veil.demo.cli import _plaintext_in
+from veil.demo.relay import Relay
 
 
 def test_in_process_demo_runs() -> None:
@@ -38,7 +39,7 @@ def test_wire_tap_records_both_directions() -> None:
             conn.sendall(conn.recv(100).upper())
 
     threading.Thread(target=echo, daemon=True).start()
-    tap = WireTap(server.getsockname()[:2])
+    tap = Relay(server.getsockname()[:2], decode=False).start()
     host, port = tap.address.split(":")
     with socket.create_connection((host, int(port))) as client:
         client.sendall(b"hello")
@@ -46,4 +47,4 @@ def test_wire_tap_records_both_directions() -> None:
     tap.close()
     server.close()
     assert bytes(tap.sent) == b"hello" and bytes(tap.received) == b"HELLO"
-    assert tap.wire() == b"helloHELLO"
+    assert tap.all_bytes() == b"helloHELLO"

@@ -18,6 +18,10 @@ validity — the verifier does, against its injected ``now``. ``offline=True`` u
 only the cache and files given, and raises :class:`CollateralError` for anything
 else. Base URLs, the HTTP client and the sleep function are injected, so tests run
 against a real HTTP server on loopback and never touch the internet.
+
+``httpx`` comes with the ``audit`` extra and is imported on the first fetch, so this
+module imports without it; fetching without it raises :class:`CollateralError` naming
+``pip install 'veil[audit]'``.
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
-import httpx
-
 from veil.attestation.errors import CollateralError, MalformedInputError
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["CollateralStore", "Endpoints", "Fetched"]
 
@@ -220,6 +226,12 @@ class CollateralStore:
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
+        try:
+            import httpx
+        except ImportError:
+            raise CollateralError(
+                f"cannot fetch {_redact(url)}: fetching collateral needs httpx: pip install 'veil[audit]'"
+            ) from None
         client = self.client or httpx.Client(timeout=self.timeout_s, follow_redirects=False)
         try:
             for attempt in range(self.max_retries + 1):

@@ -2,10 +2,11 @@
 
 It starts ``veil serve --tee simulated`` on a free loopback port in a subprocess
 (with a temporary state directory), routes the client's traffic through an
-in-process TCP relay that counts and records every byte (the untrusted host's
-view), attests the enclave and prints the verdict, streams the answer to a sample
-question, then shows how many bytes crossed the wire and checks that none of
-the question's or the answer's text appears in them. Exit status 0 on success.
+in-process TCP relay (:class:`veil.demo.relay.Relay`, recording only) that counts
+and records every byte (the untrusted host's view), attests the enclave and prints
+the verdict, streams the answer to a sample question, then shows how many bytes
+crossed the wire and checks that none of the question's or the answer's text
+appears in them. Exit status 0 on success.
 
 ``veil demo --in-process`` runs the channel alone, in one process, without the
 model or the server: it seals a request to a fresh enclave key, opens it, streams
@@ -15,14 +16,11 @@ an encrypted answer back and checks the wire the same way.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.util
 import secrets
-import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -62,55 +60,6 @@ def run(args: argparse.Namespace) -> int:
     return _run_server(args)
 
 
-class WireTap:
-    """A loopback TCP relay that forwards and records every byte in both directions."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.sent = bytearray()  # client -> server
-        self.received = bytearray()  # server -> client
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-                server = socket.create_connection(self.upstream)
-            except OSError:
-                return
-            with self._lock:
-                self._sockets += [client, server]
-            for src, dst, log in ((client, server, self.sent), (server, client, self.received)):
-                threading.Thread(target=self._pump, args=(src, dst, log), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, log: bytearray) -> None:
-        try:
-            while data := src.recv(65536):
-                with self._lock:
-                    log += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def wire(self) -> bytes:
-        with self._lock:
-            return bytes(self.sent) + bytes(self.received)
-
-    def close(self) -> None:
-        self._listener.close()
-        with self._lock:
-            for s in self._sockets:
-                s.close()
-
-
 def _plaintext_in(wire: bytes, texts: list[str]) -> list[str]:
     """Which of ``texts`` (or any 12-character piece of them) occur in ``wire``, in UTF-8 or UTF-16."""
     found = []
@@ -127,6 +76,7 @@ def _plaintext_in(wire: bytes, texts: list[str]) -> list[str]:
 
 def _run_server(args: argparse.Namespace) -> int:
     from veil.client import AttestationError, ChannelError, Client, Policy, ServerError
+    from veil.demo.relay import Relay
     from veil.enclave.local_server import LocalServer, ServerStartError
 
     print("Veil demo: attested, end-to-end encrypted chat with the embedded model")
@@ -139,7 +89,7 @@ def _run_server(args: argparse.Namespace) -> int:
         except ServerStartError as exc:
             print(f"veil demo: the server did not start: {exc}", file=sys.stderr)
             return 1
-        tap = WireTap((server.host, server.port))
+        tap = Relay((server.host, server.port), decode=False).start()
         try:
             print(f"  server             {server.address}, healthy after {time.monotonic() - t0:.1f} s")
             print(f"  relay              {tap.address} (plays the untrusted host: records every byte)")
@@ -176,7 +126,7 @@ def _run_server(args: argparse.Namespace) -> int:
             tap.close()
             status = server.stop()
         answer = "".join(parts)
-        wire = tap.wire()
+        wire = tap.all_bytes()
         leaked = _plaintext_in(wire, [args.question, answer])
         tokens = (
             f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens" if usage else "?"

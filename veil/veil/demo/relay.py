@@ -1,10 +1,13 @@
-"""A loopback TCP relay for gRPC tests: records every byte and can rewrite gRPC messages.
+"""A loopback TCP relay for ``veil demo`` and the gRPC tests: records every byte, can rewrite gRPC messages.
 
 It sits between a gRPC client and a server (both cleartext HTTP/2 on loopback) and
 plays the untrusted host / load balancer of DESIGN.md: it sees everything that
 crosses the wire, and it can tamper with it.
 
-* ``raw["c2s"]`` / ``raw["s2c"]``: every byte each side sent, as received.
+* ``raw["c2s"]`` / ``raw["s2c"]``: every byte each side sent, as received (``sent`` /
+  ``received`` / ``all_bytes()`` read them under the lock). With ``decode=False`` that is
+  all it does: any TCP stream passes through unparsed (``veil demo`` relays this way, so it
+  needs no ``hpack``, a dev dependency imported only when decoding).
 * ``headers``: every HTTP/2 header block, HPACK-decoded (so ``:path``, ``grpc-status``
   and ``grpc-message`` can be searched in clear, not just as Huffman-coded bytes).
 * ``messages``: every gRPC message (5-byte length-prefixed) per direction and stream,
@@ -27,8 +30,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
-
-import hpack
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, CONTINUATION = 0x0, 0x1, 0x9
@@ -65,6 +66,8 @@ class _Direction:
         self.name = name
         self.buffer = bytearray()
         self.preface_pending = name == "c2s"
+        import hpack  # dev dependency: only a decoding relay needs it
+
         self.decoder = hpack.Decoder()
         self.decoder.max_allowed_table_size = 1 << 20
         self.header_block = bytearray()
@@ -186,8 +189,8 @@ class _Connection:
         self.paths: dict[int, str] = {}
         self._requests: dict[int, _Stream] = {}
         self._responses: dict[int, _Stream] = {}
-        self.c2s = _Direction(relay, self, "c2s")
-        self.s2c = _Direction(relay, self, "s2c")
+        self.c2s = _Direction(relay, self, "c2s") if relay.decode else None
+        self.s2c = _Direction(relay, self, "s2c") if relay.decode else None
 
     def stream(self, stream_id: int) -> _Stream:
         return self._requests.setdefault(stream_id, _Stream())
@@ -196,21 +199,21 @@ class _Connection:
         return self._responses.setdefault(stream_id, _Stream())
 
     def start(self) -> None:
-        for src, dst, direction in (
-            (self.client, self.server, self.c2s),
-            (self.server, self.client, self.s2c),
+        for src, dst, name, direction in (
+            (self.client, self.server, "c2s", self.c2s),
+            (self.server, self.client, "s2c", self.s2c),
         ):
-            threading.Thread(target=self._pump, args=(src, dst, direction), daemon=True).start()
+            threading.Thread(target=self._pump, args=(src, dst, name, direction), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: _Direction) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, name: str, direction: _Direction | None) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
                 with self.relay.lock:
-                    self.relay.raw[direction.name] += data
-                out = direction.feed(data)
+                    self.relay.raw[name] += data
+                out = direction.feed(data) if direction is not None else data
                 if out:
                     dst.sendall(out)
         except OSError:
@@ -228,11 +231,19 @@ class _Connection:
 
 
 class Relay:
-    """Start with ``Relay(("127.0.0.1", port)).start()``; ``address`` is what clients dial."""
+    """Start with ``Relay(("127.0.0.1", port)).start()``; ``address`` is what clients dial.
 
-    def __init__(self, upstream: tuple[str, int], rewriter: Rewriter | None = None) -> None:
+    ``decode=False`` records and forwards bytes only (any TCP stream; no rewriter).
+    """
+
+    def __init__(
+        self, upstream: tuple[str, int], rewriter: Rewriter | None = None, *, decode: bool = True
+    ) -> None:
+        if rewriter is not None and not decode:
+            raise ValueError("a rewriter needs a decoding relay (decode=True)")
         self.upstream = upstream
         self.rewriter = rewriter
+        self.decode = decode
         self.lock = threading.Lock()
         self.raw: dict[str, bytearray] = {"c2s": bytearray(), "s2c": bytearray()}
         self.headers: list[tuple[str, int, list[tuple[str, str]]]] = []
@@ -293,6 +304,18 @@ class Relay:
             self.raw = {"c2s": bytearray(), "s2c": bytearray()}
             self.headers.clear()
             self.messages.clear()
+
+    @property
+    def sent(self) -> bytes:
+        """Every byte the client sent (client -> server)."""
+        with self.lock:
+            return bytes(self.raw["c2s"])
+
+    @property
+    def received(self) -> bytes:
+        """Every byte the server sent (server -> client)."""
+        with self.lock:
+            return bytes(self.raw["s2c"])
 
     def all_bytes(self) -> bytes:
         with self.lock:

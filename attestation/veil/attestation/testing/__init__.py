@@ -7,4 +7,5 @@ Never trusted by a default policy.
 * :mod:`~veil.attestation.testing.snp` — a fake AMD KDS chain (ARK → ASK → VCEK) and signed SNP reports.
 * :mod:`~veil.attestation.testing.tdx` — a fake Intel PKI, TDX quotes and PCS collateral.
 * :mod:`~veil.attestation.testing.nvidia` — a fake NVIDIA device CA and SPDM reports.
+* :mod:`~veil.attestation.testing.pki` — what they share: DER scraps, extensions, keys as PEM.
 """

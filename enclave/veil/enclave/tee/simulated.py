@@ -5,6 +5,9 @@ For development and CI only; it is loud about itself (``Evidence.simulated``, th
 certificate subject and in every log line of ``veil serve``). The evidence is
 byte-for-byte in the real formats, so the same verifiers that check AMD and NVIDIA
 evidence check it; only the trust anchor differs, and no default policy trusts it.
+The chains are made and the reports signed by the fake authorities the tests use
+(:mod:`veil.attestation.testing.snp` and :mod:`~veil.attestation.testing.nvidia`); this
+module adds RSA-4096 keys, "SIMULATED" names, validity from ``clock()`` and the state dir.
 
 Simulation chains (generated into ``STATE_DIR/simulation/`` on first start, reused later):
 
@@ -50,14 +53,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from veil.attestation.nvidia.report import OpaqueFieldType, build_gpu_report
-from veil.attestation.nvidia.verify import p384_signer
-from veil.attestation.snp.report import Product, TcbVersion, build_snp_report
-from veil.attestation.snp.verify import sign_snp_report
+from veil.attestation.snp.report import Product, TcbVersion
+from veil.attestation.testing.nvidia import FakeGpuCa, make_fake_ca, nvidia_tcb_info
+from veil.attestation.testing.pki import PrivateKey, load_private_key, pem, private_key_pem, spki_der
+from veil.attestation.testing.snp import FakeAmd, make_fake_amd, signed_report
 from veil.enclave.errors import AttestationProviderError
 from veil.enclave.tee.provider import AttestationProvider, CpuEvidencePart, GpuEvidencePart
 from veil.proto.v1 import evidence_pb2
@@ -73,25 +75,22 @@ __all__ = [
 SIMULATION_ROOT_FILE = "simulation-root.pem"
 _SIM_DIR = "simulation"
 _IDENTITY_FILE = "identity.json"
-_AMD_OID = "1.3.6.1.4.1.3704.1"
-OID_STRUCT_VERSION = f"{_AMD_OID}.1"
-OID_PRODUCT_NAME = f"{_AMD_OID}.2"
-OID_BL_SPL = f"{_AMD_OID}.3.1"
-OID_TEE_SPL = f"{_AMD_OID}.3.2"
-OID_SNP_SPL = f"{_AMD_OID}.3.3"
-OID_UCODE_SPL = f"{_AMD_OID}.3.8"
-OID_HWID = f"{_AMD_OID}.4"
-OID_DICE_TCB_INFO = "2.23.133.5.4.1"
-_SHA384_OID_DER = bytes.fromhex("0609608648016503040202")
+PRODUCT = "Milan"
 PRODUCT_NAME = "Milan-B0"
 SNP_POLICY = 0x30000
 SNP_PLATFORM_INFO = 0x3
 GPU_MEASUREMENT_COUNT = 8
-GPU_DRIVER_VERSION = b"590.12\x00"
+GPU_DRIVER_VERSION = "590.12"
 GPU_VBIOS_VERSION = bytes.fromhex("00a5009601000000")
+GPU_SUBJECTS = (
+    "SIMULATED NVIDIA Device Identity CA",
+    "SIMULATED NVIDIA GH100 Identity",
+    "SIMULATED GH100 A01 GSP FMC LF",
+)
 _KEY_NAMES = ("ark", "ask", "vcek", "gpu-root", "gpu-ica", "gpu-leaf")
 _FOREVER = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
 _O_SIM = "Veil SIMULATED TEE (not AMD, not NVIDIA)"
+_PREFIX = "SIMULATED "
 
 Clock = Callable[[], dt.datetime]
 
@@ -100,69 +99,53 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-# --- DER scraps for the extension values (the only ASN.1 this module writes by hand) ---
-
-
-def _der_len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(body)]) + body
-
-
-def _der(tag: int, body: bytes) -> bytes:
-    return bytes([tag]) + _der_len(len(body)) + body
-
-
-def _der_int(n: int) -> bytes:
-    body = n.to_bytes(max(1, (n.bit_length() + 8) // 8), "big")
-    return _der(0x02, body)
-
-
-def _ext(oid: str, der_value: bytes) -> x509.UnrecognizedExtension:
-    return x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), der_value)
-
-
-# --- the authority: keys, certificates, chip identity ----------------------------------
+# --- the authority: the fake AMD and NVIDIA chains, the chip identity -------------------
 
 
 @dataclass(frozen=True, slots=True)
 class SimulationAuthority:
     """The simulation chains and the simulated chip's identity, loaded from the state dir."""
 
-    ark_key: rsa.RSAPrivateKey
-    ark_cert: x509.Certificate
-    ask_key: rsa.RSAPrivateKey
-    ask_cert: x509.Certificate
+    amd: FakeAmd  # simulated ARK and ASK (no ASVK)
     vcek_key: ec.EllipticCurvePrivateKey
     vcek_cert: x509.Certificate
-    gpu_root_key: ec.EllipticCurvePrivateKey
-    gpu_root_cert: x509.Certificate
-    gpu_ica_key: ec.EllipticCurvePrivateKey
-    gpu_ica_cert: x509.Certificate
-    gpu_leaf_key: ec.EllipticCurvePrivateKey
-    gpu_leaf_cert: x509.Certificate
+    gpu: FakeGpuCa  # simulated device root, ICA and leaf (no BROM)
     chip_id: bytes
     report_id: bytes
     fwid: bytes
     tcb: TcbVersion
     root_path: Path
 
+    @property
+    def ark_cert(self) -> x509.Certificate:
+        return self.amd.ark
+
+    @property
+    def gpu_root_cert(self) -> x509.Certificate:
+        return self.gpu.root
+
     def snp_chain_pem(self) -> bytes:
         """``Evidence.cpu_cert_chain``: VCEK, ASK, ARK."""
-        return _pem(self.vcek_cert, self.ask_cert, self.ark_cert)
+        return pem(self.vcek_cert, self.amd.ask, self.amd.ark)
 
     def gpu_chain_pem(self) -> bytes:
         """``GpuEvidence.cert_chain``: leaf, ICA, root."""
-        return _pem(self.gpu_leaf_cert, self.gpu_ica_cert, self.gpu_root_cert)
+        return pem(*self.gpu.chain)
 
     def root_bundle_pem(self) -> bytes:
         """The two trust anchors: simulated ARK, then simulated NVIDIA device root."""
-        return _pem(self.ark_cert, self.gpu_root_cert)
+        return pem(self.amd.ark, self.gpu.root)
 
-
-def _pem(*certs: x509.Certificate) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    def files(self) -> dict[str, tuple[PrivateKey, x509.Certificate]]:
+        """Key and certificate per file name stem (``ark`` → ``ark.key.pem``, ``ark.crt.pem``)."""
+        return {
+            "ark": (self.amd.ark_key, self.amd.ark),
+            "ask": (self.amd.ask_key, self.amd.ask),
+            "vcek": (self.vcek_key, self.vcek_cert),
+            "gpu-root": (self.gpu.root_key, self.gpu.root),
+            "gpu-ica": (self.gpu.ica_key, self.gpu.ica),
+            "gpu-leaf": (self.gpu.leaf_key, self.gpu.leaf),
+        }
 
 
 def root_fingerprints(bundle_pem: bytes) -> list[str]:
@@ -170,189 +153,58 @@ def root_fingerprints(bundle_pem: bytes) -> list[str]:
     return [c.fingerprint(hashes.SHA256()).hex() for c in x509.load_pem_x509_certificates(bundle_pem)]
 
 
-def _name(cn: str, ou: str | None = None) -> x509.Name:
-    attrs = [
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, _O_SIM),
-        x509.NameAttribute(NameOID.COMMON_NAME, cn),
-    ]
-    if ou:
-        attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
-    return x509.Name(attrs)
-
-
-_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
-
-
-def _builder(
-    subject: x509.Name, issuer: x509.Name, public_key: object, not_before: dt.datetime, not_after: dt.datetime
-) -> x509.CertificateBuilder:
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public_key)  # type: ignore[arg-type]
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-    )
-
-
-def _ca_exts(
-    b: x509.CertificateBuilder, key: object, issuer_key: object, path_length: int | None
-) -> x509.CertificateBuilder:
-    ski = x509.SubjectKeyIdentifier.from_public_key(key)  # type: ignore[arg-type]
-    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key)  # type: ignore[arg-type]
-    return (
-        b.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .add_extension(aki, critical=False)
-    )
-
-
-def _leaf_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
 def _generate(state: Path, now: dt.datetime) -> None:
     """Create every key, certificate and the chip identity; write them into ``state``."""
     nb = now - dt.timedelta(days=1)
-    ark_key = rsa.generate_private_key(65537, 4096)
-    ask_key = rsa.generate_private_key(65537, 4096)
-    vcek_key = ec.generate_private_key(ec.SECP384R1())
-    ark_name, ask_name = (
-        _name("SIMULATED ARK-Milan", "Engineering"),
-        _name("SIMULATED SEV-Milan", "Engineering"),
+    amd = make_fake_amd(
+        PRODUCT,
+        ark_key=rsa.generate_private_key(65537, 4096),
+        ask_key=rsa.generate_private_key(65537, 4096),
+        with_asvk=False,
+        organization=_O_SIM,
+        prefix=_PREFIX,
+        not_before=nb,
+        not_after=now + dt.timedelta(days=25 * 365),
+        key_ids=True,
     )
-    ark = _ca_exts(
-        _builder(ark_name, ark_name, ark_key.public_key(), nb, now + dt.timedelta(days=25 * 365)),
-        ark_key.public_key(),
-        ark_key.public_key(),
-        None,
-    ).sign(ark_key, hashes.SHA384(), rsa_padding=_PSS)
-    ask = _ca_exts(
-        _builder(ask_name, ark_name, ask_key.public_key(), nb, now + dt.timedelta(days=25 * 365)),
-        ask_key.public_key(),
-        ark_key.public_key(),
-        0,
-    ).sign(ark_key, hashes.SHA384(), rsa_padding=_PSS)
-
     chip_id = secrets.token_bytes(64)
     tcb = TcbVersion.from_parts(bootloader=4, tee=0, snp=22, microcode=213)
-    vcek_b = _builder(
-        _name("SIMULATED SEV-VCEK", "Engineering"),
-        ask_name,
-        vcek_key.public_key(),
-        nb,
-        now + dt.timedelta(days=7 * 365),
+    vcek_key, vcek = amd.leaf(
+        tcb,
+        hwid=chip_id,
+        hwid_octet_string=True,  # the newer KDS encoding
+        product_name=PRODUCT_NAME,
+        struct_version=1,
+        not_before=nb,
+        not_after=now + dt.timedelta(days=7 * 365),
     )
-    for oid, value in (
-        (OID_STRUCT_VERSION, _der_int(1)),
-        (OID_PRODUCT_NAME, _der(0x16, PRODUCT_NAME.encode("ascii"))),
-        (OID_BL_SPL, _der_int(tcb.bootloader)),
-        (OID_TEE_SPL, _der_int(tcb.tee)),
-        (f"{_AMD_OID}.3.4", _der_int(0)),
-        (f"{_AMD_OID}.3.5", _der_int(0)),
-        (f"{_AMD_OID}.3.6", _der_int(0)),
-        (f"{_AMD_OID}.3.7", _der_int(0)),
-        (OID_SNP_SPL, _der_int(tcb.snp)),
-        (OID_UCODE_SPL, _der_int(tcb.microcode)),
-        (OID_HWID, _der(0x04, chip_id)),
-    ):
-        vcek_b = vcek_b.add_extension(_ext(oid, value), critical=False)
-    vcek = vcek_b.sign(ask_key, hashes.SHA384(), rsa_padding=_PSS)
-
-    gpu_root_key = ec.generate_private_key(ec.SECP384R1())
-    gpu_ica_key = ec.generate_private_key(ec.SECP384R1())
-    gpu_leaf_key = ec.generate_private_key(ec.SECP384R1())
-    root_name = _name("SIMULATED NVIDIA Device Identity CA")
-    ica_name = _name("SIMULATED NVIDIA GH100 Identity")
-    gpu_root = _ca_exts(
-        _builder(root_name, root_name, gpu_root_key.public_key(), nb, _FOREVER),
-        gpu_root_key.public_key(),
-        gpu_root_key.public_key(),
-        None,
-    ).sign(gpu_root_key, hashes.SHA384())
-    gpu_ica = _ca_exts(
-        _builder(ica_name, root_name, gpu_ica_key.public_key(), nb, _FOREVER),
-        gpu_ica_key.public_key(),
-        gpu_root_key.public_key(),
-        1,
-    ).sign(gpu_root_key, hashes.SHA384())
     fwid = hashlib.sha384(b"veil/simulated-gpu/fwid/v1" + chip_id).digest()
-    spki = gpu_leaf_key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    gpu = make_fake_ca(
+        fwid=fwid,
+        subjects=GPU_SUBJECTS,
+        organization=_O_SIM,
+        not_before=nb,
+        not_after=_FOREVER,
+        tcb_info=nvidia_tcb_info,
+        key_ids=True,
     )
-    tcb_info = _der(0x30, _der_int(1) + spki + _der(0x30, _SHA384_OID_DER + _der(0x04, fwid)))
-    gpu_leaf = (
-        _builder(_name("SIMULATED GH100 A01 GSP FMC LF"), ica_name, gpu_leaf_key.public_key(), nb, _FOREVER)
-        .add_extension(_leaf_usage(), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(gpu_leaf_key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(gpu_ica_key.public_key()), critical=False
-        )
-        .add_extension(_ext(OID_DICE_TCB_INFO, tcb_info), critical=False)
-        .sign(gpu_ica_key, hashes.SHA384())
+    authority = SimulationAuthority(
+        amd, vcek_key, vcek, gpu, chip_id, secrets.token_bytes(32), fwid, tcb, state / SIMULATION_ROOT_FILE
     )
-
     sim = state / _SIM_DIR
-    keys: dict[str, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey] = {
-        "ark": ark_key,
-        "ask": ask_key,
-        "vcek": vcek_key,
-        "gpu-root": gpu_root_key,
-        "gpu-ica": gpu_ica_key,
-        "gpu-leaf": gpu_leaf_key,
-    }
-    certs = {
-        "ark": ark,
-        "ask": ask,
-        "vcek": vcek,
-        "gpu-root": gpu_root,
-        "gpu-ica": gpu_ica,
-        "gpu-leaf": gpu_leaf,
-    }
-    for name in _KEY_NAMES:
-        _write(
-            sim / f"{name}.key.pem",
-            keys[name].private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-        )
-        _write(sim / f"{name}.crt.pem", certs[name].public_bytes(serialization.Encoding.PEM))
+    for stem, (key, cert) in authority.files().items():
+        _write(sim / f"{stem}.key.pem", private_key_pem(key))
+        _write(sim / f"{stem}.crt.pem", pem(cert))
     identity = {
         "chip_id": chip_id.hex(),
-        "report_id": secrets.token_bytes(32).hex(),
+        "report_id": authority.report_id.hex(),
         "fwid": fwid.hex(),
         "tcb": {"bootloader": tcb.bootloader, "tee": tcb.tee, "snp": tcb.snp, "microcode": tcb.microcode},
         "product": PRODUCT_NAME,
     }
     _write(sim / _IDENTITY_FILE, json.dumps(identity, indent=2, sort_keys=True).encode())
     # The root bundle last: its presence marks a complete state directory.
-    _write(state / SIMULATION_ROOT_FILE, _pem(ark, gpu_root), 0o644)
+    _write(authority.root_path, authority.root_bundle_pem(), 0o644)
 
 
 def _write(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -396,27 +248,24 @@ def load_or_create_simulation(state_dir: Path, *, clock: Clock = _utcnow) -> Sim
             raise AttestationProviderError(f"simulation chain in {state} is unusable: {exc}") from None
 
 
+def _rsa(key: PrivateKey, name: str) -> rsa.RSAPrivateKey:
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise AttestationProviderError(f"simulation {name} key is not RSA")
+    return key
+
+
+def _ec(key: PrivateKey, name: str) -> ec.EllipticCurvePrivateKey:
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise AttestationProviderError(f"simulation {name} key is not EC")
+    return key
+
+
 def _load(state: Path, now: dt.datetime) -> SimulationAuthority:
     sim = state / _SIM_DIR
-    keys = {  # our own files: skip OpenSSL's slow RSA consistency check, the public halves are compared below
-        n: serialization.load_pem_private_key(
-            (sim / f"{n}.key.pem").read_bytes(), None, unsafe_skip_rsa_key_validation=True
-        )
-        for n in _KEY_NAMES
-    }
+    keys = {n: load_private_key((sim / f"{n}.key.pem").read_bytes()) for n in _KEY_NAMES}
     certs = {n: x509.load_pem_x509_certificate((sim / f"{n}.crt.pem").read_bytes()) for n in _KEY_NAMES}
     for name in _KEY_NAMES:
-        cert_pub = (
-            certs[name]
-            .public_key()
-            .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        )
-        key_pub = (
-            keys[name]
-            .public_key()
-            .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        )
-        if cert_pub != key_pub:
+        if spki_der(certs[name].public_key()) != spki_der(keys[name].public_key()):  # type: ignore[arg-type]
             raise AttestationProviderError(f"simulation {name} key does not match its certificate")
         if not certs[name].not_valid_before_utc <= now <= certs[name].not_valid_after_utc:
             raise AttestationProviderError(f"simulation {name} certificate is not valid now")
@@ -425,30 +274,37 @@ def _load(state: Path, now: dt.datetime) -> SimulationAuthority:
     if roots != [certs["ark"], certs["gpu-root"]]:
         raise AttestationProviderError("simulation-root.pem does not hold the simulation roots")
     ident = json.loads((sim / _IDENTITY_FILE).read_text())
-    tcb = TcbVersion.from_parts(**{k: int(v) for k, v in ident["tcb"].items()})
-    rsa_keys = [keys["ark"], keys["ask"]]
-    ec_keys = [keys[n] for n in _KEY_NAMES[2:]]
-    if not all(isinstance(k, rsa.RSAPrivateKey) for k in rsa_keys) or not all(
-        isinstance(k, ec.EllipticCurvePrivateKey) for k in ec_keys
-    ):
-        raise AttestationProviderError("simulation keys have the wrong types")
+    amd = FakeAmd(
+        PRODUCT,
+        certs["ark"],
+        certs["ask"],
+        None,
+        _rsa(keys["ark"], "ark"),
+        _rsa(keys["ask"], "ask"),
+        None,
+        _O_SIM,
+        _PREFIX,
+        key_ids=True,
+    )
+    gpu = FakeGpuCa(
+        _ec(keys["gpu-root"], "gpu-root"),
+        certs["gpu-root"],
+        _ec(keys["gpu-ica"], "gpu-ica"),
+        certs["gpu-ica"],
+        None,
+        None,
+        _ec(keys["gpu-leaf"], "gpu-leaf"),
+        certs["gpu-leaf"],
+    )
     return SimulationAuthority(
-        ark_key=keys["ark"],  # type: ignore[arg-type]
-        ark_cert=certs["ark"],
-        ask_key=keys["ask"],  # type: ignore[arg-type]
-        ask_cert=certs["ask"],
-        vcek_key=keys["vcek"],  # type: ignore[arg-type]
+        amd=amd,
+        vcek_key=_ec(keys["vcek"], "vcek"),
         vcek_cert=certs["vcek"],
-        gpu_root_key=keys["gpu-root"],  # type: ignore[arg-type]
-        gpu_root_cert=certs["gpu-root"],
-        gpu_ica_key=keys["gpu-ica"],  # type: ignore[arg-type]
-        gpu_ica_cert=certs["gpu-ica"],
-        gpu_leaf_key=keys["gpu-leaf"],  # type: ignore[arg-type]
-        gpu_leaf_cert=certs["gpu-leaf"],
+        gpu=gpu,
         chip_id=bytes.fromhex(ident["chip_id"]),
         report_id=bytes.fromhex(ident["report_id"]),
         fwid=bytes.fromhex(ident["fwid"]),
-        tcb=tcb,
+        tcb=TcbVersion.from_parts(**{k: int(v) for k, v in ident["tcb"].items()}),
         root_path=root_path,
     )
 
@@ -481,7 +337,6 @@ class SimulatedTeeProvider(AttestationProvider):
         self._random = random_bytes
         self._snp_chain = authority.snp_chain_pem()
         self._gpu_chain = authority.gpu_chain_pem()
-        self._gpu_signer = p384_signer(authority.gpu_leaf_key)
         self._gpu_measurements = [
             hashlib.sha384(b"veil/simulated-gpu/measurement/v1" + bytes([i])).digest()
             for i in range(1, GPU_MEASUREMENT_COUNT + 1)
@@ -495,7 +350,8 @@ class SimulatedTeeProvider(AttestationProvider):
         if len(report_data) != 64:
             raise AttestationProviderError(f"report_data must be 64 bytes, got {len(report_data)}")
         auth = self._auth
-        unsigned = build_snp_report(
+        signed = signed_report(
+            auth.vcek_key,
             version=3,
             product=Product.MILAN,
             policy=SNP_POLICY,
@@ -506,7 +362,6 @@ class SimulatedTeeProvider(AttestationProvider):
             report_id=auth.report_id,
             chip_id=auth.chip_id,
         )
-        signed = sign_snp_report(unsigned, auth.vcek_key)
         return CpuEvidencePart(signed.to_bytes(), self._snp_chain)
 
     def gpu_evidence(self, gpu_nonce: bytes) -> Sequence[GpuEvidencePart]:
@@ -515,18 +370,17 @@ class SimulatedTeeProvider(AttestationProvider):
         return [self._gpu_report(gpu_nonce, i) for i in range(self._gpu_count)]
 
     def _gpu_report(self, nonce: bytes, index: int) -> GpuEvidencePart:
-        opaque = [
-            (OpaqueFieldType.VBIOS_VERSION, GPU_VBIOS_VERSION),
-            (OpaqueFieldType.PROJECT, b"VEIL-SIM\x00"),
-            (OpaqueFieldType.DRIVER_VERSION, GPU_DRIVER_VERSION),
-            (OpaqueFieldType.FWID, self._auth.fwid),
-            (OpaqueFieldType.OPAQUE_DATA_VERSION, b"\x01\x00"),
-        ]
-        report = build_gpu_report(
-            nonce=nonce,
+        report = self._auth.gpu.report(
+            nonce,
             measurements=self._gpu_measurements,
-            opaque=[(int(t), v) for t, v in opaque],
+            driver=GPU_DRIVER_VERSION,
+            vbios=GPU_VBIOS_VERSION,
+            fwid=self._auth.fwid,
+            nvdec0=None,
+            project=b"VEIL-SIM",
+            project_sku=None,
+            chip_sku=None,
+            opaque_data_version=b"\x01\x00",
             responder_nonce=self._random(32),
-            sign=self._gpu_signer,
         )
         return GpuEvidencePart(evidence_pb2.GpuEvidence.KIND_GPU, "HOPPER", report, self._gpu_chain, index)
