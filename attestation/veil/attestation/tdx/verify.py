@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from veil.attestation.errors import CollateralError, MalformedInputError
+from veil.attestation.options import VerifyOptions
 from veil.attestation.tdx.collateral import TdxCollateral
 from veil.attestation.tdx.pck import PckExtensions, parse_pck_extensions
 from veil.attestation.tdx.quote import INTEL_QE_VENDOR_ID, TdxQuote
@@ -213,12 +214,6 @@ def _check_signed_json(
     return b.check(name, True, f"signed by {_cn(chain[0])!r}; current until {next_update.isoformat()}")
 
 
-def _aware(now: datetime) -> datetime:
-    if now.tzinfo is None or now.utcoffset() is None:
-        raise MalformedInputError("now must be a timezone-aware datetime")
-    return now
-
-
 def _tcb_fields(verdict: Verdict) -> dict[str, str]:
     check = verdict.get("tdx.tcb.status")
     if check is None or check.status is not CheckStatus.PASS:
@@ -238,32 +233,28 @@ def tcb_advisories_of(verdict: Verdict) -> tuple[str, ...]:
     return () if ids == "none" else tuple(ids.split(","))
 
 
-def verify_tdx_collateral(
-    collateral: TdxCollateral, *, now: datetime, trusted_root: x509.Certificate | None = None
-) -> Verdict:
+def verify_tdx_collateral(collateral: TdxCollateral, options: VerifyOptions) -> Verdict:
     """Check TCB info and QE identity on their own: issuer chains, signatures, windows."""
-    now = _aware(now)
-    root = trusted_root if trusted_root is not None else intel_sgx_root_ca()
+    root = options.anchor_for(collateral.tcb_info_issuer_chain, intel_sgx_root_ca)
     b = VerdictBuilder()
-    _check_collateral_signatures(b, collateral, root, now)
+    _check_collateral_signatures(b, collateral, root, options.now)
     return b.build()
 
 
 def verify_tdx(
     quote: TdxQuote,
+    options: VerifyOptions,
     *,
     collateral: TdxCollateral | None,
-    now: datetime,
-    trusted_root: x509.Certificate | None = None,
 ) -> Verdict:
     """Verify ``quote`` (signatures, chain, binding) and, given collateral, appraise its TCB.
 
-    ``now`` is the moment certificates, CRLs and collateral must be valid at;
-    ``trusted_root`` replaces the pinned Intel SGX Root CA (tests, other PKIs).
+    ``options.now`` is the moment certificates, CRLs and collateral must be valid at;
+    ``options.trusted_roots`` replace the pinned Intel SGX Root CA (tests, other PKIs).
     Never raises for a bad quote: every problem is a failed check.
     """
-    now = _aware(now)
-    root = trusted_root if trusted_root is not None else intel_sgx_root_ca()
+    now = options.now
+    root = options.anchor_for(quote.pck_chain.certificates, intel_sgx_root_ca)
     b = VerdictBuilder()
     td = quote.td_report
     body = f"TD report {td.version}"
