@@ -58,13 +58,14 @@ class VerifyOptions:
         """The one root a single-anchor verifier (TDX, NVIDIA) checks ``chain`` (leaf first) against.
 
         ``default()`` (the pinned vendor root) when ``trusted_roots`` is empty; else the trusted
-        root that is the chain's last certificate or issued it, else the first trusted root
-        (the chain check then fails, naming it).
+        root that is the chain's last certificate, else the first one named as its issuer, else
+        the first trusted root (the chain check then fails, naming it).
         """
         if not self.trusted_roots:
             return default()
         top = chain[-1] if chain else None
-        for root in self.trusted_roots:
-            if top is not None and (top == root or top.issuer == root.subject):
-                return root
-        return self.trusted_roots[0]
+        if top is None:
+            return self.trusted_roots[0]
+        exact = next((r for r in self.trusted_roots if r == top), None)
+        named = next((r for r in self.trusted_roots if top.issuer == r.subject), None)
+        return exact or named or self.trusted_roots[0]
