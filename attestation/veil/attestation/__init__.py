@@ -22,6 +22,7 @@ of named checks. Nothing here imports torch, ``veil.client`` or ``veil.enclave``
     │   ├── collateral    TCB info, QE identity, CRLs
     │   ├── tcb           TCB level appraisal, as Intel's QVL does it
     │   ├── verify        signatures, PCK chain, QE binding, collateral
+    │   ├── cross_check   the same appraisal by dcap-qvl, which must agree
     │   ├── validate      TD fields against a TdxPolicy
     │   └── fetch         a quote's collateral through a collateral store
     ├── nvidia/       NVIDIA GPUs and NVSwitches
