@@ -78,6 +78,7 @@ def snp_cases(cache: Path) -> dict[str, Callable[[], object]]:
         default_audit_policy,
         verify_snp_artifact,
     )
+    from veil.attestation.options import VerifyOptions
     from veil.attestation.snp.certs import load_certificates
     from veil.attestation.snp.report import Product
     from veil.attestation.snp.validate import validate_snp
@@ -106,7 +107,7 @@ def snp_cases(cache: Path) -> dict[str, Callable[[], object]]:
         _good(verify_snp_artifact(raw, request))
 
     def in_memory() -> None:
-        report, verdict = verify_snp_bytes(raw, certs, now=SNP_AT)
+        report, verdict = verify_snp_bytes(raw, certs, VerifyOptions(now=SNP_AT))
         assert report is not None
         _good(verdict + validate_snp(report, policy.policy.snp_policy(report, None), product=Product.MILAN))
 
@@ -155,6 +156,7 @@ def tdx_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
         default_audit_policy,
         verify_tdx_artifact,
     )
+    from veil.attestation.options import VerifyOptions
     from veil.attestation.tdx.collateral import load_collateral
     from veil.attestation.tdx.quote import parse_tdx_quote
     from veil.attestation.tdx.validate import validate_tdx
@@ -176,7 +178,7 @@ def tdx_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
         _good(verify_tdx_artifact(raw, request))
 
     def parsed() -> None:
-        v = verify_tdx(quote, collateral=collateral, now=TDX_AT)
+        v = verify_tdx(quote, VerifyOptions(now=TDX_AT), collateral=collateral)
         _good(
             v
             + validate_tdx(quote, policy.tdx, tcb_status=tcb_status_of(v), advisory_ids=tcb_advisories_of(v))
@@ -221,18 +223,19 @@ def gpu_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
     from veil.attestation.nvidia.certs import chain_problem
     from veil.attestation.nvidia.report import parse_gpu_report
     from veil.attestation.nvidia.verify import load_cert_chain, verify_gpu
+    from veil.attestation.options import VerifyOptions
 
     d = EVIDENCE / "nvidia_gpu/nvtrust/decoded"
     report = (d / "gpu0_evidence.bin").read_bytes()
     chain_pem = (d / "gpu0_certchain.pem").read_bytes()
 
     def one() -> None:
-        _good(verify_gpu(report, load_cert_chain(chain_pem), nonce=GPU_NONCE, now=GPU_AT))
+        _good(verify_gpu(report, load_cert_chain(chain_pem), VerifyOptions(now=GPU_AT), nonce=GPU_NONCE))
 
     def cold() -> None:
         load_cert_chain.cache_clear()
         chain_problem.cache_clear()
-        _good(verify_gpu(report, load_cert_chain(chain_pem), nonce=GPU_NONCE, now=GPU_AT))
+        _good(verify_gpu(report, load_cert_chain(chain_pem), VerifyOptions(now=GPU_AT), nonce=GPU_NONCE))
 
     parsed = parse_gpu_report(report)
     key = load_cert_chain(chain_pem)[0].public_key()

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from veil.attestation.errors import MalformedInputError, UnsupportedError, VeilAttestationError
+from veil.attestation.options import VerifyOptions
 from veil.attestation.snp.azure import (
     AzureSnpEvidence,
     TpmQuote,
@@ -26,8 +27,8 @@ from veil.attestation.snp.azure import (
     parse_runtime_data,
     parse_tpms_attest,
     tpms_attest_to_dict,
-    verify_azure_snp,
 )
+from veil.attestation.snp.azure_verify import verify_azure_snp
 from veil.attestation.snp.certs import load_certificates
 from veil.attestation.snp.report import Product
 from veil.attestation.snp.validate import SnpPolicy, validate_snp
@@ -95,7 +96,9 @@ def all_vectors(root: Path) -> list[tuple[str, AzureSnpEvidence, bytes]]:
 
 def test_every_azure_vector_passes(evidence_dir: Path) -> None:
     for name, ev, nonce in all_vectors(evidence_dir):
-        report, verdict = verify_azure_snp(ev.hcl_report, ev.quote, ev.certs, now=NOW, nonce=nonce)
+        report, verdict = verify_azure_snp(
+            ev.hcl_report, ev.quote, ev.certs, VerifyOptions(now=NOW), nonce=nonce
+        )
         assert report is not None
         assert verdict.ok, f"{name}\n{verdict.table()}"
         for check in (*AZURE_CHECKS, *SNP_CHECKS):
@@ -116,7 +119,7 @@ def test_products_and_versions(evidence_dir: Path) -> None:
         evidence(evidence_dir, "genoa").hcl_report,
         evidence(evidence_dir, "genoa").quote,
         evidence(evidence_dir, "genoa").certs,
-        now=NOW,
+        VerifyOptions(now=NOW),
     )
     assert genoa is not None and genoa.version == 3 and genoa.product is Product.GENOA
     v0 = parse_hcl_report(evidence(evidence_dir, "v0").hcl_report)
@@ -134,17 +137,19 @@ def test_products_and_versions(evidence_dir: Path) -> None:
 def test_v2_user_data_carries_the_nonce(evidence_dir: Path) -> None:
     ev = evidence(evidence_dir, "v2")
     _, verdict = verify_azure_snp(
-        ev.hcl_report, ev.quote, ev.certs, now=NOW, nonce=V2_NONCE, user_data=V2_NONCE
+        ev.hcl_report, ev.quote, ev.certs, VerifyOptions(now=NOW), nonce=V2_NONCE, user_data=V2_NONCE
     )
     assert status(verdict, "azure.user_data") is CheckStatus.PASS
-    _, bad = verify_azure_snp(ev.hcl_report, ev.quote, ev.certs, now=NOW, user_data=b"\x01" * 48)
+    _, bad = verify_azure_snp(
+        ev.hcl_report, ev.quote, ev.certs, VerifyOptions(now=NOW), user_data=b"\x01" * 48
+    )
     assert failed(bad) == {"azure.user_data"}
 
 
 def test_the_snp_report_meets_a_production_policy(evidence_dir: Path) -> None:
     for name in VECTORS:
         ev = evidence(evidence_dir, name)
-        report, _ = verify_azure_snp(ev.hcl_report, ev.quote, ev.certs, now=NOW)
+        report, _ = verify_azure_snp(ev.hcl_report, ev.quote, ev.certs, VerifyOptions(now=NOW))
         assert report is not None
         assert validate_snp(report, SnpPolicy()).ok, name
 
@@ -152,16 +157,22 @@ def test_the_snp_report_meets_a_production_policy(evidence_dir: Path) -> None:
 def test_outside_the_validity_window(evidence_dir: Path) -> None:
     for name, ev, nonce in all_vectors(evidence_dir):
         _, verdict = verify_azure_snp(
-            ev.hcl_report, ev.quote, ev.certs, now=datetime(2060, 1, 1, tzinfo=UTC), nonce=nonce
+            ev.hcl_report,
+            ev.quote,
+            ev.certs,
+            VerifyOptions(now=datetime(2060, 1, 1, tzinfo=UTC)),
+            nonce=nonce,
         )
         assert failed(verdict) == {"snp.chain.validity"}, name
 
 
 def test_wrong_nonce(evidence_dir: Path) -> None:
     ev = evidence(evidence_dir, "v1")
-    _, verdict = verify_azure_snp(ev.hcl_report, ev.quote, ev.certs, now=NOW, nonce=b"challengf")
+    _, verdict = verify_azure_snp(
+        ev.hcl_report, ev.quote, ev.certs, VerifyOptions(now=NOW), nonce=b"challengf"
+    )
     assert failed(verdict) == {"azure.tpm.nonce"}
-    _, skipped = verify_azure_snp(ev.hcl_report, ev.quote, ev.certs, now=NOW)
+    _, skipped = verify_azure_snp(ev.hcl_report, ev.quote, ev.certs, VerifyOptions(now=NOW))
     assert status(skipped, "azure.tpm.nonce") is CheckStatus.SKIP
 
 
@@ -170,10 +181,12 @@ def test_tampered_pcr_value(evidence_dir: Path) -> None:
     pcrs = list(ev.quote.pcrs)
     pcrs[7] = hashlib.sha256(b"another boot").digest()
     quote = dataclasses.replace(ev.quote, pcrs=tuple(pcrs))
-    _, verdict = verify_azure_snp(ev.hcl_report, quote, ev.certs, now=NOW, nonce=b"challenge")
+    _, verdict = verify_azure_snp(ev.hcl_report, quote, ev.certs, VerifyOptions(now=NOW), nonce=b"challenge")
     assert failed(verdict) == {"azure.tpm.pcr_digest"}
     short = dataclasses.replace(ev.quote, pcrs=ev.quote.pcrs[:23])
-    assert "azure.tpm.pcr_digest" in failed(verify_azure_snp(ev.hcl_report, short, ev.certs, now=NOW)[1])
+    assert "azure.tpm.pcr_digest" in failed(
+        verify_azure_snp(ev.hcl_report, short, ev.certs, VerifyOptions(now=NOW))[1]
+    )
 
 
 def test_tampered_quote(evidence_dir: Path) -> None:
@@ -182,15 +195,21 @@ def test_tampered_quote(evidence_dir: Path) -> None:
         message = bytearray(ev.quote.message)
         message[offset] ^= 0x01
         quote = dataclasses.replace(ev.quote, message=bytes(message))
-        _, verdict = verify_azure_snp(ev.hcl_report, quote, ev.certs, now=NOW, nonce=b"challenge")
+        _, verdict = verify_azure_snp(
+            ev.hcl_report, quote, ev.certs, VerifyOptions(now=NOW), nonce=b"challenge"
+        )
         assert status(verdict, "azure.tpm.signature") is CheckStatus.FAIL, offset
     signature = bytearray(ev.quote.signature)
     signature[-1] ^= 1
     quote = dataclasses.replace(ev.quote, signature=bytes(signature))
-    assert failed(verify_azure_snp(ev.hcl_report, quote, ev.certs, now=NOW)[1]) == {"azure.tpm.signature"}
+    assert failed(verify_azure_snp(ev.hcl_report, quote, ev.certs, VerifyOptions(now=NOW))[1]) == {
+        "azure.tpm.signature"
+    }
     # Another vector's quote is signed by another attestation key.
     other = evidence(evidence_dir, "v2").quote
-    assert "azure.tpm.signature" in failed(verify_azure_snp(ev.hcl_report, other, ev.certs, now=NOW)[1])
+    assert "azure.tpm.signature" in failed(
+        verify_azure_snp(ev.hcl_report, other, ev.certs, VerifyOptions(now=NOW))[1]
+    )
 
 
 def test_tampered_variable_data_breaks_the_binding(evidence_dir: Path) -> None:
@@ -200,7 +219,7 @@ def test_tampered_variable_data_breaks_the_binding(evidence_dir: Path) -> None:
     # Swap the attestation key's first base64url digit for another: still valid JSON and a valid key.
     start = 32 + 1184 + 20 + hcl.variable_data.index(b'"n":"') + 5
     raw[start] = ord("A") if raw[start] != ord("A") else ord("B")
-    _, verdict = verify_azure_snp(bytes(raw), ev.quote, ev.certs, now=NOW, nonce=b"challenge")
+    _, verdict = verify_azure_snp(bytes(raw), ev.quote, ev.certs, VerifyOptions(now=NOW), nonce=b"challenge")
     assert {"azure.hcl.binding", "azure.tpm.signature"} <= failed(verdict)
 
 
@@ -209,17 +228,19 @@ def test_tampered_snp_report_in_the_hcl(evidence_dir: Path) -> None:
     for offset in (0x10, 0x90, 0x180, 0x29F):
         raw = bytearray(ev.hcl_report)
         raw[32 + offset] ^= 0x04
-        _, verdict = verify_azure_snp(bytes(raw), ev.quote, ev.certs, now=NOW)
+        _, verdict = verify_azure_snp(bytes(raw), ev.quote, ev.certs, VerifyOptions(now=NOW))
         assert status(verdict, "snp.signature") is CheckStatus.FAIL, hex(offset)
     report_data = bytearray(ev.hcl_report)
     report_data[32 + 0x50] ^= 1
-    _, verdict = verify_azure_snp(bytes(report_data), ev.quote, ev.certs, now=NOW)
+    _, verdict = verify_azure_snp(bytes(report_data), ev.quote, ev.certs, VerifyOptions(now=NOW))
     assert {"snp.signature", "azure.hcl.binding"} <= failed(verdict)
 
 
 def test_a_foreign_vcek_fails(evidence_dir: Path) -> None:
     ev = evidence(evidence_dir, "v0")
-    _, verdict = verify_azure_snp(ev.hcl_report, ev.quote, evidence(evidence_dir, "genoa").certs, now=NOW)
+    _, verdict = verify_azure_snp(
+        ev.hcl_report, ev.quote, evidence(evidence_dir, "genoa").certs, VerifyOptions(now=NOW)
+    )
     assert "snp.signature" in failed(verdict)
 
 
@@ -247,7 +268,7 @@ def test_hcl_parse_errors(evidence_dir: Path) -> None:
     for data, error in cases[4:]:
         with pytest.raises(error):
             parse_hcl_report(data)
-        _, verdict = verify_azure_snp(data, evidence(evidence_dir, "v0").quote, [], now=NOW)
+        _, verdict = verify_azure_snp(data, evidence(evidence_dir, "v0").quote, [], VerifyOptions(now=NOW))
         assert failed(verdict) == {"azure.hcl.parse"}
 
 
@@ -326,7 +347,9 @@ def test_fuzz_hcl_report(evidence_dir: Path, name: str, flips: list[tuple[int, i
         with contextlib.suppress(VeilAttestationError):
             parse_runtime_data(parse_hcl_report(data).variable_data)
         ev = evidence(evidence_dir, name)
-        verify_azure_snp(data, ev.quote, ev.certs, now=NOW)  # never raises: failures are checks
+        verify_azure_snp(
+            data, ev.quote, ev.certs, VerifyOptions(now=NOW)
+        )  # never raises: failures are checks
 
 
 @_FUZZ
@@ -368,6 +391,6 @@ def test_unpaired_quote_files_do_not_verify(evidence_dir: Path) -> None:
     assert parse_tpms_attest(message).extra_data == b"challenge"
     ev = standalone(evidence_dir)
     quote = TpmQuote(message, (evidence_dir / AZ / "tpm-quote.sig").read_bytes(), ev.quote.pcrs)
-    _, verdict = verify_azure_snp(ev.hcl_report, quote, ev.certs, now=NOW, nonce=b"challenge")
+    _, verdict = verify_azure_snp(ev.hcl_report, quote, ev.certs, VerifyOptions(now=NOW), nonce=b"challenge")
     assert status(verdict, "azure.tpm.signature") is CheckStatus.FAIL
     assert not verdict.ok

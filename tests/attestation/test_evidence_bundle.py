@@ -13,6 +13,7 @@ import pytest
 from veil.attestation.binding import Claims, gpu_nonce, report_data
 from veil.attestation.bundle import verify_evidence
 from veil.attestation.errors import MalformedInputError
+from veil.attestation.options import VerifyOptions
 from veil.attestation.policy import Policy
 from veil.enclave.keys import EnclaveIdentity, create_identity, measurement_from_build_digest
 from veil.enclave.tee.simulated import SimulatedTeeProvider, load_or_create_simulation
@@ -74,7 +75,7 @@ def test_good_simulated_bundle(sim: tuple[SimulatedTeeProvider, Path], policy: P
     nonce = secrets.token_bytes(32)
     ident = _identity()
     ev = _evidence(sim[0], nonce, ident)
-    result = verify_evidence(ev.SerializeToString(), policy=policy, nonce=nonce, now=NOW)
+    result = verify_evidence(ev.SerializeToString(), VerifyOptions(now=NOW), policy=policy, nonce=nonce)
     assert result.ok, result.verdict.table()
     for name in (
         "evidence.parse", "binding.nonce", "binding.claims", "binding.enclave_key", "binding.simulated",
@@ -85,12 +86,14 @@ def test_good_simulated_bundle(sim: tuple[SimulatedTeeProvider, Path], policy: P
     assert result.public_key == ident.public_key
     assert result.claims == ident.claims
     # the message form verifies the same way
-    assert verify_evidence(ev, policy=policy, nonce=nonce, now=NOW).ok
+    assert verify_evidence(ev, VerifyOptions(now=NOW), policy=policy, nonce=nonce).ok
 
 
 def test_default_policy_rejects_simulated(sim: tuple[SimulatedTeeProvider, Path]) -> None:
     nonce = secrets.token_bytes(32)
-    result = verify_evidence(_evidence(sim[0], nonce, _identity()), policy=Policy(), nonce=nonce, now=NOW)
+    result = verify_evidence(
+        _evidence(sim[0], nonce, _identity()), VerifyOptions(now=NOW), policy=Policy(), nonce=nonce
+    )
     assert not result.ok
     failed = {c.name for c in result.verdict.failed}
     assert {"policy.platform", "policy.simulated", "snp.chain.ark", "gpu[0].chain"} <= failed
@@ -99,11 +102,13 @@ def test_default_policy_rejects_simulated(sim: tuple[SimulatedTeeProvider, Path]
 def test_replayed_evidence_for_another_nonce(sim: tuple[SimulatedTeeProvider, Path], policy: Policy) -> None:
     old, new = secrets.token_bytes(32), secrets.token_bytes(32)
     ev = _evidence(sim[0], old, _identity())
-    result = verify_evidence(ev, policy=policy, nonce=new, now=NOW)
+    result = verify_evidence(ev, VerifyOptions(now=NOW), policy=policy, nonce=new)
     failed = {c.name for c in result.verdict.failed}
     assert {"binding.nonce", "binding.report_data", "binding.gpu_nonce"} <= failed
     ev.nonce = new  # echoing the right nonce does not help: the signed report_data binds the old one
-    failed = {c.name for c in verify_evidence(ev, policy=policy, nonce=new, now=NOW).verdict.failed}
+    failed = {
+        c.name for c in verify_evidence(ev, VerifyOptions(now=NOW), policy=policy, nonce=new).verdict.failed
+    }
     assert "binding.report_data" in failed and "binding.nonce" not in failed
 
 
@@ -115,13 +120,16 @@ def test_swapped_enclave_key(sim: tuple[SimulatedTeeProvider, Path], policy: Pol
     ev1 = evidence_pb2.Evidence()
     ev1.CopyFrom(ev)
     ev1.enclave_key.CopyFrom(attacker.public_key.to_proto())
-    failed = {c.name for c in verify_evidence(ev1, policy=policy, nonce=nonce, now=NOW).verdict.failed}
+    failed = {
+        c.name
+        for c in verify_evidence(ev1, VerifyOptions(now=NOW), policy=policy, nonce=nonce).verdict.failed
+    }
     assert "binding.enclave_key" in failed
     # 2. key and claims swapped consistently: the signed report_data no longer matches
     ev2 = evidence_pb2.Evidence()
     ev2.CopyFrom(ev1)
     ev2.claims = attacker.claims_bytes
-    result = verify_evidence(ev2, policy=policy, nonce=nonce, now=NOW)
+    result = verify_evidence(ev2, VerifyOptions(now=NOW), policy=policy, nonce=nonce)
     failed = {c.name for c in result.verdict.failed}
     assert "binding.report_data" in failed and "binding.enclave_key" not in failed
     assert "binding.gpu_nonce" in failed  # the GPU reports were requested for the real key
@@ -130,7 +138,9 @@ def test_swapped_enclave_key(sim: tuple[SimulatedTeeProvider, Path], policy: Pol
 def test_gpu_report_for_another_nonce(sim: tuple[SimulatedTeeProvider, Path], policy: Policy) -> None:
     nonce = secrets.token_bytes(32)
     ev = _evidence(sim[0], nonce, _identity(), gpu_for=secrets.token_bytes(32))
-    failed = {c.name for c in verify_evidence(ev, policy=policy, nonce=nonce, now=NOW).verdict.failed}
+    failed = {
+        c.name for c in verify_evidence(ev, VerifyOptions(now=NOW), policy=policy, nonce=nonce).verdict.failed
+    }
     assert failed == {"binding.gpu_nonce", "gpu[0].nonce", "gpu[1].nonce"}
 
 
@@ -140,13 +150,17 @@ def test_tampered_reports(sim: tuple[SimulatedTeeProvider, Path], policy: Policy
     cpu = bytearray(ev.cpu_report)
     cpu[0x90] ^= 1  # measurement
     ev.cpu_report = bytes(cpu)
-    failed = {c.name for c in verify_evidence(ev, policy=policy, nonce=nonce, now=NOW).verdict.failed}
+    failed = {
+        c.name for c in verify_evidence(ev, VerifyOptions(now=NOW), policy=policy, nonce=nonce).verdict.failed
+    }
     assert "snp.signature" in failed
     ev = _evidence(sim[0], nonce, _identity())
     gpu = bytearray(ev.gpus[1].report)
     gpu[60] ^= 1
     ev.gpus[1].report = bytes(gpu)
-    failed = {c.name for c in verify_evidence(ev, policy=policy, nonce=nonce, now=NOW).verdict.failed}
+    failed = {
+        c.name for c in verify_evidence(ev, VerifyOptions(now=NOW), policy=policy, nonce=nonce).verdict.failed
+    }
     assert "binding.report_data" in failed  # report_data commits to every GPU report
     assert any(name.startswith("gpu[1].") for name in failed)
 
@@ -160,7 +174,9 @@ def test_policy_checks(sim: tuple[SimulatedTeeProvider, Path], policy: Policy) -
         data_policy_digest=hashlib.sha256(b"other").digest(),
         measurements=[bytes(48)],
     )
-    failed = {c.name for c in verify_evidence(ev, policy=strict, nonce=nonce, now=NOW).verdict.failed}
+    failed = {
+        c.name for c in verify_evidence(ev, VerifyOptions(now=NOW), policy=strict, nonce=nonce).verdict.failed
+    }
     assert failed == {
         "policy.gpu_count",
         "policy.model_digest",
@@ -174,22 +190,29 @@ def test_policy_checks(sim: tuple[SimulatedTeeProvider, Path], policy: Policy) -
         measurements=[measurement_from_build_digest(BUILD)],
         min_tcb={"bootloader": 1, "snp": 1},
     )
-    result = verify_evidence(ev, policy=right, nonce=nonce, now=NOW)
+    result = verify_evidence(ev, VerifyOptions(now=NOW), policy=right, nonce=nonce)
     assert result.ok, result.verdict.table()
     assert _status(result, "policy.min_tcb") == "pass"
     too_new = policy.replace(min_tcb={"snp": 255})
-    failed = {c.name for c in verify_evidence(ev, policy=too_new, nonce=nonce, now=NOW).verdict.failed}
+    failed = {
+        c.name
+        for c in verify_evidence(ev, VerifyOptions(now=NOW), policy=too_new, nonce=nonce).verdict.failed
+    }
     assert failed == {"policy.min_tcb"}
 
 
 def test_simulated_flags_must_agree(sim: tuple[SimulatedTeeProvider, Path], policy: Policy) -> None:
     nonce = secrets.token_bytes(32)
     ev = _evidence(sim[0], nonce, _identity(simulated=False))  # claims say "not simulated"
-    failed = {c.name for c in verify_evidence(ev, policy=policy, nonce=nonce, now=NOW).verdict.failed}
+    failed = {
+        c.name for c in verify_evidence(ev, VerifyOptions(now=NOW), policy=policy, nonce=nonce).verdict.failed
+    }
     assert failed == {"binding.simulated"}
     ev = _evidence(sim[0], nonce, _identity())
     ev.simulated = False
-    failed = {c.name for c in verify_evidence(ev, policy=policy, nonce=nonce, now=NOW).verdict.failed}
+    failed = {
+        c.name for c in verify_evidence(ev, VerifyOptions(now=NOW), policy=policy, nonce=nonce).verdict.failed
+    }
     assert failed == {"binding.simulated"}
 
 
@@ -199,25 +222,31 @@ def test_time_is_injected(sim: tuple[SimulatedTeeProvider, Path], policy: Policy
     failed = {
         c.name
         for c in verify_evidence(
-            ev, policy=policy, nonce=nonce, now=datetime(2100, 1, 1, tzinfo=UTC)
+            ev, VerifyOptions(now=datetime(2100, 1, 1, tzinfo=UTC)), policy=policy, nonce=nonce
         ).verdict.failed
     }
     assert "snp.chain.validity" in failed  # (the simulated GPU chain, like NVIDIA's, runs to 9999)
     with pytest.raises(MalformedInputError):
-        verify_evidence(ev, policy=policy, nonce=nonce, now=datetime(2026, 1, 1))  # naive
+        verify_evidence(ev, VerifyOptions(now=datetime(2026, 1, 1)), policy=policy, nonce=nonce)  # naive
     with pytest.raises(MalformedInputError):
-        verify_evidence(ev, policy=policy, nonce=b"short", now=NOW)
+        verify_evidence(ev, VerifyOptions(now=NOW), policy=policy, nonce=b"short")
 
 
 def test_garbage_and_unsupported(policy: Policy) -> None:
-    result = verify_evidence(b"\xff\xff\xff", policy=policy, nonce=None, now=NOW)
+    result = verify_evidence(b"\xff\xff\xff", VerifyOptions(now=NOW), policy=policy, nonce=None)
     assert not result.ok and result.verdict.failed[0].name == "evidence.parse"
     tdx = evidence_pb2.Evidence(format_version=1, platform=evidence_pb2.PLATFORM_TDX, nonce=bytes(32))
-    failed = {c.name for c in verify_evidence(tdx, policy=Policy(), nonce=bytes(32), now=NOW).verdict.failed}
+    failed = {
+        c.name
+        for c in verify_evidence(tdx, VerifyOptions(now=NOW), policy=Policy(), nonce=bytes(32)).verdict.failed
+    }
     assert {"platform.verify", "binding.claims", "binding.report_data"} <= failed
     wrong_version = evidence_pb2.Evidence(format_version=2)
     failed = {
-        c.name for c in verify_evidence(wrong_version, policy=policy, nonce=None, now=NOW).verdict.failed
+        c.name
+        for c in verify_evidence(
+            wrong_version, VerifyOptions(now=NOW), policy=policy, nonce=None
+        ).verdict.failed
     }
     assert "evidence.format_version" in failed
 
@@ -242,7 +271,9 @@ def test_real_snp_report_through_the_same_code(evidence_dir: Path) -> None:
         claims=ident.claims_bytes,
         nonce=nonce,
     )
-    result = verify_evidence(ev, policy=Policy(), nonce=nonce, now=datetime(2026, 1, 1, tzinfo=UTC))
+    result = verify_evidence(
+        ev, VerifyOptions(now=datetime(2026, 1, 1, tzinfo=UTC)), policy=Policy(), nonce=nonce
+    )
     for name in ("snp.signature", "snp.chain.ark", "snp.chain.ask", "snp.chain.leaf", "snp.vcek.hwid"):
         assert _status(result, name) == "pass", name
     assert _status(result, "policy.simulated") == "pass"
@@ -257,7 +288,9 @@ def test_simulated_measurement_is_the_claimed_build(
     sim: tuple[SimulatedTeeProvider, Path], policy: Policy
 ) -> None:
     nonce = secrets.token_bytes(32)
-    good = verify_evidence(_evidence(sim[0], nonce, _identity()), policy=policy, nonce=nonce, now=NOW)
+    good = verify_evidence(
+        _evidence(sim[0], nonce, _identity()), VerifyOptions(now=NOW), policy=policy, nonce=nonce
+    )
     assert _status(good, "simulated.measurement") == "pass"
     other_build = create_identity(
         model_digest=MODEL,
@@ -266,5 +299,7 @@ def test_simulated_measurement_is_the_claimed_build(
         server_build_digest=hashlib.sha256(b"another build").digest(),
         simulated=True,
     )
-    result = verify_evidence(_evidence(sim[0], nonce, other_build), policy=policy, nonce=nonce, now=NOW)
+    result = verify_evidence(
+        _evidence(sim[0], nonce, other_build), VerifyOptions(now=NOW), policy=policy, nonce=nonce
+    )
     assert {c.name for c in result.verdict.failed} == {"simulated.measurement"}

@@ -18,8 +18,10 @@ from cryptography.x509 import ocsp
 
 from veil.attestation.collateral import CollateralStore, Endpoints
 from veil.attestation.errors import CollateralError
+from veil.attestation.nvidia.ocsp import check_ocsp
 from veil.attestation.nvidia.rim import parse_rim, verify_rim
-from veil.attestation.nvidia.verify import check_ocsp, verify_gpu
+from veil.attestation.nvidia.verify import verify_gpu
+from veil.attestation.options import VerifyOptions
 from veil.attestation.testing.nvidia import FakeGpuCa, later, make_fake_ca
 from veil.attestation.verdict import CheckStatus
 
@@ -92,19 +94,19 @@ def ca() -> FakeGpuCa:
 
 def test_good_chain(ca: FakeGpuCa) -> None:
     responder = Responder(ca)
-    v = check_ocsp(ca.chain, post=responder, now=NOW, nonce=b"n" * 16)
+    v = check_ocsp(ca.chain, VerifyOptions(now=NOW, ocsp_post=responder), nonce=b"n" * 16)
     assert v.ok, v.table()
     assert responder.seen == [ca.brom, ca.ica]  # the device-made leaf and the root are not asked about
 
 
 def test_chain_without_root_and_leaf_included(ca: FakeGpuCa) -> None:
     responder = Responder(ca)
-    assert check_ocsp(ca.chain[:-1], post=responder, now=NOW, root=ca.root).ok
+    assert check_ocsp(ca.chain[:-1], VerifyOptions(now=NOW, ocsp_post=responder, trusted_roots=(ca.root,))).ok
     assert responder.seen == [ca.brom, ca.ica]
     responder.seen.clear()
-    assert check_ocsp(ca.chain, post=responder, now=NOW, skip_leaf=False).ok
+    assert check_ocsp(ca.chain, VerifyOptions(now=NOW, ocsp_post=responder), skip_leaf=False).ok
     assert responder.seen == [ca.leaf, ca.brom, ca.ica]
-    assert not check_ocsp(ca.chain[:1], post=responder, now=NOW).ok
+    assert not check_ocsp(ca.chain[:1], VerifyOptions(now=NOW, ocsp_post=responder)).ok
 
 
 def test_rim_chain_ocsp_is_wired(evidence_dir: Path) -> None:
@@ -118,15 +120,17 @@ def test_rim_chain_ocsp_is_wired(evidence_dir: Path) -> None:
         asked.append(request)
         return b"junk"
 
-    v = verify_rim(rim, now=RIM_NOW, prefix="rim.driver", ocsp_post=junk)
+    v = verify_rim(rim, VerifyOptions(now=RIM_NOW, ocsp_post=junk), prefix="rim.driver")
     assert [c.name for c in v.failed] == ["rim.driver.ocsp"]
     assert "HCC RIM L4 Signer" in v.failed[0].detail
     assert ocsp.load_der_ocsp_request(asked[0]).serial_number == rim.certificates[0].serial_number
-    assert verify_rim(rim, now=RIM_NOW).get("rim.ocsp") is None  # offline: no OCSP check at all
+    assert (
+        verify_rim(rim, VerifyOptions(now=RIM_NOW)).get("rim.ocsp") is None
+    )  # offline: no OCSP check at all
 
 
 def test_revoked_intermediate(ca: FakeGpuCa) -> None:
-    v = check_ocsp(ca.chain, post=Responder(ca, revoked={ca.ica.serial_number}), now=NOW)
+    v = check_ocsp(ca.chain, VerifyOptions(now=NOW, ocsp_post=Responder(ca, revoked={ca.ica.serial_number})))
     assert [c.detail for c in v.failed] == ["Fake GH100 ICA: revoked (key_compromise)"]
 
 
@@ -139,7 +143,7 @@ def test_revoked_intermediate(ca: FakeGpuCa) -> None:
     ],
 )
 def test_bad_responses(ca: FakeGpuCa, responder_kw: dict[str, object], now: object, phrase: str) -> None:
-    v = check_ocsp(ca.chain, post=Responder(ca, **responder_kw), now=now, nonce=b"n" * 16)  # type: ignore[arg-type]
+    v = check_ocsp(ca.chain, VerifyOptions(now=now, ocsp_post=Responder(ca, **responder_kw)), nonce=b"n" * 16)  # type: ignore[arg-type]
     assert len(v.failed) == 1 and phrase in v.failed[0].detail, v.table()
 
 
@@ -147,18 +151,27 @@ def test_transport_failure_and_garbage(ca: FakeGpuCa) -> None:
     def down(_: bytes) -> bytes:
         raise CollateralError("offline")
 
-    assert "OCSP request failed" in check_ocsp(ca.chain, post=down, now=NOW).failed[0].detail
-    assert "does not parse" in check_ocsp(ca.chain, post=lambda _: b"junk", now=NOW).failed[0].detail
+    assert (
+        "OCSP request failed" in check_ocsp(ca.chain, VerifyOptions(now=NOW, ocsp_post=down)).failed[0].detail
+    )
+    assert (
+        "does not parse"
+        in check_ocsp(ca.chain, VerifyOptions(now=NOW, ocsp_post=lambda _: b"junk")).failed[0].detail
+    )
 
 
 def test_verify_gpu_offline_skips_online_checks(ca: FakeGpuCa) -> None:
     data = ca.report(NONCE)
-    offline = verify_gpu(data, ca.chain, nonce=NONCE, now=NOW, trusted_root=ca.root)
+    offline = verify_gpu(data, ca.chain, VerifyOptions(now=NOW, trusted_roots=(ca.root,)), nonce=NONCE)
     assert offline.ok and offline.get("gpu.ocsp").status is CheckStatus.SKIP  # type: ignore[union-attr]
-    online = verify_gpu(data, ca.chain, nonce=NONCE, now=NOW, trusted_root=ca.root, ocsp_post=Responder(ca))
+    online = verify_gpu(
+        data, ca.chain, VerifyOptions(now=NOW, trusted_roots=(ca.root,), ocsp_post=Responder(ca)), nonce=NONCE
+    )
     assert online.ok and online.get("gpu.ocsp").status is CheckStatus.PASS  # type: ignore[union-attr]
     revoked = Responder(ca, revoked={ca.brom.serial_number})
-    bad = verify_gpu(data, ca.chain, nonce=NONCE, now=NOW, trusted_root=ca.root, ocsp_post=revoked)
+    bad = verify_gpu(
+        data, ca.chain, VerifyOptions(now=NOW, trusted_roots=(ca.root,), ocsp_post=revoked), nonce=NONCE
+    )
     assert [c.name for c in bad.failed] == ["gpu.ocsp"]
 
 
@@ -192,10 +205,15 @@ def test_ocsp_over_http_through_the_collateral_store(ca: FakeGpuCa, ocsp_server:
     store = CollateralStore(cache_dir=tmp_path, endpoints=Endpoints(nvidia_ocsp=ocsp_server))
     post: Callable[[bytes], bytes] = store.nvidia_ocsp
     data = ca.report(NONCE)
-    v = verify_gpu(data, ca.chain, nonce=NONCE, now=NOW, trusted_root=ca.root, ocsp_post=post)
+    v = verify_gpu(
+        data, ca.chain, VerifyOptions(now=NOW, trusted_roots=(ca.root,), ocsp_post=post), nonce=NONCE
+    )
     assert v.ok and v.get("gpu.ocsp").status is CheckStatus.PASS  # type: ignore[union-attr]
     offline = CollateralStore(cache_dir=tmp_path, offline=True)
     refused = verify_gpu(
-        data, ca.chain, nonce=NONCE, now=NOW, trusted_root=ca.root, ocsp_post=offline.nvidia_ocsp
+        data,
+        ca.chain,
+        VerifyOptions(now=NOW, trusted_roots=(ca.root,), ocsp_post=offline.nvidia_ocsp),
+        nonce=NONCE,
     )
     assert [c.name for c in refused.failed] == ["gpu.ocsp"]

@@ -19,15 +19,15 @@ from veil.attestation.errors import MalformedInputError, VeilAttestationError
 from veil.attestation.nvidia.certs import load_cert_chain, nvidia_device_root
 from veil.attestation.nvidia.report import parse_gpu_report
 from veil.attestation.nvidia.rim import (
-    NVDEC0_DISABLED,
     Rim,
     RimMeasurement,
     RimSet,
-    compare_measurements,
     parse_rim,
     verify_rim,
 )
-from veil.attestation.nvidia.verify import GpuPolicy, verify_gpu
+from veil.attestation.nvidia.validate import NVDEC0_DISABLED, GpuPolicy, compare_measurements
+from veil.attestation.nvidia.verify import verify_gpu
+from veil.attestation.options import VerifyOptions
 from veil.attestation.testing.nvidia import make_fake_ca
 from veil.attestation.verdict import CheckStatus
 
@@ -73,14 +73,14 @@ def test_every_rim_parses_and_verifies(evidence_dir: Path, all_rims: RimSet) -> 
         else:
             assert rim.kind == "vbios"
             assert rim.version.replace(".", "") == path.name.split("_")[3]  # file name carries the version
-        v = verify_rim(rim, now=NOW, prefix=path.name)
+        v = verify_rim(rim, VerifyOptions(now=NOW), prefix=path.name)
         assert v.ok, v.table()
         assert [c.status for c in v.checks] == [PASS, PASS, PASS]
 
 
 def test_rims_rejected_outside_their_validity(driver_rim: Rim) -> None:
     for moment, phrase in ((TODAY, "expired"), (BEFORE, "not valid before")):
-        v = verify_rim(driver_rim, now=moment, prefix="rim.driver")
+        v = verify_rim(driver_rim, VerifyOptions(now=moment), prefix="rim.driver")
         assert [c.name for c in v.failed] == ["rim.driver.chain.validity"]
         assert "HCC RIM L4 Signer" in v.failed[0].detail and phrase in v.failed[0].detail
 
@@ -89,11 +89,13 @@ def test_rim_with_a_touched_measurement_fails_its_signature(evidence_dir: Path, 
     xml = vbios_rim.xml
     i = xml.index(b'Hash0="') + len(b'Hash0="')
     touched = xml[:i] + (b"1" if xml[i : i + 1] != b"1" else b"2") + xml[i + 1 :]
-    v = verify_rim(parse_rim(touched), now=NOW)
+    v = verify_rim(parse_rim(touched), VerifyOptions(now=NOW))
     assert [c.name for c in v.failed] == ["rim.signature"]
     flipped = xml.replace(b'index="7" active="False"', b'index="7" active="True"', 1)
     assert flipped != xml
-    assert [c.name for c in verify_rim(parse_rim(flipped), now=NOW).failed] == ["rim.signature"]
+    assert [c.name for c in verify_rim(parse_rim(flipped), VerifyOptions(now=NOW)).failed] == [
+        "rim.signature"
+    ]
 
 
 def test_rim_signed_by_another_certificate_fails(vbios_rim: Rim, driver_rim: Rim) -> None:
@@ -104,7 +106,7 @@ def test_rim_signed_by_another_certificate_fails(vbios_rim: Rim, driver_rim: Rim
         }
     )
     assert driver_rim.certificates[0] != vbios_rim.certificates[0]
-    v = verify_rim(swapped, now=NOW)
+    v = verify_rim(swapped, VerifyOptions(now=NOW))
     assert v.get("rim.signature").status is FAIL  # type: ignore[union-attr]
 
 
@@ -117,16 +119,19 @@ def test_rim_fields_must_be_the_signed_ones(vbios_rim: Rim) -> None:
         *vbios_rim.measurements[1:],
     )
     for change in ({"measurements": forged}, {"version": "96.00.74.00.1A"}):
-        v = verify_rim(Rim(**{**fields, **change}), now=NOW)
+        v = verify_rim(Rim(**{**fields, **change}), VerifyOptions(now=NOW))
         assert [c.name for c in v.failed] == ["rim.signature"]
         assert v.failed[0].detail == "version or measurements differ from the signed content"
 
 
 def test_rim_chain_must_end_at_the_rim_root(driver_rim: Rim) -> None:
-    v = verify_rim(driver_rim, now=NOW, trusted_root=nvidia_device_root())
+    v = verify_rim(driver_rim, VerifyOptions(now=NOW, trusted_roots=(nvidia_device_root(),)))
     assert [c.name for c in v.failed] == ["rim.chain"]
     unsigned = Rim(**{**{f: getattr(driver_rim, f) for f in Rim.__dataclass_fields__}, "certificates": ()})
-    assert {c.name for c in verify_rim(unsigned, now=NOW).failed} >= {"rim.signature", "rim.chain"}
+    assert {c.name for c in verify_rim(unsigned, VerifyOptions(now=NOW)).failed} >= {
+        "rim.signature",
+        "rim.chain",
+    }
 
 
 def test_malformed_rims_are_typed() -> None:
@@ -150,13 +155,18 @@ def test_no_shared_rim_matches_the_nvtrust_reports(evidence_dir: Path, all_rims:
     data = (base / "gpu0_evidence.bin").read_bytes()
     chain = load_cert_chain((base / "gpu0_certchain.pem").read_bytes())
     now = datetime(2025, 10, 1, tzinfo=UTC)
-    v = verify_gpu(data, chain, nonce=NVTRUST_NONCE, now=now, rims=all_rims)
+    v = verify_gpu(data, chain, VerifyOptions(now=now), nonce=NVTRUST_NONCE, rims=all_rims)
     assert v.ok
     assert v.get("gpu.rim.driver").detail == "no driver RIM for version 590.12"  # type: ignore[union-attr]
     assert v.get("gpu.rim.vbios").detail == "no vbios RIM for version 96.00.A5.00.01"  # type: ignore[union-attr]
     assert v.get("gpu.measurements").status is SKIP  # type: ignore[union-attr]
     strict = verify_gpu(
-        data, chain, nonce=NVTRUST_NONCE, now=now, rims=all_rims, policy=GpuPolicy(require_rims=True)
+        data,
+        chain,
+        VerifyOptions(now=now),
+        nonce=NVTRUST_NONCE,
+        rims=all_rims,
+        policy=GpuPolicy(require_rims=True),
     )
     assert {c.name for c in strict.failed} == {"gpu.rim.driver", "gpu.rim.vbios", "gpu.measurements"}
 
@@ -176,16 +186,20 @@ def test_measurements_match_real_rims_end_to_end(driver_rim: Rim, vbios_rim: Rim
     ca = make_fake_ca()
     nonce = bytes(range(32))
     data = ca.report(nonce, measurements=_golden_measurements(driver_rim, vbios_rim))
-    v = verify_gpu(data, ca.chain, nonce=nonce, now=NOW, trusted_root=ca.root, rims=rims)
+    v = verify_gpu(data, ca.chain, VerifyOptions(now=NOW, trusted_roots=(ca.root,)), nonce=nonce, rims=rims)
     assert v.ok, v.table()
     for name in ("gpu.rim.driver", "gpu.rim.vbios", "gpu.measurements"):
         assert v.get(name).status is PASS, name  # type: ignore[union-attr]
     # The same report against RIMs that have expired today: the RIM checks fail.
-    expired = verify_gpu(data, ca.chain, nonce=nonce, now=TODAY, trusted_root=ca.root, rims=rims)
+    expired = verify_gpu(
+        data, ca.chain, VerifyOptions(now=TODAY, trusted_roots=(ca.root,)), nonce=nonce, rims=rims
+    )
     assert {c.name for c in expired.failed} == {"gpu.rim.driver", "gpu.rim.vbios"}
     assert expired.get("gpu.measurements").status is SKIP  # type: ignore[union-attr]  # nothing trusted to compare with
     # shared/ holds a PROD and a test RIM for VBIOS 96.00.5E.00.01 that differ: ambiguous, refused.
-    ambiguous = verify_gpu(data, ca.chain, nonce=nonce, now=NOW, trusted_root=ca.root, rims=all_rims)
+    ambiguous = verify_gpu(
+        data, ca.chain, VerifyOptions(now=NOW, trusted_roots=(ca.root,)), nonce=nonce, rims=all_rims
+    )
     assert [c.name for c in ambiguous.failed] == ["gpu.rim.vbios"]
     assert ambiguous.failed[0].detail.startswith("2 different vbios RIMs for version 96.00.5E.00.01")
 
@@ -198,9 +212,8 @@ def test_a_changed_measurement_fails_and_is_named(driver_rim: Rim, vbios_rim: Ri
     v = verify_gpu(
         ca.report(nonce, measurements=values),
         ca.chain,
+        VerifyOptions(now=NOW, trusted_roots=(ca.root,)),
         nonce=nonce,
-        now=NOW,
-        trusted_root=ca.root,
         rims=RimSet.of([driver_rim, vbios_rim]),
     )
     assert [c.name for c in v.failed] == ["gpu.measurements"]
@@ -286,7 +299,7 @@ def test_rims_fetched_over_http_verify(rim_server: str, tmp_path: Path) -> None:
         for i in ("NV_GPU_DRIVER_GH100_545.00", "NV_GPU_VBIOS_1010_0200_882_96005E0001")
     ]
     assert [r.kind for r in rims] == ["driver", "vbios"]
-    assert all(verify_rim(r, now=NOW).ok for r in rims)
+    assert all(verify_rim(r, VerifyOptions(now=NOW)).ok for r in rims)
     offline = CollateralStore(cache_dir=tmp_path, offline=True)  # served from the cache now
     assert offline.nvidia_rim("NV_GPU_DRIVER_GH100_545.00").content == rims[0].xml
 
@@ -310,6 +323,6 @@ def test_fuzz_rim_parser_and_verifier(driver_rim: Rim, data: st.DataObject) -> N
         rim = parse_rim(bytes(xml))
     except VeilAttestationError:
         return
-    v = verify_rim(rim, now=NOW)
+    v = verify_rim(rim, VerifyOptions(now=NOW))
     if bytes(xml) != driver_rim.xml:
         assert v.get("rim.signature") is not None

@@ -34,6 +34,7 @@ from veil.attestation.nvidia.verify import (
     verify_gpu_cert_chain,
     verify_gpus,
 )
+from veil.attestation.options import VerifyOptions
 from veil.attestation.verdict import CheckStatus, Verdict
 
 NONCE = bytes.fromhex("4760e30534a0621357d458b1a7936551b5dc4cd1e69718adf7ed9fb0252a537e")
@@ -64,7 +65,7 @@ PASS, FAIL, SKIP = CheckStatus.PASS, CheckStatus.FAIL, CheckStatus.SKIP
 @pytest.mark.parametrize(("name", "kind"), DEVICES)
 def test_real_device_passes_signature_chain_nonce(evidence_dir: Path, name: str, kind: str) -> None:
     data, chain = _load(evidence_dir, name)
-    v = verify_gpu(data, chain, nonce=NONCE, now=NOW, kind=kind, prefix=f"{kind}[{name[-1]}]")  # type: ignore[arg-type]
+    v = verify_gpu(data, chain, VerifyOptions(now=NOW), nonce=NONCE, kind=kind, prefix=f"{kind}[{name[-1]}]")  # type: ignore[arg-type]
     p = f"{kind}[{name[-1]}]"
     assert v.ok, v.table()
     for check in (
@@ -91,7 +92,7 @@ def test_real_device_passes_signature_chain_nonce(evidence_dir: Path, name: str,
 @pytest.mark.parametrize(("name", "kind"), DEVICES)
 def test_real_device_rejected_before_its_chain_is_valid(evidence_dir: Path, name: str, kind: str) -> None:
     data, chain = _load(evidence_dir, name)
-    v = verify_gpu(data, chain, nonce=NONCE, now=BEFORE, kind=kind)  # type: ignore[arg-type]
+    v = verify_gpu(data, chain, VerifyOptions(now=BEFORE), nonce=NONCE, kind=kind)  # type: ignore[arg-type]
     assert not v.ok
     assert [c.name for c in v.failed] == [f"{kind}.chain.validity"]
     assert "not valid before 2022-03-01" in v.failed[0].detail
@@ -100,17 +101,17 @@ def test_real_device_rejected_before_its_chain_is_valid(evidence_dir: Path, name
 def test_real_chains_stay_valid_today(evidence_dir: Path) -> None:
     """NVIDIA device certificates run to 9999: offline, today's date is inside their window."""
     data, chain = _load(evidence_dir, "gpu0")
-    assert verify_gpu(data, chain, nonce=NONCE, now=TODAY).ok
+    assert verify_gpu(data, chain, VerifyOptions(now=TODAY), nonce=NONCE).ok
 
 
 def test_wrong_nonce_fails_the_nonce_check_only(evidence_dir: Path) -> None:
     data, chain = _load(evidence_dir, "gpu3")
     wrong = bytes(32)
-    v = verify_gpu(data, chain, nonce=wrong, now=NOW, prefix="gpu[3]")
+    v = verify_gpu(data, chain, VerifyOptions(now=NOW), nonce=wrong, prefix="gpu[3]")
     assert [c.name for c in v.failed] == ["gpu[3].nonce"]
-    skipped = verify_gpu(data, chain, nonce=None, now=NOW)
+    skipped = verify_gpu(data, chain, VerifyOptions(now=NOW), nonce=None)
     assert _status(skipped, "gpu.nonce") is SKIP
-    short = verify_gpu(data, chain, nonce=b"\x47", now=NOW)
+    short = verify_gpu(data, chain, VerifyOptions(now=NOW), nonce=b"\x47")
     assert _status(short, "gpu.nonce") is FAIL
 
 
@@ -133,7 +134,7 @@ def test_flipping_signed_bytes_fails_the_signature(evidence_dir: Path, name: str
         except MalformedInputError:
             continue  # structure bytes: the report no longer parses, so it is rejected anyway
         assert parsed.signed_bytes != report.signed_bytes or parsed.signature != report.signature
-        v = verify_gpu(parsed, chain, nonce=NONCE, now=NOW, kind=kind)  # type: ignore[arg-type]
+        v = verify_gpu(parsed, chain, VerifyOptions(now=NOW), nonce=NONCE, kind=kind)  # type: ignore[arg-type]
         assert _status(v, f"{kind}.signature") is FAIL, pos
         checked += 1
     assert checked > 0.8 * len(positions)  # only length/header bytes make a report unparseable
@@ -141,23 +142,25 @@ def test_flipping_signed_bytes_fails_the_signature(evidence_dir: Path, name: str
 
 def test_tampered_bytes_reported_as_parse_or_signature_failure(evidence_dir: Path) -> None:
     data, chain = _load(evidence_dir, "gpu0")
-    truncated = verify_gpu(data[:100], chain, nonce=NONCE, now=NOW)
+    truncated = verify_gpu(data[:100], chain, VerifyOptions(now=NOW), nonce=NONCE)
     assert [c.name for c in truncated.checks] == ["gpu.report.parse"] and not truncated.ok
     bad_sig = data[:-1] + bytes([data[-1] ^ 0xFF])
-    assert [c.name for c in verify_gpu(bad_sig, chain, nonce=NONCE, now=NOW).failed] == ["gpu.signature"]
+    assert [c.name for c in verify_gpu(bad_sig, chain, VerifyOptions(now=NOW), nonce=NONCE).failed] == [
+        "gpu.signature"
+    ]
 
 
 def test_another_gpus_chain_does_not_verify_the_report(evidence_dir: Path) -> None:
     data, _ = _load(evidence_dir, "gpu0")
     _, other_chain = _load(evidence_dir, "gpu1")
-    v = verify_gpu(data, other_chain, nonce=NONCE, now=NOW)
+    v = verify_gpu(data, other_chain, VerifyOptions(now=NOW), nonce=NONCE)
     assert _status(v, "gpu.signature") is FAIL
     assert _status(v, "gpu.chain") is PASS  # gpu1's chain is itself genuine
 
 
 def test_switch_report_checked_as_gpu_fails_fwid(evidence_dir: Path) -> None:
     data, chain = _load(evidence_dir, "switch0")
-    v = verify_gpu(data, chain, nonce=NONCE, now=NOW, kind="gpu")
+    v = verify_gpu(data, chain, VerifyOptions(now=NOW), nonce=NONCE, kind="gpu")
     assert _status(v, "gpu.fwid") is FAIL
     assert _status(v, "gpu.driver_version") is FAIL
 
@@ -167,18 +170,18 @@ def test_untrusted_root_fails_the_chain(evidence_dir: Path) -> None:
     other_root = load_cert_chain(
         (evidence_dir / "nvidia_gpu/nv-local-gpu-verifier-2.7.3/verifier_RIM_root.pem").read_bytes()
     )[0]
-    v = verify_gpu(data, chain, nonce=NONCE, now=NOW, trusted_root=other_root)
+    v = verify_gpu(data, chain, VerifyOptions(now=NOW, trusted_roots=(other_root,)), nonce=NONCE)
     assert _status(v, "gpu.chain") is FAIL and "trusted root" in v.get("gpu.chain").detail  # type: ignore[union-attr]
     # the chain without its root still verifies to the pinned root
-    assert verify_gpu(data, chain[:-1], nonce=NONCE, now=NOW).ok
+    assert verify_gpu(data, chain[:-1], VerifyOptions(now=NOW), nonce=NONCE).ok
 
 
 def test_policy_versions(evidence_dir: Path) -> None:
     data, chain = _load(evidence_dir, "gpu0")
     good = GpuPolicy(driver_versions=frozenset({"590.12"}), vbios_versions=frozenset({"96.00.A5.00.01"}))
-    assert verify_gpu(data, chain, nonce=NONCE, now=NOW, policy=good).ok
+    assert verify_gpu(data, chain, VerifyOptions(now=NOW), nonce=NONCE, policy=good).ok
     bad = GpuPolicy(driver_versions=frozenset({"550.90.07"}))
-    v = verify_gpu(data, chain, nonce=NONCE, now=NOW, policy=bad)
+    v = verify_gpu(data, chain, VerifyOptions(now=NOW), nonce=NONCE, policy=bad)
     assert [c.name for c in v.failed] == ["gpu.driver_version"]
 
 
@@ -195,16 +198,16 @@ def test_rim_ids_of_the_real_reports(evidence_dir: Path) -> None:
 def test_now_must_be_aware(evidence_dir: Path) -> None:
     data, chain = _load(evidence_dir, "gpu0")
     with pytest.raises(MalformedInputError):
-        verify_gpu(data, chain, nonce=NONCE, now=datetime(2025, 1, 1))
+        verify_gpu(data, chain, VerifyOptions(now=datetime(2025, 1, 1)), nonce=NONCE)
 
 
 def test_one_report_verifies_within_10_ms(evidence_dir: Path) -> None:
     data, chain = _load(evidence_dir, "gpu0")
-    verify_gpu(data, chain, nonce=NONCE, now=NOW)  # warm the chain cache
+    verify_gpu(data, chain, VerifyOptions(now=NOW), nonce=NONCE)  # warm the chain cache
     times = []
     for _ in range(30):
         start = time.perf_counter()
-        verdict = verify_gpu(data, chain, nonce=NONCE, now=NOW)
+        verdict = verify_gpu(data, chain, VerifyOptions(now=NOW), nonce=NONCE)
         times.append(time.perf_counter() - start)
         assert verdict.ok
     assert statistics.median(times) < 0.010, times
@@ -220,7 +223,7 @@ def _trustee(evidence_dir: Path, case: int) -> tuple[x509.Certificate, ...]:
 
 
 def test_trustee_case1_valid_chain(evidence_dir: Path) -> None:
-    v = verify_gpu_cert_chain(_trustee(evidence_dir, 1), now=NOW)
+    v = verify_gpu_cert_chain(_trustee(evidence_dir, 1), VerifyOptions(now=NOW))
     assert v.ok, v.table()
     signing = load_cert_chain((evidence_dir / "nvidia_gpu/trustee/hopper_signing_cert.pem").read_bytes())[0]
     assert _trustee(evidence_dir, 1)[0] == signing
@@ -231,7 +234,7 @@ def test_trustee_case1_valid_chain(evidence_dir: Path) -> None:
 
 def test_trustee_case2_only_root(evidence_dir: Path) -> None:
     """Trustee: "Certificate chain must have at least the root CA and signing certificates"."""
-    v = verify_gpu_cert_chain(_trustee(evidence_dir, 2), now=NOW)
+    v = verify_gpu_cert_chain(_trustee(evidence_dir, 2), VerifyOptions(now=NOW))
     assert not v.ok
     assert _status(v, "gpu.chain") is FAIL
     assert "at least the root CA and the signing certificate" in v.get("gpu.chain").detail  # type: ignore[union-attr]
@@ -239,14 +242,14 @@ def test_trustee_case2_only_root(evidence_dir: Path) -> None:
 
 def test_trustee_case3_missing_intermediate(evidence_dir: Path) -> None:
     """Trustee: "Report certificate chain failed to verify" (the provisioner ICA is missing)."""
-    v = verify_gpu_cert_chain(_trustee(evidence_dir, 3), now=NOW)
+    v = verify_gpu_cert_chain(_trustee(evidence_dir, 3), VerifyOptions(now=NOW))
     assert [c.name for c in v.failed] == ["gpu.chain"]
     assert v.get("gpu.chain").detail == "GH100 A01 GSP BROM is not issued by NVIDIA GH100 Identity"  # type: ignore[union-attr]
 
 
 def test_trustee_case4_missing_leaf(evidence_dir: Path) -> None:
     """Trustee: "FwId oid not found in the NVIDIA signing certificate" (the FMC leaf is missing)."""
-    v = verify_gpu_cert_chain(_trustee(evidence_dir, 4), now=NOW)
+    v = verify_gpu_cert_chain(_trustee(evidence_dir, 4), VerifyOptions(now=NOW))
     assert not v.ok
     assert _status(v, "gpu.fwid") is FAIL
     assert "FWID (OID 2.23.133.5.4.1) not found in the leaf GH100 A01 GSP BROM" in v.get("gpu.fwid").detail  # type: ignore[union-attr]
@@ -255,7 +258,7 @@ def test_trustee_case4_missing_leaf(evidence_dir: Path) -> None:
 
 
 def test_trustee_cases_rejected_before_validity(evidence_dir: Path) -> None:
-    v = verify_gpu_cert_chain(_trustee(evidence_dir, 1), now=BEFORE)
+    v = verify_gpu_cert_chain(_trustee(evidence_dir, 1), VerifyOptions(now=BEFORE))
     assert [c.name for c in v.failed] == ["gpu.chain.validity"]
 
 
@@ -297,11 +300,11 @@ def test_whole_hgx_system_from_nvidia_json(evidence_dir: Path) -> None:
     assert [e.kind for e in entries] == ["gpu"] * 8 + ["nvswitch"] * 4
     assert {e.nonce for e in entries} == {NONCE}
     devices = [(e.report, e.cert_chain, e.kind) for e in entries]
-    v = verify_gpus(devices, nonce=NONCE, now=NOW)
+    v = verify_gpus(devices, VerifyOptions(now=NOW), nonce=NONCE)
     assert v.ok, v.table()
     assert v.get("gpu[7].fwid").status is PASS and v.get("nvswitch[3].signature").status is PASS  # type: ignore[union-attr]
-    assert not verify_gpus(devices, nonce=bytes(32), now=NOW).ok
-    assert not verify_gpus([], nonce=NONCE, now=NOW).ok
+    assert not verify_gpus(devices, VerifyOptions(now=NOW), nonce=bytes(32)).ok
+    assert not verify_gpus([], VerifyOptions(now=NOW), nonce=NONCE).ok
 
 
 @pytest.mark.parametrize(

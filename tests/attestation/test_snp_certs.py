@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from veil.attestation.errors import MalformedInputError, VeilAttestationError
+from veil.attestation.options import VerifyOptions
 from veil.attestation.snp import certs as amd_certs
 from veil.attestation.snp.certs import (
     PINNED_FINGERPRINTS,
@@ -181,7 +182,9 @@ def test_fake_vlek_extensions() -> None:
     )
     exts = parse_amd_extensions(vlek)
     assert exts.is_vlek and exts.csp_id == "Contoso" and exts.hwid is None
-    verdict = verify_amd_chain([vlek, fake.asvk, fake.ark], trusted_roots=[fake.ark], now=INSIDE)
+    verdict = verify_amd_chain(
+        [vlek, fake.asvk, fake.ark], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,))
+    )
     assert verdict.ok, verdict.table()
     assert "VLEK" in (verdict.get("snp.chain.leaf") or pytest.fail()).detail
 
@@ -211,6 +214,6 @@ def test_fuzz_certificate_bundles(evidence_dir: Path, data: st.DataObject) -> No
             with contextlib.suppress(VeilAttestationError):
                 parse_amd_extensions(cert)
         with contextlib.suppress(VeilAttestationError):
-            verify_amd_chain(certs, now=datetime(2026, 1, 1, tzinfo=UTC))
+            verify_amd_chain(certs, VerifyOptions(now=datetime(2026, 1, 1, tzinfo=UTC)))
         with contextlib.suppress(VeilAttestationError):
-            verify_snp_bytes(report, certs, now=datetime(2026, 1, 1, tzinfo=UTC))
+            verify_snp_bytes(report, certs, VerifyOptions(now=datetime(2026, 1, 1, tzinfo=UTC)))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from veil.attestation.errors import MalformedInputError
+from veil.attestation.options import VerifyOptions
 from veil.attestation.snp.certs import load_certificates
 from veil.attestation.snp.report import (
     Product,
@@ -49,7 +50,9 @@ def status(verdict: Verdict, name: str) -> CheckStatus:
 def test_go_sev_guest_report_fails_production_policy_only_on_debug(evidence_dir: Path) -> None:
     report = load(evidence_dir, "gsg")
     vcek = load_certificates((evidence_dir / "snp/go-sev-guest/vcek.testcer").read_bytes())
-    verified = verify_snp(report, vcek, now=datetime(2022, 9, 24, 1, tzinfo=UTC), product="Milan")
+    verified = verify_snp(
+        report, vcek, VerifyOptions(now=datetime(2022, 9, 24, 1, tzinfo=UTC)), product="Milan"
+    )
     validated = validate_snp(report, SnpPolicy(), product=Product.MILAN)
     combined = verified + validated
     assert failed(combined) == {"policy.debug"}, combined.table()

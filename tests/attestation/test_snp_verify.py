@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from veil.attestation.errors import MalformedInputError
+from veil.attestation.options import VerifyOptions
 from veil.attestation.snp.certs import load_certificates
 from veil.attestation.snp.report import SigningKey, TcbVersion, parse_snp_report
 from veil.attestation.snp.verify import verify_amd_chain, verify_snp, verify_snp_bytes
@@ -73,7 +74,9 @@ def certs(evidence: Path, *paths: str) -> list[x509.Certificate]:
 
 def test_go_sev_guest_report_verifies(evidence_dir: Path) -> None:
     report, verdict = verify_snp_bytes(
-        _files(evidence_dir)["gsg"], certs(evidence_dir, "go-sev-guest/vcek.testcer"), now=GSG_NOW
+        _files(evidence_dir)["gsg"],
+        certs(evidence_dir, "go-sev-guest/vcek.testcer"),
+        VerifyOptions(now=GSG_NOW),
     )
     assert report is not None
     assert verdict.ok, verdict.table()
@@ -81,32 +84,32 @@ def test_go_sev_guest_report_verifies(evidence_dir: Path) -> None:
         assert status(verdict, check) is CheckStatus.PASS, check
     # With the chain spelled out (ASK + ARK from go-sev-guest's milan.testcer), and the product named.
     full = certs(evidence_dir, "go-sev-guest/vcek.testcer", "go-sev-guest/milan.testcer")
-    assert verify_snp(report, full, now=GSG_NOW, product="Milan").ok
+    assert verify_snp(report, full, VerifyOptions(now=GSG_NOW), product="Milan").ok
 
 
 def test_virtee_report_verifies_and_byte_21_flip_fails(evidence_dir: Path) -> None:
     raw = _files(evidence_dir)["virtee"]
     chain = certs(evidence_dir, "virtee-sev/vcek_milan.der", "virtee-sev/cert_chain_milan")
-    _, verdict = verify_snp_bytes(raw, chain, now=VIRTEE_NOW)
+    _, verdict = verify_snp_bytes(raw, chain, VerifyOptions(now=VIRTEE_NOW))
     assert verdict.ok, verdict.table()
     tampered = bytearray(raw)
     tampered[21] ^= 0x80
-    _, bad = verify_snp_bytes(bytes(tampered), chain, now=VIRTEE_NOW)
+    _, bad = verify_snp_bytes(bytes(tampered), chain, VerifyOptions(now=VIRTEE_NOW))
     assert failed(bad) == {"snp.signature"}
 
 
 def test_trustee_report_verifies_and_tampering_fails(evidence_dir: Path) -> None:
     raw = _files(evidence_dir)["trustee"]
     vcek = certs(evidence_dir, "trustee/test-vcek.der")
-    _, verdict = verify_snp_bytes(raw, vcek, now=TRUSTEE_NOW)
+    _, verdict = verify_snp_bytes(raw, vcek, VerifyOptions(now=TRUSTEE_NOW))
     assert verdict.ok, verdict.table()
     byte42 = bytearray(raw)
     byte42[42] += 1
-    _, bad = verify_snp_bytes(bytes(byte42), vcek, now=TRUSTEE_NOW)
+    _, bad = verify_snp_bytes(bytes(byte42), vcek, VerifyOptions(now=TRUSTEE_NOW))
     assert failed(bad) == {"snp.signature"}
     byte384 = bytearray(raw)  # reported_tcb's bootloader SPL: signature and the VCEK's TCB both disagree
     byte384[384] += 1
-    _, bad = verify_snp_bytes(bytes(byte384), vcek, now=TRUSTEE_NOW)
+    _, bad = verify_snp_bytes(bytes(byte384), vcek, VerifyOptions(now=TRUSTEE_NOW))
     assert failed(bad) == {"snp.signature", "snp.vcek.tcb"}
 
 
@@ -115,7 +118,7 @@ def test_trustee_report_verifies_and_tampering_fails(evidence_dir: Path) -> None
 )
 def test_foreign_vceks_fail_the_signature(evidence_dir: Path, foreign: str) -> None:
     _, verdict = verify_snp_bytes(
-        _files(evidence_dir)["trustee"], certs(evidence_dir, foreign), now=TRUSTEE_NOW
+        _files(evidence_dir)["trustee"], certs(evidence_dir, foreign), VerifyOptions(now=TRUSTEE_NOW)
     )
     assert status(verdict, "snp.signature") is CheckStatus.FAIL
     assert not verdict.ok
@@ -123,26 +126,31 @@ def test_foreign_vceks_fail_the_signature(evidence_dir: Path, foreign: str) -> N
 
 def test_turin_vcek_chains_to_the_turin_ark(evidence_dir: Path) -> None:
     for extra in ((), ("virtee-sev/cert_chain_turin",), ("go-sev-guest/ask_ark_turin_vcek.pem",)):
-        verdict = verify_amd_chain(certs(evidence_dir, "virtee-sev/vcek_turin.der", *extra), now=TURIN_NOW)
+        verdict = verify_amd_chain(
+            certs(evidence_dir, "virtee-sev/vcek_turin.der", *extra), VerifyOptions(now=TURIN_NOW)
+        )
         assert verdict.ok, verdict.table()
         assert "ARK-Turin" in (verdict.get("snp.chain.ark") or pytest.fail()).detail
     wrong = verify_amd_chain(
-        certs(evidence_dir, "virtee-sev/vcek_turin.der", "go-sev-guest/ask_ark_milan.pem"), now=TURIN_NOW
+        certs(evidence_dir, "virtee-sev/vcek_turin.der", "go-sev-guest/ask_ark_milan.pem"),
+        VerifyOptions(now=TURIN_NOW),
     )
     assert failed(wrong) == {"snp.chain.ark", "snp.chain.ask", "snp.chain.leaf"}
     assert not verify_amd_chain(
-        certs(evidence_dir, "virtee-sev/vcek_turin.der"), now=TURIN_NOW, product="Genoa"
+        certs(evidence_dir, "virtee-sev/vcek_turin.der"), VerifyOptions(now=TURIN_NOW), product="Genoa"
     ).ok
 
 
 def test_genoa_vcek_chains_to_the_genoa_ark(evidence_dir: Path) -> None:
     vcek = certs(evidence_dir, "trustee-az-snp-vtpm/vcek-genoa.pem")
     for extra in ((), certs(evidence_dir, "go-sev-guest/ask_ark_genoa.pem")):
-        verdict = verify_amd_chain([*vcek, *extra], now=GENOA_NOW)
+        verdict = verify_amd_chain([*vcek, *extra], VerifyOptions(now=GENOA_NOW))
         assert verdict.ok, verdict.table()
         assert "ARK-Genoa" in (verdict.get("snp.chain.ark") or pytest.fail()).detail
-    assert failed(verify_amd_chain(vcek, now=LATE)) == {"snp.chain.validity"}
-    assert failed(verify_amd_chain(vcek, now=datetime(2025, 1, 1, tzinfo=UTC))) == {"snp.chain.validity"}
+    assert failed(verify_amd_chain(vcek, VerifyOptions(now=LATE))) == {"snp.chain.validity"}
+    assert failed(verify_amd_chain(vcek, VerifyOptions(now=datetime(2025, 1, 1, tzinfo=UTC)))) == {
+        "snp.chain.validity"
+    }
 
 
 @pytest.mark.parametrize(
@@ -158,12 +166,12 @@ def test_validity_window_is_enforced(
 ) -> None:
     raw = _files(evidence_dir)[key]
     chain = certs(evidence_dir, report_cert)
-    assert verify_snp_bytes(raw, chain, now=inside)[1].ok
+    assert verify_snp_bytes(raw, chain, VerifyOptions(now=inside))[1].ok
     for outside in (LATE, datetime(2019, 1, 1, tzinfo=UTC)):
-        _, verdict = verify_snp_bytes(raw, chain, now=outside)
+        _, verdict = verify_snp_bytes(raw, chain, VerifyOptions(now=outside))
         assert failed(verdict) == {"snp.chain.validity"}, verdict.table()
     with pytest.raises(MalformedInputError, match="timezone"):
-        verify_snp_bytes(raw, chain, now=datetime(2024, 1, 1))
+        verify_snp_bytes(raw, chain, VerifyOptions(now=datetime(2024, 1, 1)))
 
 
 def test_every_byte_of_the_signed_region_is_covered(evidence_dir: Path) -> None:
@@ -172,7 +180,7 @@ def test_every_byte_of_the_signed_region_is_covered(evidence_dir: Path) -> None:
     for offset in range(0x2A0):
         tampered = bytearray(raw)
         tampered[offset] ^= 0x01
-        _, verdict = verify_snp_bytes(bytes(tampered), chain, now=VIRTEE_NOW)
+        _, verdict = verify_snp_bytes(bytes(tampered), chain, VerifyOptions(now=VIRTEE_NOW))
         assert status(verdict, "snp.signature") is CheckStatus.FAIL, hex(offset)
 
 
@@ -186,7 +194,7 @@ def test_tamper_anywhere_fails_the_signature(evidence_dir: Path, key: str, offse
     chain = {"gsg": "go-sev-guest/vcek.testcer", "trustee": "trustee/test-vcek.der"}[key]
     tampered = bytearray(_files(evidence_dir)[key])
     tampered[offset] ^= mask
-    _, verdict = verify_snp_bytes(bytes(tampered), certs(evidence_dir, chain), now=TRUSTEE_NOW)
+    _, verdict = verify_snp_bytes(bytes(tampered), certs(evidence_dir, chain), VerifyOptions(now=TRUSTEE_NOW))
     assert status(verdict, "snp.signature") is CheckStatus.FAIL
 
 
@@ -194,7 +202,7 @@ def test_bundled_ark_must_be_the_pinned_one(evidence_dir: Path) -> None:
     report = parse_snp_report(_files(evidence_dir)["gsg"])
     genoa_ark = certs(evidence_dir, "go-sev-guest/ask_ark_genoa.pem")[1]
     chain = [*certs(evidence_dir, "go-sev-guest/vcek.testcer", "go-sev-guest/milan.testcer")[:2], genoa_ark]
-    verdict = verify_snp(report, chain, now=GSG_NOW)
+    verdict = verify_snp(report, chain, VerifyOptions(now=GSG_NOW))
     assert status(verdict, "snp.chain.ark") is CheckStatus.FAIL
 
 
@@ -202,7 +210,7 @@ def test_real_report_against_a_caller_root_needs_that_root(evidence_dir: Path) -
     report = parse_snp_report(_files(evidence_dir)["gsg"])
     fake = make_fake_amd()
     chain = certs(evidence_dir, "go-sev-guest/vcek.testcer", "go-sev-guest/milan.testcer")
-    verdict = verify_snp(report, chain[:2], trusted_roots=[fake.ark], now=GSG_NOW)
+    verdict = verify_snp(report, chain[:2], VerifyOptions(now=GSG_NOW, trusted_roots=(fake.ark,)))
     assert status(verdict, "snp.chain.ark") is CheckStatus.FAIL
     assert status(verdict, "snp.signature") is CheckStatus.PASS  # the signature alone is not trust
     assert not verdict.ok
@@ -211,28 +219,34 @@ def test_real_report_against_a_caller_root_needs_that_root(evidence_dir: Path) -
 def test_product_disagreement_fails(evidence_dir: Path) -> None:
     report = parse_snp_report(_files(evidence_dir)["gsg"])
     verdict = verify_snp(
-        report, certs(evidence_dir, "go-sev-guest/vcek.testcer"), now=GSG_NOW, product="Genoa"
+        report, certs(evidence_dir, "go-sev-guest/vcek.testcer"), VerifyOptions(now=GSG_NOW), product="Genoa"
     )
     assert status(verdict, "snp.product") is CheckStatus.FAIL
     # go-sev-guest: the same report with product stepping B1 expected fails.
     stepping = verify_snp(
-        report, certs(evidence_dir, "go-sev-guest/vcek.testcer"), now=GSG_NOW, product="Milan-B1"
+        report,
+        certs(evidence_dir, "go-sev-guest/vcek.testcer"),
+        VerifyOptions(now=GSG_NOW),
+        product="Milan-B1",
     )
     assert failed(stepping) == {"snp.vcek.product"}
     assert verify_snp(
-        report, certs(evidence_dir, "go-sev-guest/vcek.testcer"), now=GSG_NOW, product="Milan-B0"
+        report,
+        certs(evidence_dir, "go-sev-guest/vcek.testcer"),
+        VerifyOptions(now=GSG_NOW),
+        product="Milan-B0",
     ).ok
     with_bad_name = verify_snp(
-        report, certs(evidence_dir, "go-sev-guest/vcek.testcer"), now=GSG_NOW, product="Rome"
+        report, certs(evidence_dir, "go-sev-guest/vcek.testcer"), VerifyOptions(now=GSG_NOW), product="Rome"
     )
     assert status(with_bad_name, "snp.product") is CheckStatus.FAIL
 
 
 def test_no_certificates(evidence_dir: Path) -> None:
     report = parse_snp_report(_files(evidence_dir)["gsg"])
-    verdict = verify_snp(report, [], now=GSG_NOW)
+    verdict = verify_snp(report, [], VerifyOptions(now=GSG_NOW))
     assert {"snp.chain.leaf", "snp.signature"} <= failed(verdict)
-    _, unparsed = verify_snp_bytes(b"\0" * 10, [], now=GSG_NOW)
+    _, unparsed = verify_snp_bytes(b"\0" * 10, [], VerifyOptions(now=GSG_NOW))
     assert failed(unparsed) == {"snp.report.parse", "snp.signature"}
 
 
@@ -250,16 +264,23 @@ def fake() -> FakeAmd:
 def test_fake_vcek_report_passes_with_caller_root(fake: FakeAmd) -> None:
     key, vcek = fake.leaf(MILAN_TCB, hwid_octet_string=True)
     report = signed_report(key, version=3, reported_tcb=MILAN_TCB, chip_id=bytes(range(64)))
-    verdict = verify_snp(report, [vcek, fake.ask, fake.ark], trusted_roots=[fake.ark], now=INSIDE)
+    verdict = verify_snp(
+        report, [vcek, fake.ask, fake.ark], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,))
+    )
     assert verdict.ok, verdict.table()
     assert "caller-trusted" in (verdict.get("snp.chain.ark") or pytest.fail()).detail
     # Without the intermediate there is nothing pinned to fall back on for a caller root.
     assert (
-        status(verify_snp(report, [vcek], trusted_roots=[fake.ark], now=INSIDE), "snp.chain.ask")
+        status(
+            verify_snp(report, [vcek], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,))), "snp.chain.ask"
+        )
         is CheckStatus.FAIL
     )
     # With the default (pinned AMD) roots the fake chain is refused.
-    assert status(verify_snp(report, [vcek, fake.ask], now=INSIDE), "snp.chain.ark") is CheckStatus.FAIL
+    assert (
+        status(verify_snp(report, [vcek, fake.ask], VerifyOptions(now=INSIDE)), "snp.chain.ark")
+        is CheckStatus.FAIL
+    )
 
 
 def test_fake_turin_report_with_8_byte_hwid(fake: FakeAmd) -> None:
@@ -273,38 +294,38 @@ def test_fake_turin_report_with_8_byte_hwid(fake: FakeAmd) -> None:
         reported_tcb=TURIN_TCB,
         chip_id=b"\x5a" * 8 + bytes(56),
     )
-    verdict = verify_snp(report, [vcek, turin.ask], trusted_roots=[turin.ark], now=INSIDE)
+    verdict = verify_snp(report, [vcek, turin.ask], VerifyOptions(now=INSIDE, trusted_roots=(turin.ark,)))
     assert verdict.ok, verdict.table()
     other_chip = dataclasses.replace(report, chip_id=b"\x5b" * 8 + bytes(56))
-    bad = verify_snp(other_chip, [vcek, turin.ask], trusted_roots=[turin.ark], now=INSIDE)
+    bad = verify_snp(other_chip, [vcek, turin.ask], VerifyOptions(now=INSIDE, trusted_roots=(turin.ark,)))
     assert {"snp.vcek.hwid", "snp.signature"} <= failed(bad)
 
 
 def test_fake_vlek_report(fake: FakeAmd) -> None:
     key, vlek = fake.leaf(MILAN_TCB, hwid=None, csp_id="Contoso")
     report = signed_report(key, version=3, reported_tcb=MILAN_TCB, signing_key=SigningKey.VLEK)
-    verdict = verify_snp(report, [vlek, fake.asvk], trusted_roots=[fake.ark], now=INSIDE)
+    verdict = verify_snp(report, [vlek, fake.asvk], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
     assert verdict.ok, verdict.table()
     assert status(verdict, "snp.vcek.hwid") is CheckStatus.SKIP
     # A report claiming the VCEK signed it, verified with a VLEK: kinds disagree.
     as_vcek = signed_report(key, version=3, reported_tcb=MILAN_TCB, signing_key=SigningKey.VCEK)
     assert "snp.vcek.signing_key" in failed(
-        verify_snp(as_vcek, [vlek, fake.asvk], trusted_roots=[fake.ark], now=INSIDE)
+        verify_snp(as_vcek, [vlek, fake.asvk], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
     )
     # A VLEK presented with the ASK (not the ASVK) does not chain.
     assert "snp.chain.leaf" in failed(
-        verify_snp(report, [vlek, fake.ask], trusted_roots=[fake.ark], now=INSIDE)
+        verify_snp(report, [vlek, fake.ask], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
     )
 
 
 def test_fake_masked_chip_id_and_unsigned_report(fake: FakeAmd) -> None:
     key, vcek = fake.leaf(MILAN_TCB)
     masked = signed_report(key, version=3, reported_tcb=MILAN_TCB, mask_chip_key=True)
-    verdict = verify_snp(masked, [vcek, fake.ask], trusted_roots=[fake.ark], now=INSIDE)
+    verdict = verify_snp(masked, [vcek, fake.ask], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
     assert verdict.ok and status(verdict, "snp.vcek.hwid") is CheckStatus.SKIP
     unsigned = signed_report(key, version=3, reported_tcb=MILAN_TCB, signing_key=SigningKey.NONE)
     assert "snp.vcek.signing_key" in failed(
-        verify_snp(unsigned, [vcek, fake.ask], trusted_roots=[fake.ark], now=INSIDE)
+        verify_snp(unsigned, [vcek, fake.ask], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
     )
 
 
@@ -312,7 +333,7 @@ def test_fake_tcb_mismatch(fake: FakeAmd) -> None:
     key, vcek = fake.leaf(MILAN_TCB)
     newer = TcbVersion.from_parts(bootloader=4, tee=0, snp=23, microcode=213)
     report = signed_report(key, version=3, reported_tcb=newer, chip_id=bytes(range(64)))
-    verdict = verify_snp(report, [vcek, fake.ask], trusted_roots=[fake.ark], now=INSIDE)
+    verdict = verify_snp(report, [vcek, fake.ask], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
     assert failed(verdict) == {"snp.vcek.tcb"}
 
 
@@ -323,13 +344,15 @@ def test_chain_links_must_be_pss_sha384_salt_48(fake: FakeAmd) -> None:
     salt32 = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=32)
     for pad in (salt32, padding.PKCS1v15()):
         ask = issue("SEV-Milan", fake.ark.subject, ask_key.public_key(), ark_key, ca=True, pss=pad)
-        verdict = verify_snp(report, [vcek, ask], trusted_roots=[fake.ark], now=INSIDE)
+        verdict = verify_snp(report, [vcek, ask], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
         assert failed(verdict) == {"snp.chain.ask"}, verdict.table()
     not_ca = issue("SEV-Milan", fake.ark.subject, ask_key.public_key(), ark_key, ca=False)
-    assert failed(verify_snp(report, [vcek, not_ca], trusted_roots=[fake.ark], now=INSIDE)) == {
-        "snp.chain.ask"
-    }
-    too_many = verify_snp(report, [vcek, fake.ask, fake.ark, fake.ark], trusted_roots=[fake.ark], now=INSIDE)
+    assert failed(
+        verify_snp(report, [vcek, not_ca], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
+    ) == {"snp.chain.ask"}
+    too_many = verify_snp(
+        report, [vcek, fake.ask, fake.ark, fake.ark], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,))
+    )
     assert "snp.chain.ark" in failed(too_many)
 
 
@@ -338,7 +361,7 @@ def test_leaf_key_must_be_p384(fake: FakeAmd) -> None:
     leaf = issue("SEV-VCEK", fake.ask.subject, p256.public_key(), rsa_key(1), ca=False)
     key, _ = fake.leaf(MILAN_TCB)
     report = signed_report(key, version=3, reported_tcb=MILAN_TCB)
-    verdict = verify_snp(report, [leaf, fake.ask], trusted_roots=[fake.ark], now=INSIDE)
+    verdict = verify_snp(report, [leaf, fake.ask], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
     assert {"snp.signature", "snp.chain.leaf"} <= failed(verdict)
     assert "snp.vcek.tcb" in failed(verdict)  # no AMD extensions at all
 
@@ -348,9 +371,11 @@ def test_trusted_roots_sharing_a_name(fake: FakeAmd) -> None:
     report = signed_report(key, version=3, reported_tcb=MILAN_TCB, chip_id=bytes(range(64)))
     impostor_key = rsa_key(4)
     impostor = issue("ARK-Milan", fake.ark.subject, impostor_key.public_key(), impostor_key, ca=True)
-    verdict = verify_snp(report, [vcek, fake.ask], trusted_roots=[impostor, fake.ark], now=INSIDE)
+    verdict = verify_snp(
+        report, [vcek, fake.ask], VerifyOptions(now=INSIDE, trusted_roots=(impostor, fake.ark))
+    )
     assert verdict.ok, verdict.table()
-    only_impostor = verify_snp(report, [vcek, fake.ask], trusted_roots=[impostor], now=INSIDE)
+    only_impostor = verify_snp(report, [vcek, fake.ask], VerifyOptions(now=INSIDE, trusted_roots=(impostor,)))
     assert failed(only_impostor) == {"snp.chain.ask"}
 
 
@@ -381,7 +406,8 @@ def test_crl(fake: FakeAmd) -> None:
 
     def crl_status(crl: x509.CertificateRevocationList) -> CheckStatus:
         return status(
-            verify_snp(report, chain, trusted_roots=[fake.ark], now=INSIDE, crl=crl), "snp.chain.crl"
+            verify_snp(report, chain, VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)), crl=crl),
+            "snp.chain.crl",
         )
 
     assert crl_status(_crl(fake.ark.subject, [99])) is CheckStatus.PASS

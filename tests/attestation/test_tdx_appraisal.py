@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from cryptography import x509
 
+from veil.attestation.options import VerifyOptions
 from veil.attestation.tdx.fetch import pck_ca_of
 from veil.attestation.tdx.quote import parse_tdx_quote
 from veil.attestation.tdx.validate import TdxPolicy, validate_tdx
@@ -44,7 +45,9 @@ def intel() -> FakeIntel:
 def run(intel: FakeIntel, quote_kw: dict[str, object] | None = None, **collateral_kw: object) -> Verdict:
     raw, _ = intel.quote(**(quote_kw or {}))  # type: ignore[arg-type]
     collateral = intel.collateral(**collateral_kw)  # type: ignore[arg-type]
-    return verify_tdx(parse_tdx_quote(raw), collateral=collateral, now=NOW, trusted_root=intel.root)
+    return verify_tdx(
+        parse_tdx_quote(raw), VerifyOptions(now=NOW, trusted_roots=(intel.root,)), collateral=collateral
+    )
 
 
 def test_baseline_up_to_date(intel: FakeIntel) -> None:
@@ -56,7 +59,7 @@ def test_baseline_up_to_date(intel: FakeIntel) -> None:
 
 def test_fake_root_is_not_intel(intel: FakeIntel) -> None:
     raw, _ = intel.quote()
-    v = verify_tdx(parse_tdx_quote(raw), collateral=intel.collateral(), now=NOW)
+    v = verify_tdx(parse_tdx_quote(raw), VerifyOptions(now=NOW), collateral=intel.collateral())
     assert status(v, "tdx.pck.chain") is CheckStatus.FAIL
     assert status(v, "tdx.collateral.tcb_info") is CheckStatus.FAIL
     assert status(v, "tdx.tcb.dcap_qvl") is CheckStatus.PASS  # dcap-qvl with Intel's root rejects too
@@ -180,13 +183,21 @@ def test_revoked_pck_leaf_and_ca() -> None:
     intel = FakeIntel(NOW)
     raw, leaf = intel.quote()
     intel.revoked_pck.append(leaf.serial_number)
-    v = verify_tdx(parse_tdx_quote(raw), collateral=intel.collateral(), now=NOW, trusted_root=intel.root)
+    v = verify_tdx(
+        parse_tdx_quote(raw),
+        VerifyOptions(now=NOW, trusted_roots=(intel.root,)),
+        collateral=intel.collateral(),
+    )
     assert [c.name for c in v.failed] == ["tdx.pck.crl"]
     assert "revoked" in v.failed[0].detail
     assert status(v, "tdx.tcb.dcap_qvl") is CheckStatus.PASS  # dcap-qvl rejects too
     intel.revoked_pck.clear()
     intel.revoked_by_root.append(intel.pck_ca.serial_number)
-    v = verify_tdx(parse_tdx_quote(raw), collateral=intel.collateral(), now=NOW, trusted_root=intel.root)
+    v = verify_tdx(
+        parse_tdx_quote(raw),
+        VerifyOptions(now=NOW, trusted_roots=(intel.root,)),
+        collateral=intel.collateral(),
+    )
     assert "tdx.pck.crl" in {c.name for c in v.failed}
     assert "root CA CRL" in detail(v, "tdx.pck.crl")
 
@@ -196,21 +207,21 @@ def test_processor_ca_chain() -> None:
     raw, _ = intel.quote()
     q = parse_tdx_quote(raw)
     assert pck_ca_of(q) == "processor"
-    v = verify_tdx(q, collateral=intel.collateral(), now=NOW, trusted_root=intel.root)
+    v = verify_tdx(q, VerifyOptions(now=NOW, trusted_roots=(intel.root,)), collateral=intel.collateral())
     assert v.ok, v.table()
 
 
 def test_wrong_intermediate_name_fails_chain() -> None:
     intel = FakeIntel(NOW, ca_name="Some Other CA")
     raw, _ = intel.quote()
-    v = verify_tdx(parse_tdx_quote(raw), collateral=None, now=NOW, trusted_root=intel.root)
+    v = verify_tdx(parse_tdx_quote(raw), VerifyOptions(now=NOW, trusted_roots=(intel.root,)), collateral=None)
     assert status(v, "tdx.pck.chain") is CheckStatus.FAIL
 
 
 def test_debug_td_is_left_to_policy(intel: FakeIntel) -> None:
     raw, _ = intel.quote(td_attributes=1 | 1 << 28)
     q = parse_tdx_quote(raw)
-    v = verify_tdx(q, collateral=intel.collateral(), now=NOW, trusted_root=intel.root)
+    v = verify_tdx(q, VerifyOptions(now=NOW, trusted_roots=(intel.root,)), collateral=intel.collateral())
     assert v.ok and tcb_status_of(v) == "UpToDate"
     assert status(v, "tdx.tcb.dcap_qvl") is CheckStatus.SKIP  # dcap-qvl refuses debug TDs itself
     p = validate_tdx(q, TdxPolicy(), tcb_status=tcb_status_of(v))
@@ -228,13 +239,17 @@ def test_collateral_expired_and_not_yet_valid(intel: FakeIntel) -> None:
     raw, _ = intel.quote()
     c = intel.collateral()
     late = verify_tdx(
-        parse_tdx_quote(raw), collateral=c, now=NOW + timedelta(days=40), trusted_root=intel.root
+        parse_tdx_quote(raw),
+        VerifyOptions(now=NOW + timedelta(days=40), trusted_roots=(intel.root,)),
+        collateral=c,
     )
     assert {"tdx.collateral.tcb_info", "tdx.collateral.qe_identity", "tdx.pck.crl"} <= {
         x.name for x in late.failed
     }
     early = verify_tdx(
-        parse_tdx_quote(raw), collateral=c, now=NOW - timedelta(days=3), trusted_root=intel.root
+        parse_tdx_quote(raw),
+        VerifyOptions(now=NOW - timedelta(days=3), trusted_roots=(intel.root,)),
+        collateral=c,
     )
     assert "tdx.collateral.tcb_info" in {x.name for x in early.failed}
 
@@ -243,7 +258,7 @@ def test_tcb_signer_from_the_wrong_root(intel: FakeIntel) -> None:
     other = FakeIntel(NOW)
     raw, _ = intel.quote()
     c = other.collateral()
-    v = verify_tdx(parse_tdx_quote(raw), collateral=c, now=NOW, trusted_root=intel.root)
+    v = verify_tdx(parse_tdx_quote(raw), VerifyOptions(now=NOW, trusted_roots=(intel.root,)), collateral=c)
     assert status(v, "tdx.collateral.tcb_info") is CheckStatus.FAIL
     assert status(v, "tdx.pck.crl") is CheckStatus.FAIL
     assert isinstance(c.tcb_info_issuer_chain[0], x509.Certificate)

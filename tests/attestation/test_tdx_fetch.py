@@ -14,6 +14,7 @@ import pytest
 
 from veil.attestation.collateral import CollateralStore, Endpoints, quote_chain
 from veil.attestation.errors import CollateralError
+from veil.attestation.options import VerifyOptions
 from veil.attestation.tdx.collateral import dump_collateral, load_collateral
 from veil.attestation.tdx.fetch import fetch_tdx_collateral, pck_ca_of
 from veil.attestation.tdx.quote import TdxQuote, parse_tdx_quote
@@ -104,7 +105,7 @@ def test_fetched_collateral_verifies_and_is_cached(pcs: IntelPcs, quote: TdxQuot
         again = fetch_tdx_collateral(store_for(pcs, tmp_path, client), quote)
         assert len(pcs.hits) == 4  # all four items came from the on-disk cache
     assert again.tcb_info_json == collateral.tcb_info_json
-    v = verify_tdx(quote, collateral=collateral, now=datetime(2023, 7, 1, tzinfo=UTC))
+    v = verify_tdx(quote, VerifyOptions(now=datetime(2023, 7, 1, tzinfo=UTC)), collateral=collateral)
     for name in (
         "tdx.pck.crl",
         "tdx.collateral.tcb_info",
@@ -145,4 +146,6 @@ def test_fetched_collateral_saved_for_offline_use(pcs: IntelPcs, quote: TdxQuote
     assert loaded.tcb_info_json == fetched.tcb_info_json
     assert loaded.pck_crl_der == fetched.pck_crl_der
     now = datetime(2023, 7, 1, tzinfo=UTC)
-    assert verify_tdx(quote, collateral=loaded, now=now) == verify_tdx(quote, collateral=fetched, now=now)
+    assert verify_tdx(quote, VerifyOptions(now=now), collateral=loaded) == verify_tdx(
+        quote, VerifyOptions(now=now), collateral=fetched
+    )

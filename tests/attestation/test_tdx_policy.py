@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from veil.attestation.errors import MalformedInputError
+from veil.attestation.options import VerifyOptions
 from veil.attestation.tdx.collateral import load_collateral
 from veil.attestation.tdx.quote import TdxQuote, parse_tdx_quote
 from veil.attestation.tdx.validate import TdxPolicy, validate_tdx
@@ -49,7 +50,7 @@ def exact_policy(q: TdxQuote, **kw: object) -> TdxPolicy:
 
 def test_verify_then_validate_the_real_quote(evidence_dir: Path, quote: TdxQuote) -> None:
     collateral = load_collateral((evidence_dir / "tdx/dcap-qvl/tdx_quote_collateral.json").read_bytes())
-    verified = verify_tdx(quote, collateral=collateral, now=datetime(2025, 7, 1, tzinfo=UTC))
+    verified = verify_tdx(quote, VerifyOptions(now=datetime(2025, 7, 1, tzinfo=UTC)), collateral=collateral)
     v = validate_tdx(
         quote,
         exact_policy(quote),
@@ -118,7 +119,7 @@ def test_changed_field_fails_named_check_and_signature(
     tampered = _tamper(raw, offset, 0x40)
     v = validate_tdx(tampered, exact_policy(quote), tcb_status="UpToDate")
     assert [c.name for c in v.failed] == [check]
-    verified = verify_tdx(tampered, collateral=None, now=datetime(2025, 7, 1, tzinfo=UTC))
+    verified = verify_tdx(tampered, VerifyOptions(now=datetime(2025, 7, 1, tzinfo=UTC)), collateral=None)
     assert status(verified, "tdx.ak.signature") is CheckStatus.FAIL
 
 
@@ -130,7 +131,8 @@ def test_debug_attribute_fails_policy_debug(raw: bytes, quote: TdxQuote) -> None
     allowed = validate_tdx(debug, exact_policy(quote, allow_debug=True), tcb_status="UpToDate")
     assert status(allowed, "policy.debug") is CheckStatus.PASS
     assert status(
-        verify_tdx(debug, collateral=None, now=datetime(2025, 7, 1, tzinfo=UTC)), "tdx.ak.signature"
+        verify_tdx(debug, VerifyOptions(now=datetime(2025, 7, 1, tzinfo=UTC)), collateral=None),
+        "tdx.ak.signature",
     ) is (CheckStatus.FAIL)
 
 

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from veil.attestation.errors import MalformedInputError, VeilAttestationError
+from veil.attestation.options import VerifyOptions
 from veil.attestation.tdx.collateral import (
     TdxCollateral,
     collateral_from_pcs,
@@ -112,7 +113,7 @@ NO_COLLATERAL = [
 
 @pytest.mark.parametrize(("path", "now"), NO_COLLATERAL)
 def test_signatures_and_chain_verify(tdx: Path, path: str, now: str) -> None:
-    v = verify_tdx(read_quote(tdx / path), collateral=None, now=at(now))
+    v = verify_tdx(read_quote(tdx / path), VerifyOptions(now=at(now)), collateral=None)
     assert v.ok, v.table()
     for name in SIGNATURE_CHECKS:
         assert status(v, name) is CheckStatus.PASS, name
@@ -131,7 +132,7 @@ def test_signatures_and_chain_verify(tdx: Path, path: str, now: str) -> None:
     ],
 )
 def test_chain_validity_outside_window_fails(tdx: Path, path: str, now: str) -> None:
-    v = verify_tdx(read_quote(tdx / path), collateral=None, now=at(now))
+    v = verify_tdx(read_quote(tdx / path), VerifyOptions(now=at(now)), collateral=None)
     assert not v.ok
     assert [c.name for c in v.failed] == ["tdx.pck.validity"]
     assert status(v, "tdx.ak.signature") is CheckStatus.PASS
@@ -140,13 +141,15 @@ def test_chain_validity_outside_window_fails(tdx: Path, path: str, now: str) -> 
 def test_now_must_be_timezone_aware(tdx: Path) -> None:
     q = read_quote(tdx / "dcap-qvl/tdx_quote")
     with pytest.raises(MalformedInputError):
-        verify_tdx(q, collateral=None, now=datetime(2025, 7, 1))
+        verify_tdx(q, VerifyOptions(now=datetime(2025, 7, 1)), collateral=None)
 
 
 def test_foreign_root_fails_the_chain(tdx: Path, evidence_dir: Path) -> None:
     amd = x509.load_pem_x509_certificates((evidence_dir / "snp/go-sev-guest/milan.testcer").read_bytes())[-1]
     v = verify_tdx(
-        read_quote(tdx / "dcap-qvl/tdx_quote"), collateral=None, now=at("2025-07-01"), trusted_root=amd
+        read_quote(tdx / "dcap-qvl/tdx_quote"),
+        VerifyOptions(now=at("2025-07-01"), trusted_roots=(amd,)),
+        collateral=None,
     )
     assert status(v, "tdx.pck.chain") is CheckStatus.FAIL
     assert "not the pinned" in (v.get("tdx.pck.chain") or v.checks[0]).detail
@@ -158,8 +161,8 @@ def test_foreign_root_fails_the_chain(tdx: Path, evidence_dir: Path) -> None:
 def test_dcap_tdx_quote_is_up_to_date(tdx: Path) -> None:
     v = verify_tdx(
         read_quote(tdx / "dcap-qvl/tdx_quote"),
+        VerifyOptions(now=at("2025-07-01")),
         collateral=dcap(tdx, "tdx_quote_collateral.json"),
-        now=at("2025-07-01"),
     )
     assert v.ok, v.table()
     assert all(c.status is CheckStatus.PASS for c in v.checks), v.table()
@@ -171,8 +174,8 @@ def test_dcap_tdx_quote_is_up_to_date(tdx: Path) -> None:
 def test_dcap_tdx_quote_outdated_has_no_matching_tcb_level(tdx: Path) -> None:
     v = verify_tdx(
         read_quote(tdx / "dcap-qvl/tdx_quote_outdated"),
+        VerifyOptions(now=at("2026-03-01")),
         collateral=dcap(tdx, "tdx_quote_outdated_collateral.json"),
-        now=at("2026-03-01"),
     )
     assert not v.ok
     assert [c.name for c in v.failed] == ["tdx.tcb.status"]
@@ -184,8 +187,8 @@ def test_dcap_tdx_quote_outdated_has_no_matching_tcb_level(tdx: Path) -> None:
 def test_near_quote_is_up_to_date(tdx: Path) -> None:
     v = verify_tdx(
         read_quote(tdx / "dcap-qvl/near_quote_hex.txt"),
+        VerifyOptions(now=at("2025-09-10")),
         collateral=dcap(tdx, "near_quote_collateral.json"),
-        now=at("2025-09-10"),
     )
     assert v.ok, v.table()
     assert tcb_status_of(v) == "UpToDate"
@@ -196,8 +199,8 @@ def test_v5_sample_with_90c06f_collateral_is_up_to_date(tdx: Path) -> None:
     """SOURCES.tsv: quote_v5_sample + FMSPC 90c06f collateral -> UpToDate (TDX module TDX_01 path)."""
     v = verify_tdx(
         read_quote(tdx / "go-tdx-guest/quote_v5_sample.dat"),
+        VerifyOptions(now=at("2026-03-01")),
         collateral=dcap(tdx, "tdx_quote_outdated_collateral.json"),
-        now=at("2026-03-01"),
     )
     assert v.ok, v.table()
     assert tcb_status_of(v) == "UpToDate"
@@ -218,7 +221,11 @@ def test_v5_sample_with_go_tdx_guest_tcb_info_v5(tdx: Path) -> None:
         pck_crl_issuer_chain=month["pck_crl_issuer_chain"],
         root_ca_crl=bytes.fromhex(month["root_ca_crl"]),
     )
-    v = verify_tdx(read_quote(tdx / "go-tdx-guest/quote_v5_sample.dat"), collateral=c, now=at("2026-02-20"))
+    v = verify_tdx(
+        read_quote(tdx / "go-tdx-guest/quote_v5_sample.dat"),
+        VerifyOptions(now=at("2026-02-20")),
+        collateral=c,
+    )
     assert status(v, "tdx.collateral.tcb_info") is CheckStatus.PASS, v.table()
     # The QE identity was re-serialised above, so its signature must no longer verify:
     assert status(v, "tdx.collateral.qe_identity") is CheckStatus.FAIL
@@ -242,7 +249,11 @@ def test_v5_sample_tcb_info_v5_with_exact_qe_identity(tdx: Path) -> None:
         pck_crl_issuer_chain=month["pck_crl_issuer_chain"],
         root_ca_crl=bytes.fromhex(month["root_ca_crl"]),
     )
-    v = verify_tdx(read_quote(tdx / "go-tdx-guest/quote_v5_sample.dat"), collateral=c, now=at("2026-02-20"))
+    v = verify_tdx(
+        read_quote(tdx / "go-tdx-guest/quote_v5_sample.dat"),
+        VerifyOptions(now=at("2026-02-20")),
+        collateral=c,
+    )
     assert v.ok, v.table()
     assert tcb_status_of(v) == "UpToDate"
     assert status(v, "tdx.tcb.dcap_qvl") is CheckStatus.PASS
@@ -254,8 +265,8 @@ def test_go_tdx_guest_pcs_collateral_matches_spr_e4(tdx: Path, go_pcs_collateral
     dcap-qvl also finds (go-tdx-guest's own test lowers the levels to make it match)."""
     v = verify_tdx(
         read_quote(tdx / "go-tdx-guest/tdx_prod_quote_SPR_E4.dat"),
+        VerifyOptions(now=at("2023-07-01")),
         collateral=go_pcs_collateral,
-        now=at("2023-07-01"),
     )
     for name in (
         *SIGNATURE_CHECKS,
@@ -287,7 +298,9 @@ def test_go_tdx_guest_collateral_windows(
     tdx: Path, go_pcs_collateral: TdxCollateral, now: str, failing: set[str]
 ) -> None:
     v = verify_tdx(
-        read_quote(tdx / "go-tdx-guest/tdx_prod_quote_SPR_E4.dat"), collateral=go_pcs_collateral, now=at(now)
+        read_quote(tdx / "go-tdx-guest/tdx_prod_quote_SPR_E4.dat"),
+        VerifyOptions(now=at(now)),
+        collateral=go_pcs_collateral,
     )
     failed = {c.name for c in v.failed} - {"tdx.tcb.status"}
     assert failed == failing, v.table()
@@ -297,7 +310,9 @@ def test_go_tdx_guest_collateral_windows(
 def test_collateral_outside_window_rejected_today(tdx: Path) -> None:
     today = datetime(2026, 11, 22, tzinfo=UTC)
     v = verify_tdx(
-        read_quote(tdx / "dcap-qvl/tdx_quote"), collateral=dcap(tdx, "tdx_quote_collateral.json"), now=today
+        read_quote(tdx / "dcap-qvl/tdx_quote"),
+        VerifyOptions(now=today),
+        collateral=dcap(tdx, "tdx_quote_collateral.json"),
     )
     assert not v.ok
     assert status(v, "tdx.collateral.tcb_info") is CheckStatus.FAIL
@@ -308,8 +323,8 @@ def test_collateral_outside_window_rejected_today(tdx: Path) -> None:
 def test_wrong_fmspc_collateral_fails(tdx: Path) -> None:
     v = verify_tdx(
         read_quote(tdx / "dcap-qvl/tdx_quote"),
+        VerifyOptions(now=at("2025-09-10")),
         collateral=dcap(tdx, "near_quote_collateral.json"),
-        now=at("2025-09-10"),
     )
     assert status(v, "tdx.collateral.fmspc") is CheckStatus.FAIL
     assert status(v, "tdx.tcb.status") is CheckStatus.FAIL
@@ -317,9 +332,11 @@ def test_wrong_fmspc_collateral_fails(tdx: Path) -> None:
 
 
 def test_collateral_only_verification(tdx: Path, go_pcs_collateral: TdxCollateral) -> None:
-    v = verify_tdx_collateral(go_pcs_collateral, now=at("2023-07-01"))
+    v = verify_tdx_collateral(go_pcs_collateral, VerifyOptions(now=at("2023-07-01")))
     assert v.ok and [c.name for c in v.checks] == ["tdx.collateral.tcb_info", "tdx.collateral.qe_identity"]
-    assert not verify_tdx_collateral(go_pcs_collateral, now=at("2025-06-01")).ok  # TCB signing cert expired
+    assert not verify_tdx_collateral(
+        go_pcs_collateral, VerifyOptions(now=at("2025-06-01"))
+    ).ok  # TCB signing cert expired
 
 
 def test_trustee_collateral_signatures(tdx: Path) -> None:
@@ -331,8 +348,8 @@ def test_trustee_collateral_signatures(tdx: Path) -> None:
         tcb_info_issuer_chain=chain,
     )
     assert c.tcb_info.fmspc.hex() == "00a06d080000"
-    assert verify_tdx_collateral(c, now=at("2025-11-01")).ok
-    assert not verify_tdx_collateral(c, now=at("2025-12-01")).ok
+    assert verify_tdx_collateral(c, VerifyOptions(now=at("2025-11-01"))).ok
+    assert not verify_tdx_collateral(c, VerifyOptions(now=at("2025-12-01"))).ok
 
 
 def test_signed_member_is_sliced_verbatim(tdx: Path) -> None:
@@ -367,7 +384,7 @@ def test_flipping_any_signed_byte_fails_ak_signature(tdx: Path, path: str, now: 
         except VeilAttestationError:
             assert pos < 8 or 48 <= pos < 54, pos  # version / key type / TEE type / v5 descriptor
             continue
-        v = verify_tdx(tampered, collateral=None, now=at(now))
+        v = verify_tdx(tampered, VerifyOptions(now=at(now)), collateral=None)
         assert status(v, "tdx.ak.signature") is CheckStatus.FAIL, pos
         assert [c.name for c in v.failed] == ["tdx.ak.signature"] or pos in range(12, 28), pos
 
@@ -377,7 +394,9 @@ def test_flipping_any_qe_report_byte_fails_qe_signature(tdx: Path) -> None:
     start = q.signed_length + 4 + 64 + 64 + 6
     assert q.raw[start : start + 384] == q.signature_data.qe_certification.qe_report.raw
     for pos in range(start, start + 384):
-        v = verify_tdx(parse_tdx_quote(_flip(q.raw, pos)), collateral=None, now=at("2025-07-01"))
+        v = verify_tdx(
+            parse_tdx_quote(_flip(q.raw, pos)), VerifyOptions(now=at("2025-07-01")), collateral=None
+        )
         assert status(v, "tdx.qe.signature") is CheckStatus.FAIL, pos
         assert status(v, "tdx.ak.signature") is CheckStatus.PASS
 
@@ -393,7 +412,7 @@ def test_tampered_signature_data_fails_its_check(tdx: Path, part: str) -> None:
         "qe_auth_data": (base + 128 + 6 + 384 + 64 + 2 + 5, "tdx.qe.binding"),
     }
     pos, check = offsets[part]
-    v = verify_tdx(parse_tdx_quote(_flip(q.raw, pos)), collateral=None, now=at("2025-07-01"))
+    v = verify_tdx(parse_tdx_quote(_flip(q.raw, pos)), VerifyOptions(now=at("2025-07-01")), collateral=None)
     assert status(v, check) is CheckStatus.FAIL
     assert not v.ok
 
@@ -402,7 +421,7 @@ def test_tampered_tcb_info_fails_its_signature(tdx: Path) -> None:
     doc = json.loads((tdx / "dcap-qvl/tdx_quote_collateral.json").read_text())
     doc["tcb_info"] = doc["tcb_info"].replace('"tcbEvaluationDataNumber":17', '"tcbEvaluationDataNumber":18')
     c = load_collateral(json.dumps(doc).encode())
-    v = verify_tdx(read_quote(tdx / "dcap-qvl/tdx_quote"), collateral=c, now=at("2025-07-01"))
+    v = verify_tdx(read_quote(tdx / "dcap-qvl/tdx_quote"), VerifyOptions(now=at("2025-07-01")), collateral=c)
     tcb = v.get("tdx.collateral.tcb_info")
     assert tcb is not None and tcb.status is CheckStatus.FAIL and "signature" in tcb.detail
     assert status(v, "tdx.tcb.status") is CheckStatus.FAIL
@@ -415,10 +434,10 @@ def test_pck_crl_is_checked_against_the_leaf(tdx: Path, go_pcs_collateral: TdxCo
     assert crl is not None and len(crl) == 44
     q = read_quote(tdx / "go-tdx-guest/tdx_prod_quote_SPR_E4.dat")
     assert crl.get_revoked_certificate_by_serial_number(q.pck_chain.leaf.serial_number) is None
-    v = verify_tdx(q, collateral=go_pcs_collateral, now=at("2023-07-01"))
+    v = verify_tdx(q, VerifyOptions(now=at("2023-07-01")), collateral=go_pcs_collateral)
     assert status(v, "tdx.pck.crl") is CheckStatus.PASS
     swapped = replace(go_pcs_collateral, pck_crl=go_pcs_collateral.root_ca_crl)
-    bad = verify_tdx(q, collateral=swapped, now=at("2023-07-01"))
+    bad = verify_tdx(q, VerifyOptions(now=at("2023-07-01")), collateral=swapped)
     check = bad.get("tdx.pck.crl")
     assert check is not None and check.status is CheckStatus.FAIL and "not by" in check.detail
 
@@ -475,7 +494,9 @@ def test_fuzz_verify_never_raises(tdx: Path, data: st.DataObject) -> None:
         mutated = parse_tdx_quote(bytes(buf))
     except VeilAttestationError:
         return
-    v = verify_tdx(mutated, collateral=dcap(tdx, "tdx_quote_collateral.json"), now=at("2025-07-01"))
+    v = verify_tdx(
+        mutated, VerifyOptions(now=at("2025-07-01")), collateral=dcap(tdx, "tdx_quote_collateral.json")
+    )
     if v.ok:  # only a mutation that changes nothing signed (e.g. unused base64 bits) may pass
         assert mutated.signed_region == q.signed_region
         assert mutated.signature_data.signature == q.signature_data.signature
@@ -512,8 +533,11 @@ def test_expiry_edges_are_inclusive(tdx: Path) -> None:
     c = dcap(tdx, "near_quote_collateral.json")
     q = read_quote(tdx / "dcap-qvl/near_quote_hex.txt")
     nxt = c.tcb_info.next_update
-    assert status(verify_tdx(q, collateral=c, now=nxt), "tdx.collateral.tcb_info") is CheckStatus.PASS
-    later = verify_tdx(q, collateral=c, now=nxt + timedelta(seconds=1))
+    assert (
+        status(verify_tdx(q, VerifyOptions(now=nxt), collateral=c), "tdx.collateral.tcb_info")
+        is CheckStatus.PASS
+    )
+    later = verify_tdx(q, VerifyOptions(now=nxt + timedelta(seconds=1)), collateral=c)
     assert status(later, "tdx.collateral.tcb_info") is CheckStatus.FAIL
 
 

@@ -12,6 +12,7 @@ import pytest
 from fake_enclave import DATA_POLICY, MODEL, FakeAsyncTransport, FakeEnclave, FakeTransport
 
 from veil.attestation.bundle import verify_evidence
+from veil.attestation.options import VerifyOptions
 from veil.client import (
     AsyncClient,
     AttestationError,
@@ -219,9 +220,9 @@ def test_save_evidence_verifies_offline(enclave: FakeEnclave, policy: Policy, tm
     assert enclave.closed
     data = path.read_bytes()
     assert data == client.evidence
-    result = verify_evidence(data, policy=policy, nonce=nonce, now=datetime.now(UTC))
+    result = verify_evidence(data, VerifyOptions(now=datetime.now(UTC)), policy=policy, nonce=nonce)
     assert result.ok
-    offline = verify_evidence(data, policy=policy, nonce=None, now=datetime.now(UTC))
+    offline = verify_evidence(data, VerifyOptions(now=datetime.now(UTC)), policy=policy, nonce=None)
     assert offline.ok and offline.verdict.get("binding.nonce").status.value == "skip"  # type: ignore[union-attr]
 
 

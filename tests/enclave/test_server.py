@@ -28,6 +28,7 @@ from veil.attestation.channel.hpke import PublicKey, seal_request
 from veil.attestation.channel.stream import StreamDecryptor
 from veil.attestation.nvidia.report import parse_gpu_report
 from veil.attestation.nvidia.verify import verify_gpu
+from veil.attestation.options import VerifyOptions
 from veil.attestation.snp.report import parse_snp_report
 from veil.attestation.snp.verify import verify_snp
 from veil.enclave.keys import build_digest, create_identity, measurement_from_build_digest
@@ -192,7 +193,9 @@ def test_get_evidence_is_fresh_bound_and_verifies(harness: Harness, channel: grp
         assert report.measurement == measurement_from_build_digest(harness.digest)
         assert report.report_data == report_data(nonce, ev.claims, [g.report for g in ev.gpus])
         snp = verify_snp(
-            report, x509.load_pem_x509_certificates(ev.cpu_cert_chain), trusted_roots=roots, now=now
+            report,
+            x509.load_pem_x509_certificates(ev.cpu_cert_chain),
+            VerifyOptions(now=now, trusted_roots=tuple(roots)),
         )
         assert snp.ok, snp.table()
         assert len(ev.gpus) == 1
@@ -200,7 +203,7 @@ def test_get_evidence_is_fresh_bound_and_verifies(harness: Harness, channel: grp
         gpu = ev.gpus[0]
         assert parse_gpu_report(gpu.report).nonce == gnonce
         chain = x509.load_pem_x509_certificates(gpu.cert_chain)
-        gv = verify_gpu(gpu.report, chain, nonce=gnonce, now=now, trusted_root=roots[1])
+        gv = verify_gpu(gpu.report, chain, VerifyOptions(now=now, trusted_roots=(roots[1],)), nonce=gnonce)
         assert gv.ok, gv.table()
 
 

@@ -14,6 +14,7 @@ from veil.attestation.binding import gpu_nonce, report_data
 from veil.attestation.nvidia.certs import leaf_fwid
 from veil.attestation.nvidia.report import parse_gpu_report
 from veil.attestation.nvidia.verify import verify_gpu
+from veil.attestation.options import VerifyOptions
 from veil.attestation.snp.certs import parse_amd_extensions
 from veil.attestation.snp.report import parse_snp_report
 from veil.attestation.snp.verify import verify_snp
@@ -101,19 +102,23 @@ def test_snp_verifies_with_simulation_root_only(state_dir: Path, provider: Simul
     part = provider.cpu_evidence(bytes(64))
     report = parse_snp_report(part.report)
     certs = x509.load_pem_x509_certificates(part.cert_chain)
-    good = verify_snp(report, certs, trusted_roots=_roots(state_dir), now=_now())
+    good = verify_snp(report, certs, VerifyOptions(now=_now(), trusted_roots=tuple(_roots(state_dir))))
     assert good.ok, good.table()
     assert good.get("snp.vcek.tcb") is not None and good.get("snp.vcek.tcb").status is CheckStatus.PASS  # type: ignore[union-attr]
 
     # With the real AMD roots pinned in the package (the default), the chain is rejected.
-    real = verify_snp(report, certs, now=_now())
+    real = verify_snp(report, certs, VerifyOptions(now=_now()))
     assert not real.ok
     assert "snp.chain.ark" in {c.name for c in real.failed}
 
     # A flipped measurement bit breaks the signature.
     tampered = bytearray(part.report)
     tampered[0x90] ^= 1
-    bad = verify_snp(parse_snp_report(bytes(tampered)), certs, trusted_roots=_roots(state_dir), now=_now())
+    bad = verify_snp(
+        parse_snp_report(bytes(tampered)),
+        certs,
+        VerifyOptions(now=_now(), trusted_roots=tuple(_roots(state_dir))),
+    )
     assert "snp.signature" in {c.name for c in bad.failed}
 
 
@@ -129,12 +134,14 @@ def test_gpu_reports_verify_with_simulation_root_only(
         assert part.report[4:36] == gnonce
         chain = x509.load_pem_x509_certificates(part.cert_chain)
         assert report.opaque.fwid == leaf_fwid(chain[0])
-        good = verify_gpu(report, chain, nonce=gnonce, now=_now(), trusted_root=gpu_root)
+        good = verify_gpu(report, chain, VerifyOptions(now=_now(), trusted_roots=(gpu_root,)), nonce=gnonce)
         assert good.ok, good.table()
-        real = verify_gpu(report, chain, nonce=gnonce, now=_now())  # pinned NVIDIA root
+        real = verify_gpu(report, chain, VerifyOptions(now=_now()), nonce=gnonce)  # pinned NVIDIA root
         assert not real.ok
         assert "gpu.chain" in {c.name for c in real.failed}
-        wrong_nonce = verify_gpu(report, chain, nonce=bytes(32), now=_now(), trusted_root=gpu_root)
+        wrong_nonce = verify_gpu(
+            report, chain, VerifyOptions(now=_now(), trusted_roots=(gpu_root,)), nonce=bytes(32)
+        )
         assert "gpu.nonce" in {c.name for c in wrong_nonce.failed}
     assert parts[0].report != parts[1].report  # fresh responder nonce per report
 

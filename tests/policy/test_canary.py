@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from veil.attestation.bundle import verify_evidence
 from veil.attestation.channel.hpke import PublicKey, seal_request
 from veil.attestation.channel.stream import StreamDecryptor
+from veil.attestation.options import VerifyOptions
 from veil.client import Client, Policy
 from veil.demo.relay import Relay
 from veil.enclave.local_server import LocalServer
@@ -138,7 +139,7 @@ def _exercise(r: Run) -> None:
             request_serializer=service_pb2.GetEvidenceRequest.SerializeToString,
             response_deserializer=lambda b: b,
         )(service_pb2.GetEvidenceRequest(nonce=nonce), timeout=30)
-    verified = verify_evidence(evidence, policy=policy, nonce=nonce, now=datetime.now(UTC))
+    verified = verify_evidence(evidence, VerifyOptions(now=datetime.now(UTC)), policy=policy, nonce=nonce)
     assert verified.ok and verified.public_key is not None
     key = verified.public_key
     invalid = [

@@ -29,7 +29,8 @@ Every check is named; the bundle-level ones are:
 Platform verifiers add theirs (``snp.*``, ``gpu[i].*``) and the SNP field appraisal of
 :func:`~veil.attestation.snp.validate.validate_snp` adds ``policy.debug``,
 ``policy.min_tcb``, ``policy.measurement``, ``policy.report_data`` and the rest. Nothing here does I/O:
-time (``now``) and the roots (in the policy) are parameters.
+time (a :class:`~veil.attestation.options.VerifyOptions`) and the roots (in the policy) are
+parameters.
 
 What the GPU binding proves, and what it does not: each GPU report carries the GPU nonce
 derived from the client's nonce and the enclave key, and ``report_data`` commits to the
@@ -41,8 +42,7 @@ here proves the attested GPU is the one physically attached to this confidential
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
 
 from cryptography import x509
 from google.protobuf.message import DecodeError
@@ -52,6 +52,7 @@ from veil.attestation.channel.hpke import HpkeSuite, PublicKey
 from veil.attestation.errors import MalformedInputError
 from veil.attestation.nvidia.report import parse_gpu_report
 from veil.attestation.nvidia.verify import GpuKind, load_cert_chain, verify_gpu
+from veil.attestation.options import VerifyOptions
 from veil.attestation.policy import PlatformName, Policy, vendor_amd_roots
 from veil.attestation.snp.certs import load_certificates
 from veil.attestation.snp.report import SnpReport
@@ -110,23 +111,25 @@ def _platform(value: int) -> PlatformName | None:
 
 def verify_evidence(
     evidence: bytes | evidence_pb2.Evidence,
+    options: VerifyOptions,
     *,
     policy: Policy,
     nonce: bytes | None,
-    now: datetime,
 ) -> VerifiedEvidence:
-    """Verify an ``Evidence`` bundle (bytes or message) for ``nonce`` under ``policy`` at ``now``.
+    """Verify an ``Evidence`` bundle (bytes or message) for ``nonce`` under ``policy`` at ``options.now``.
 
     ``nonce`` is the 32-byte nonce the client sent; ``None`` (offline audit of a
     saved bundle) recomputes the binding with the echoed nonce and marks freshness
-    as skipped. Never raises for bad evidence: every problem is a failed check in
-    the returned verdict. Raises :class:`MalformedInputError` only for unusable
-    arguments (a nonce of the wrong size, a naive ``now``).
+    as skipped. The trust anchors are the policy's, so ``options.trusted_roots`` must
+    be empty; ``options.ocsp_post``, when set, checks the GPU chains online. Never
+    raises for bad evidence: every problem is a failed check in the returned verdict.
+    Raises :class:`MalformedInputError` only for unusable arguments (a nonce of the
+    wrong size, roots in the options).
     """
     if nonce is not None and len(nonce) != NONCE_SIZE:
         raise MalformedInputError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
-    if now.tzinfo is None:
-        raise MalformedInputError("now must be a timezone-aware datetime")
+    if options.trusted_roots:
+        raise MalformedInputError("verify_evidence takes its trusted roots from the policy, not the options")
     v = VerdictBuilder()
 
     # ---- parse
@@ -189,7 +192,7 @@ def verify_evidence(
     )
 
     # ---- CPU report
-    report = _verify_cpu(v, msg, platform, policy, now)
+    report = _verify_cpu(v, msg, platform, policy, options)
 
     # ---- binding of nonce, claims and GPU reports into report_data
     expected: bytes | None = None
@@ -221,7 +224,13 @@ def verify_evidence(
 
     # ---- GPUs
     _verify_gpus(
-        v, msg, platform=platform, policy=policy, now=now, bound_nonce=bound_nonce, public_key=public_key
+        v,
+        msg,
+        platform=platform,
+        policy=policy,
+        options=options,
+        bound_nonce=bound_nonce,
+        public_key=public_key,
     )
 
     # ---- policy
@@ -261,13 +270,13 @@ def _verify_cpu(
     msg: evidence_pb2.Evidence,
     platform: PlatformName | None,
     policy: Policy,
-    now: datetime,
+    options: VerifyOptions,
 ) -> SnpReport | None:
     if platform not in _SNP_PLATFORMS:
         name = platform.value if platform else f"unknown platform {msg.platform}"
         v.fail("platform.verify", f"{name}: verification of this platform is not supported by this client")
         return None
-    roots: tuple[x509.Certificate, ...] | None
+    roots: tuple[x509.Certificate, ...]
     if platform is PlatformName.SIMULATED_SEV_SNP:
         roots = policy.trusted_roots.simulation
         if not roots:
@@ -275,31 +284,19 @@ def _verify_cpu(
             return None
     else:
         amd = policy.trusted_roots.amd
-        # The package's own ARKs: let verify_snp fill in a missing ASK from the package too.
-        roots = None if amd == vendor_amd_roots() else amd
-        if roots is not None and not roots:
+        if not amd:
             v.fail("snp.chain.ark", "the policy trusts no AMD root")
             return None
+        # The package's own ARKs (no roots in the options): verify_snp fills in a missing ASK too.
+        roots = () if amd == vendor_amd_roots() else amd
     try:
         certs = load_certificates(bytes(msg.cpu_cert_chain)) if msg.cpu_cert_chain else []
     except MalformedInputError as exc:
         v.fail("snp.chain.parse", str(exc))
         certs = []
-    report, verdict = verify_snp_bytes(bytes(msg.cpu_report), certs, trusted_roots=roots, now=now)
+    report, verdict = verify_snp_bytes(bytes(msg.cpu_report), certs, replace(options, trusted_roots=roots))
     v.extend(verdict.checks)
     return report
-
-
-def _gpu_root(
-    chain: tuple[x509.Certificate, ...], roots: tuple[x509.Certificate, ...]
-) -> x509.Certificate | None:
-    if not roots:
-        return None
-    top = chain[-1] if chain else None
-    for root in roots:
-        if top is not None and (top == root or top.issuer == root.subject):
-            return root
-    return roots[0]
 
 
 def _verify_gpus(
@@ -308,7 +305,7 @@ def _verify_gpus(
     *,
     platform: PlatformName | None,
     policy: Policy,
-    now: datetime,
+    options: VerifyOptions,
     bound_nonce: bytes,
     public_key: PublicKey | None,
 ) -> None:
@@ -329,8 +326,7 @@ def _verify_gpus(
         except MalformedInputError as exc:
             v.fail(f"{prefix}.chain", str(exc))
             chain = ()
-        root = _gpu_root(chain, roots)
-        if root is None:
+        if not roots:
             v.fail(f"{prefix}.chain", "the policy trusts no root for this GPU evidence")
         try:
             nonce_in_report = parse_gpu_report(bytes(gpu.report)).nonce
@@ -338,10 +334,10 @@ def _verify_gpus(
             nonce_in_report = None
         if expected is None or nonce_in_report is None or not hmac.compare_digest(nonce_in_report, expected):
             mismatched.append(str(i))
-        if root is not None:
-            verdict = verify_gpu(
-                bytes(gpu.report), chain, nonce=expected, now=now, trusted_root=root, kind=kind, prefix=prefix
-            )
+        if roots:
+            # verify_gpu anchors the chain at the trusted root it ends at (else the first).
+            anchored = replace(options, trusted_roots=roots)
+            verdict = verify_gpu(bytes(gpu.report), chain, anchored, nonce=expected, kind=kind, prefix=prefix)
             v.extend(verdict.checks)
     if expected is None:
         v.fail("binding.gpu_nonce", "no usable enclave key to derive the GPU nonce from")

@@ -19,6 +19,7 @@ from veil.attestation.binding import NONCE_SIZE, Claims
 from veil.attestation.bundle import verify_evidence
 from veil.attestation.channel.hpke import REQUEST_ID_SIZE, RESPONSE_KEY_SIZE, PublicKey, seal_request
 from veil.attestation.channel.stream import StreamDecryptor
+from veil.attestation.options import VerifyOptions
 from veil.attestation.policy import Policy
 from veil.attestation.verdict import Verdict
 from veil.client._types import (
@@ -280,7 +281,7 @@ class ClientCore:
     def accept(self, evidence: bytes, nonce: bytes) -> Attestation:
         """Verify ``evidence`` for ``nonce`` under the policy; raise :class:`AttestationError` if bad."""
         now = self.clock()
-        result = verify_evidence(evidence, policy=self.policy, nonce=nonce, now=now)
+        result = verify_evidence(evidence, VerifyOptions(now=now), policy=self.policy, nonce=nonce)
         if not result.ok or result.claims is None or result.public_key is None:
             failed = [c.name for c in result.verdict.failed] or ["verdict"]
             details = "; ".join(f"{c.name}: {c.detail}" for c in result.verdict.failed)

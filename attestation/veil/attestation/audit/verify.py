@@ -31,6 +31,7 @@ from cryptography import x509
 from veil.attestation.collateral import CollateralStore, Endpoints
 from veil.attestation.errors import CollateralError, PolicyError, VeilAttestationError
 from veil.attestation.nvidia.verify import GpuKind, GpuPolicy
+from veil.attestation.options import VerifyOptions
 from veil.attestation.policy import Policy
 from veil.attestation.snp.report import Product, SnpReport
 from veil.attestation.tdx.validate import TdxPolicy
@@ -281,7 +282,10 @@ def verify_snp_artifact(raw: bytes, req: AuditRequest) -> Verdict:
             parsed = None  # verify_snp_bytes reports the parse failure
         certs = _fetch_vcek(parsed, req) if parsed is not None else []
     roots = _custom(req.policy.policy.trusted_roots.amd, vendor_amd_roots())
-    report, verdict = verify_snp_bytes(raw, certs, trusted_roots=roots, now=req.now, product=req.product)
+    if roots == ():  # empty options roots mean the vendor's: never fall back to them
+        raise AuditUsageError("the policy trusts no AMD root")
+    options = VerifyOptions(now=req.now, trusted_roots=roots or ())
+    report, verdict = verify_snp_bytes(raw, certs, options, product=req.product)
     if report is None:
         return verdict
     product = report.product or req.product or _leaf_product(certs)
@@ -298,19 +302,20 @@ def verify_azure_artifact(evidence: Any, req: AuditRequest) -> Verdict:
     ``--nonce`` is the vTPM quote's nonce (extraData); ``--report-data`` the HCL user-data.
     """
     from veil.attestation.policy import vendor_amd_roots
-    from veil.attestation.snp.azure import verify_azure_snp
+    from veil.attestation.snp.azure_verify import verify_azure_snp
     from veil.attestation.snp.validate import validate_snp
 
     certs = req.certs if req.certs is not None else list(evidence.certs)
     roots = _custom(req.policy.policy.trusted_roots.amd, vendor_amd_roots())
+    if roots == ():  # empty options roots mean the vendor's: never fall back to them
+        raise AuditUsageError("the policy trusts no AMD root")
     report, verdict = verify_azure_snp(
         evidence.hcl_report,
         evidence.quote,
         certs,
-        now=req.now,
+        VerifyOptions(now=req.now, trusted_roots=roots or ()),
         nonce=req.nonce,
         user_data=req.report_data,
-        trusted_roots=roots,
         product=req.product,
     )
     if report is None:
@@ -354,7 +359,7 @@ def verify_tdx_artifact(raw: bytes, req: AuditRequest) -> Verdict:
             collateral = fetch_tdx_collateral(req.store, quote)
         except CollateralError as exc:
             raise AuditUsageError(f"cannot fetch TDX collateral ({exc}); give --collateral FILE") from None
-    verdict = verify_tdx(quote, collateral=collateral, now=req.now)
+    verdict = verify_tdx(quote, VerifyOptions(now=req.now), collateral=collateral)
     expected = req.report_data if req.report_data is not None else req.nonce
     policy = req.policy.tdx
     if expected is not None:
@@ -415,12 +420,14 @@ def verify_gpu_artifact(devices: Sequence[GpuDevice], req: AuditRequest) -> Verd
         root = next((r for r in roots if top is not None and (top == r or top.issuer == r.subject)), roots[0])
     verdict = verify_gpus(
         [(d.report, d.chain, d.kind) for d in devices],
+        VerifyOptions(
+            now=req.now,
+            trusted_roots=() if root is None else (root,),
+            ocsp_post=None if req.store.offline else req.store.nvidia_ocsp,
+        ),
         nonce=req.nonce,
-        now=req.now,
-        trusted_root=root,
         rims=_rims(devices, req),
         policy=req.policy.gpu,
-        ocsp_post=None if req.store.offline else req.store.nvidia_ocsp,
     )
     b = VerdictBuilder()
     count = req.policy.policy.gpu_count
@@ -447,5 +454,5 @@ def verify_bundle_artifact(data: bytes, req: AuditRequest) -> Verdict:
         raise AuditUsageError(
             f"--nonce must be the 32-byte nonce sent with GetEvidence, got {len(req.nonce)} bytes"
         )
-    result = verify_evidence(data, policy=req.policy.policy, nonce=req.nonce, now=req.now)
+    result = verify_evidence(data, VerifyOptions(now=req.now), policy=req.policy.policy, nonce=req.nonce)
     return result.verdict

@@ -27,7 +27,6 @@ __all__ = [
     "TCB_INFO_OID",
     "cert_name",
     "chain_problem",
-    "check_now",
     "encode_tcb_info_fwid",
     "find_extension",
     "leaf_fwid",
@@ -86,11 +85,6 @@ def cert_name(cert: x509.Certificate) -> str:
     """The subject's common name (or the whole subject)."""
     cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     return str(cns[0].value) if cns else cert.subject.rfc4514_string()
-
-
-def check_now(now: datetime) -> None:
-    if not isinstance(now, datetime) or now.tzinfo is None:
-        raise MalformedInputError("now must be a timezone-aware datetime")
 
 
 def find_extension(

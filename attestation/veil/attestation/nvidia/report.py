@@ -29,6 +29,7 @@ import enum
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from veil.attestation.errors import MalformedInputError, UnsupportedError
 
@@ -40,6 +41,7 @@ __all__ = [
     "REQUEST_SIZE",
     "SIGNATURE_SIZE",
     "SPDM_VERSION_11",
+    "GpuKind",
     "GpuReport",
     "MeasurementBlock",
     "OpaqueData",
@@ -68,6 +70,8 @@ _SIGNATURE_REQUESTED = 0x01
 _MAX_TRAILING_ZEROS = 16
 _MAX_OPAQUE = 1024  # SPDM 1.1: OpaqueLength shall not exceed 1024
 
+GpuKind = Literal["gpu", "nvswitch"]
+"""Which device a report comes from: a GPU or an NVSwitch."""
 Signer = Callable[[bytes], bytes]
 """Signs ``request ‖ response-without-signature``; returns the 96-byte raw ``r ‖ s``."""
 

@@ -11,9 +11,8 @@ certificate whose chain, carried in ``KeyInfo``, ends at the NVIDIA CoRIM signin
 (``signxml``), the chain to the pinned RIM root and its validity at ``now``, and that the
 measurements parsed are exactly those inside the signed content (``signxml``/``lxml`` are
 imported only when a RIM is parsed or verified, so GPU verification without RIMs needs
-neither). :func:`compare_measurements`
-is NVIDIA's appraisal: driver and VBIOS active indices must not collide, and every active
-golden measurement must equal one of its alternatives in the report.
+neither). Comparing a report's measurements with a RIM's golden values is
+:func:`veil.attestation.nvidia.validate.compare_measurements`.
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ import base64
 import binascii
 import functools
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from cryptography import x509
@@ -33,21 +31,18 @@ from veil.attestation.errors import MalformedInputError
 from veil.attestation.nvidia.certs import (
     cert_name,
     chain_problem,
-    check_now,
     nvidia_rim_root,
     validity_problem,
 )
-from veil.attestation.nvidia.ocsp import OcspPost, check_ocsp
+from veil.attestation.nvidia.ocsp import check_ocsp
+from veil.attestation.options import VerifyOptions
 from veil.attestation.verdict import Verdict, VerdictBuilder
 
 __all__ = [
-    "NVDEC0_DISABLED",
-    "NVDEC0_ENABLED",
     "Rim",
     "RimKind",
     "RimMeasurement",
     "RimSet",
-    "compare_measurements",
     "driver_rim_id",
     "parse_rim",
     "switch_bios_rim_id",
@@ -56,9 +51,6 @@ __all__ = [
 ]
 
 RimKind = Literal["driver", "vbios"]
-NVDEC0_ENABLED = 0xAA
-NVDEC0_DISABLED = 0x55  # NVIDIA skips golden index 35 when NVDEC0 is disabled
-_NVDEC_INDEX = 35
 _SWID = "http://standards.iso.org/iso/19770/-2/2015/schema.xsd"
 _DS = "http://www.w3.org/2000/09/xmldsig#"
 _SHA384_NS = "http://www.w3.org/2001/04/xmlenc#sha384"
@@ -206,21 +198,14 @@ def _signed_content(xml: bytes, signer: x509.Certificate) -> tuple[str, tuple[Ri
         return f"signed content malformed: {exc}"
 
 
-def verify_rim(
-    rim: Rim,
-    *,
-    now: datetime,
-    trusted_root: x509.Certificate | None = None,
-    prefix: str = "rim",
-    ocsp_post: OcspPost | None = None,
-) -> Verdict:
+def verify_rim(rim: Rim, options: VerifyOptions, *, prefix: str = "rim") -> Verdict:
     """``{p}.signature``, ``{p}.chain`` and ``{p}.chain.validity`` of one RIM, plus ``{p}.ocsp``
-    (every certificate below the root, signer included) when ``ocsp_post`` is given.
+    (every certificate below the root, signer included) when ``options.ocsp_post`` is given.
 
-    ``trusted_root`` defaults to the pinned NVIDIA CoRIM signing Root CA.
+    With no ``options.trusted_roots`` the chain must end at the pinned NVIDIA CoRIM signing Root CA.
     """
-    check_now(now)
-    root = trusted_root if trusted_root is not None else nvidia_rim_root()
+    root = options.anchor_for(rim.certificates, nvidia_rim_root)
+    now = options.now
     v = VerdictBuilder()
     chain = rim.certificates
     if not chain:
@@ -238,8 +223,9 @@ def verify_rim(
     certs = chain if chain and chain[-1] == root else (*chain, root)
     validity = validity_problem(certs, now)
     v.check(f"{prefix}.chain.validity", validity is None, validity or f"valid at {now.isoformat()}")
-    if ocsp_post is not None:
-        v.extend(check_ocsp(chain, post=ocsp_post, now=now, prefix=prefix, root=root, skip_leaf=False).checks)
+    if options.ocsp_post is not None:
+        anchored = replace(options, trusted_roots=(root,))
+        v.extend(check_ocsp(chain, anchored, prefix=prefix, skip_leaf=False).checks)
     return v.build()
 
 
@@ -265,42 +251,3 @@ class RimSet:
         """The one RIM for ``version``; None when there is none or the choice is ambiguous."""
         found = self.candidates(kind, version)
         return found[0] if len(found) == 1 else None
-
-
-def compare_measurements(
-    measurements: Mapping[int, bytes],
-    *,
-    driver: Rim | None,
-    vbios: Rim | None,
-    nvdec0_status: int | None = None,
-) -> list[str]:
-    """NVIDIA's measurement appraisal; returns the problems (empty: all match).
-
-    ``measurements`` maps SPDM block index (1-based) to value. Golden index ``i`` is compared
-    with block ``i + 1``. Index 35 is skipped when ``nvdec0_status`` is ``0x55`` (disabled).
-    """
-    golden: dict[int, tuple[str, RimMeasurement]] = {}
-    problems: list[str] = []
-    for source, rim in (("driver", driver), ("vbios", vbios)):
-        if rim is None:
-            continue
-        for index, m in rim.active.items():
-            if index in golden:
-                problems.append(f"index {index} active in both driver and VBIOS RIMs")
-            golden[index] = (source, m)
-    if problems:
-        return problems
-    if nvdec0_status not in (None, NVDEC0_ENABLED, NVDEC0_DISABLED):
-        return [f"unknown NVDEC0 status 0x{nvdec0_status:02x}"]
-    for index in sorted(golden):
-        source, m = golden[index]
-        if index == _NVDEC_INDEX and nvdec0_status == NVDEC0_DISABLED:
-            continue
-        value = measurements.get(index + 1)
-        if value is None:
-            problems.append(f"index {index} ({source}): no runtime measurement")
-        elif value not in m.alternatives:
-            problems.append(
-                f"index {index} ({source}): {value.hex()[:16]}… matches none of {len(m.alternatives)}"
-            )
-    return problems

@@ -1,21 +1,23 @@
-"""Verify NVIDIA GPU / NVSwitch SPDM reports: signature, certificate chain, FWID, nonce, RIMs.
+"""NVIDIA GPU / NVSwitch **verify**: the SPDM report's signature, certificate chain, FWID, RIMs.
 
 The *verify* half (signatures, chains, collateral) of NVIDIA attestation, in the manner of
-NVIDIA's local GPU verifier but stricter:
+NVIDIA's local GPU verifier but stricter. :func:`verify_gpu` also runs the field checks of
+:mod:`veil.attestation.nvidia.validate` (nonce, versions, measurements against the RIMs), so
+one call appraises a report end to end:
 
 * ``{p}.signature`` — ECDSA P-384 / SHA-384 over request ‖ response-without-signature, with
   the public key of the chain's leaf certificate (the device's alias key).
 * ``{p}.chain`` — every certificate is issued (name and signature) by the next, issuers are
   CAs allowed to sign certificates, and the chain ends at the trusted root: the NVIDIA Device
-  Identity CA pinned in this package unless the caller passes another (the simulation root).
-* ``{p}.chain.validity`` — every certificate, root included, is valid at the injected ``now``.
+  Identity CA pinned in this package unless the options trust others (the simulation root).
+* ``{p}.chain.validity`` — every certificate, root included, is valid at the options' ``now``.
 * ``{p}.chain.leaf`` — the leaf is an end-entity signing key (not a CA), EC P-384.
 * ``{p}.fwid`` — the FWID in the leaf's DICE TcbInfo extension (2.23.133.5.4.1) equals the
   FWID the firmware put in the opaque data (NVSwitch reports carry none: skipped).
-* ``{p}.nonce`` — the request's nonce is the one the verifier asked for.
-* ``{p}.driver_version`` / ``{p}.vbios_version`` — reported, and equal to the policy's if set.
-* ``{p}.rim.driver`` / ``{p}.rim.vbios`` / ``{p}.measurements`` — see :mod:`.nvidia_rim`.
-* ``{p}.ocsp`` — online only, through an injected HTTP poster; offline it is skipped.
+* ``{p}.nonce``, ``{p}.driver_version`` / ``{p}.vbios_version`` — see :mod:`.validate`.
+* ``{p}.rim.driver`` / ``{p}.rim.vbios`` — the RIM for the reported version verifies
+  (:func:`~veil.attestation.nvidia.rim.verify_rim`); ``{p}.measurements`` — see :mod:`.validate`.
+* ``{p}.ocsp`` — online only, through the options' ``ocsp_post``; offline it is skipped.
 
 Parsed certificates and chain results are cached, so verifying a report whose chain has been
 seen before costs one ECDSA verification.
@@ -28,9 +30,8 @@ import binascii
 import hmac
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -47,7 +48,6 @@ from veil.attestation.nvidia.certs import (
     TCB_INFO_OID,
     cert_name,
     chain_problem,
-    check_now,
     encode_tcb_info_fwid,
     leaf_fwid,
     leaf_problem,
@@ -55,9 +55,10 @@ from veil.attestation.nvidia.certs import (
     nvidia_device_root,
     validity_problem,
 )
-from veil.attestation.nvidia.ocsp import OcspPost, check_ocsp
+from veil.attestation.nvidia.ocsp import check_ocsp
 from veil.attestation.nvidia.report import (
     SIGNATURE_SIZE,
+    GpuKind,
     GpuReport,
     OpaqueFieldType,
     Signer,
@@ -67,12 +68,18 @@ from veil.attestation.nvidia.rim import (
     Rim,
     RimKind,
     RimSet,
-    compare_measurements,
     driver_rim_id,
     switch_bios_rim_id,
     vbios_rim_id,
     verify_rim,
 )
+from veil.attestation.nvidia.validate import (
+    GpuPolicy,
+    validate_measurements,
+    validate_nonce,
+    validate_versions,
+)
+from veil.attestation.options import VerifyOptions
 from veil.attestation.verdict import Verdict, VerdictBuilder
 
 __all__ = [
@@ -81,8 +88,6 @@ __all__ = [
     "GpuKind",
     "GpuPolicy",
     "NvtrustEvidence",
-    "OcspPost",
-    "check_ocsp",
     "encode_tcb_info_fwid",
     "gpu_rim_ids",
     "leaf_fwid",
@@ -94,23 +99,6 @@ __all__ = [
     "verify_gpu_cert_chain",
     "verify_gpus",
 ]
-
-GpuKind = Literal["gpu", "nvswitch"]
-
-
-@dataclass(frozen=True, slots=True)
-class GpuPolicy:
-    """What a GPU report must state beyond being genuine.
-
-    ``driver_versions`` / ``vbios_versions``: allowed versions (empty: any; the check still
-    passes only when the version is reported, and names it). ``require_rims``: fail rather than
-    skip when no RIM for the reported driver / VBIOS is given.
-    """
-
-    driver_versions: frozenset[str] = frozenset()
-    vbios_versions: frozenset[str] = frozenset()
-    require_rims: bool = False
-
 
 # --------------------------------------------------------------------------------------------
 # signing (simulation) and the report signature
@@ -149,21 +137,19 @@ def _signature_ok(report: GpuReport, leaf: x509.Certificate) -> tuple[bool, str]
 
 def verify_gpu_cert_chain(
     cert_chain: Sequence[x509.Certificate],
+    options: VerifyOptions,
     *,
-    now: datetime,
-    trusted_root: x509.Certificate | None = None,
     kind: GpuKind = "gpu",
     prefix: str | None = None,
 ) -> Verdict:
     """Checks ``{p}.chain``, ``{p}.chain.validity``, ``{p}.chain.leaf`` and ``{p}.fwid``
     (present in the leaf) for a certificate chain alone, leaf first (e.g. Trustee's chain cases).
     """
-    check_now(now)
     p = prefix or kind
-    root = trusted_root if trusted_root is not None else nvidia_device_root()
     chain = tuple(cert_chain)
+    root = options.anchor_for(chain, nvidia_device_root)
     v = VerdictBuilder()
-    _chain_checks(v, p, chain, root, now)
+    _chain_checks(v, p, chain, root, options.now)
     if chain:
         _fwid_present(v, p, chain[0], kind)
     return v.build()
@@ -213,28 +199,26 @@ def _fwid_present(v: VerdictBuilder, p: str, leaf: x509.Certificate, kind: GpuKi
 def verify_gpu(
     report: GpuReport | bytes,
     cert_chain: Sequence[x509.Certificate],
+    options: VerifyOptions,
     *,
     nonce: bytes | None,
-    now: datetime,
-    trusted_root: x509.Certificate | None = None,
     kind: GpuKind = "gpu",
     rims: RimSet | None = None,
     policy: GpuPolicy | None = None,
-    rim_root: x509.Certificate | None = None,
-    ocsp_post: OcspPost | None = None,
     prefix: str | None = None,
 ) -> Verdict:
     """Verify one GPU or NVSwitch report against its certificate chain (leaf first).
 
-    ``trusted_root`` defaults to the pinned NVIDIA Device Identity CA; the simulated provider
-    passes its simulation root. ``nonce`` is the 32-byte nonce the report must carry (None:
-    the check is skipped, which a policy must not accept). ``now`` is the verification time.
-    ``rims`` (driver / VBIOS reference manifests) enable measurement comparison; ``ocsp_post``
-    enables the online revocation check. Every check is named ``{prefix}.…`` (default: kind).
-    Raises only :class:`MalformedInputError` for unusable arguments; evidence problems are
-    failed checks.
+    ``options.trusted_roots`` default to the pinned NVIDIA Device Identity CA; the simulated
+    provider trusts its simulation root. ``nonce`` is the 32-byte nonce the report must carry
+    (None: the check is skipped, which a policy must not accept). ``options.now`` is the
+    verification time. ``rims`` (driver / VBIOS reference manifests) enable measurement
+    comparison (each RIM is verified against the pinned NVIDIA CoRIM signing Root CA);
+    ``options.ocsp_post`` enables the online revocation check. Every check is named
+    ``{prefix}.…`` (default: kind). Raises only :class:`MalformedInputError` for unusable
+    arguments; evidence problems are failed checks.
     """
-    check_now(now)
+    now = options.now
     p = prefix or kind
     policy = policy or GpuPolicy()
     v = VerdictBuilder()
@@ -249,8 +233,8 @@ def verify_gpu(
         f"SPDM 1.1 MEASUREMENTS, {len(report.response.blocks)} blocks"
         + (f", {len(report.trailing)} trailing zero bytes ignored" if report.trailing else ""),
     )
-    root = trusted_root if trusted_root is not None else nvidia_device_root()
     chain = tuple(cert_chain)
+    root = options.anchor_for(chain, nvidia_device_root)
 
     if chain:
         ok, detail = _signature_ok(report, chain[0])
@@ -259,23 +243,16 @@ def verify_gpu(
         v.fail(f"{p}.signature", "no leaf certificate to verify with")
     _chain_checks(v, p, chain, root, now)
     _fwid_check(v, p, report, chain, kind)
-    _nonce_check(v, p, report, nonce)
-    _version_checks(v, p, report, kind, policy)
+    validate_nonce(v, p, report, nonce)
+    validate_versions(v, p, report, kind, policy)
+    # RIMs chain to the pinned CoRIM root, not to the device roots.
     _rim_checks(
-        v,
-        p=p,
-        report=report,
-        kind=kind,
-        rims=rims,
-        policy=policy,
-        rim_root=rim_root,
-        now=now,
-        ocsp_post=ocsp_post,
+        v, p=p, report=report, kind=kind, rims=rims, policy=policy, options=replace(options, trusted_roots=())
     )
-    if ocsp_post is None:
+    if options.ocsp_post is None:
         v.skip(f"{p}.ocsp", "offline: revocation not checked")
     else:
-        v.extend(check_ocsp(chain, post=ocsp_post, now=now, prefix=p, root=root).checks)
+        v.extend(check_ocsp(chain, replace(options, trusted_roots=(root,)), prefix=p).checks)
     return v.build()
 
 
@@ -308,40 +285,6 @@ def _fwid_check(
         v.fail(f"{p}.fwid", f"leaf FWID {in_leaf.hex()} != reported {reported.hex()}")
 
 
-def _nonce_check(v: VerdictBuilder, p: str, report: GpuReport, nonce: bytes | None) -> None:
-    if nonce is None:
-        v.skip(f"{p}.nonce", f"no expected nonce given (report carries {report.nonce.hex()})")
-    elif len(nonce) != len(report.nonce):
-        v.fail(f"{p}.nonce", f"expected nonce must be {len(report.nonce)} bytes, got {len(nonce)}")
-    elif hmac.compare_digest(bytes(nonce), report.nonce):
-        v.passed(f"{p}.nonce", report.nonce.hex())
-    else:
-        v.fail(f"{p}.nonce", f"report nonce {report.nonce.hex()} != expected {bytes(nonce).hex()}")
-
-
-def _version_checks(v: VerdictBuilder, p: str, report: GpuReport, kind: GpuKind, policy: GpuPolicy) -> None:
-    for name, allowed, needed in (
-        ("driver_version", policy.driver_versions, kind == "gpu"),
-        ("vbios_version", policy.vbios_versions, True),
-    ):
-        try:
-            version = (
-                report.opaque.driver_version if name == "driver_version" else report.opaque.vbios_version
-            )
-        except MalformedInputError as exc:
-            v.fail(f"{p}.{name}", str(exc))
-            continue
-        if version is None:
-            if needed:
-                v.fail(f"{p}.{name}", "not reported")
-            else:
-                v.skip(f"{p}.{name}", f"not reported by {kind}")
-        elif allowed and version not in allowed:
-            v.fail(f"{p}.{name}", f"{version} not in allowed {sorted(allowed)}")
-        else:
-            v.passed(f"{p}.{name}", version)
-
-
 def _rim_checks(
     v: VerdictBuilder,
     *,
@@ -350,9 +293,7 @@ def _rim_checks(
     kind: GpuKind,
     rims: RimSet | None,
     policy: GpuPolicy,
-    rim_root: x509.Certificate | None,
-    now: datetime,
-    ocsp_post: OcspPost | None,
+    options: VerifyOptions,
 ) -> None:
     missing = v.fail if policy.require_rims else v.skip
     if rims is None:
@@ -386,7 +327,7 @@ def _rim_checks(
             missing(name, f"no {which} RIM for version {version}")
             continue
         rim = chosen[which] = found[0]
-        rim_verdict = verify_rim(rim, trusted_root=rim_root, now=now, prefix=name, ocsp_post=ocsp_post)
+        rim_verdict = verify_rim(rim, options, prefix=name)
         if rim_verdict.ok:
             v.passed(name, f"{rim.tag_id[:16]}… version {rim.version}: signature, chain and validity good")
         else:
@@ -396,17 +337,7 @@ def _rim_checks(
     if vbios_rim is None or (kind == "gpu" and driver_rim is None):
         missing(f"{p}.measurements", "not compared: no verified RIM for this driver and VBIOS")
         return
-    nvdec = report.opaque.get(OpaqueFieldType.NVDEC0_STATUS)
-    problems = compare_measurements(
-        report.measurements,
-        driver=driver_rim,
-        vbios=vbios_rim,
-        nvdec0_status=nvdec[0] if nvdec and len(nvdec) == 1 else None,
-    )
-    if problems:
-        v.fail(f"{p}.measurements", "; ".join(problems[:8]))
-    else:
-        v.passed(f"{p}.measurements", f"{len(report.measurements)} blocks match the RIMs")
+    validate_measurements(v, p, report, driver=driver_rim, vbios=vbios_rim)
 
 
 def gpu_rim_ids(report: GpuReport, kind: GpuKind = "gpu") -> dict[RimKind, str]:
@@ -471,13 +402,11 @@ def load_nvtrust_evidence(data: bytes) -> tuple[NvtrustEvidence, ...]:
 
 def verify_gpus(
     devices: Sequence[tuple[bytes | GpuReport, Sequence[x509.Certificate], GpuKind]],
+    options: VerifyOptions,
     *,
     nonce: bytes | None,
-    now: datetime,
-    trusted_root: x509.Certificate | None = None,
     rims: RimSet | None = None,
     policy: GpuPolicy | None = None,
-    ocsp_post: OcspPost | None = None,
 ) -> Verdict:
     """Verify several GPUs and NVSwitches of one system; checks are named ``gpu[i].…`` and
     ``nvswitch[j].…`` (numbered per kind, in order)."""
@@ -487,16 +416,7 @@ def verify_gpus(
         prefix = f"{kind}[{counters[kind]}]"
         counters[kind] += 1
         verdict = verify_gpu(
-            report,
-            chain,
-            nonce=nonce,
-            now=now,
-            trusted_root=trusted_root,
-            kind=kind,
-            rims=rims,
-            policy=policy,
-            ocsp_post=ocsp_post,
-            prefix=prefix,
+            report, chain, options, nonce=nonce, kind=kind, rims=rims, policy=policy, prefix=prefix
         )
         v.extend(verdict.checks)
     if not devices:

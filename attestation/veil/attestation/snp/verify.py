@@ -2,8 +2,8 @@
 
 The chain is VCEK → ASK → ARK (or VLEK → ASVK → ARK), every link RSASSA-PSS with
 SHA-384, MGF1-SHA-384 and a 48-byte salt (exactly those parameters; anything else
-fails). The ARK must be one of ``trusted_roots``: by default the AMD ARK of the
-report's product, pinned in the package. The report is signed with ECDSA P-384 /
+fails). The ARK must be one of the options' ``trusted_roots``: when there are none, the
+AMD ARK of the report's product, pinned in the package. The report is signed with ECDSA P-384 /
 SHA-384 over bytes 0x000..0x29F; r and s are 72-byte little-endian fields.
 
 Stricter than go-sev-guest where it is lax: an ARK carried in the bundle must be
@@ -11,7 +11,8 @@ byte-identical to a trusted root; ARK and ASK must be CA certificates (basic
 constraints ``CA:TRUE``); the product is cross-checked between the caller, the
 report's CPUID and the VCEK's product name; the VCEK's reserved SPL extensions
 must be zero; the report's SIGNING_KEY must agree with the leaf's kind; every
-certificate must be valid at the injected ``now``.
+certificate must be valid at the injected ``now``. Clock and roots come in one
+:class:`~veil.attestation.options.VerifyOptions`.
 
 Field policy (debug, TCB minimums, measurements, ...) is :mod:`veil.attestation.snp.validate`.
 """
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import SignatureAlgorithmOID
 
 from veil.attestation.errors import MalformedInputError, UnsupportedError
+from veil.attestation.options import VerifyOptions
 from veil.attestation.snp.certs import (
     AmdKeyExtensions,
     ensure_decodable,
@@ -193,7 +195,7 @@ def _verify_chain(
     b: VerdictBuilder,
     certs: Sequence[x509.Certificate],
     *,
-    trusted_roots: Sequence[x509.Certificate] | None,
+    trusted_roots: Sequence[x509.Certificate],
     prod: Product | None,
     vlek: bool,
     now: datetime,
@@ -201,9 +203,9 @@ def _verify_chain(
 ) -> None:
     leaf = certs[0]
     leaf_kind = "VLEK" if vlek else "VCEK"
-    default_roots = trusted_roots is None
+    default_roots = not trusted_roots
     roots: list[x509.Certificate]
-    if trusted_roots is not None:
+    if not default_roots:
         roots = []
         for i, r in enumerate(trusted_roots):
             try:
@@ -287,9 +289,8 @@ def _verify_chain(
 
 def verify_amd_chain(
     certs: Sequence[x509.Certificate],
+    options: VerifyOptions,
     *,
-    trusted_roots: Sequence[x509.Certificate] | None = None,
-    now: datetime,
     product: Product | str | None = None,
     crl: x509.CertificateRevocationList | None = None,
 ) -> Verdict:
@@ -298,8 +299,6 @@ def verify_amd_chain(
     Checks: ``snp.product`` (caller vs the certificate's productName), the
     ``snp.chain.*`` checks and ``snp.vcek.product``.
     """
-    if now.tzinfo is None:
-        raise MalformedInputError("now must be a timezone-aware datetime")
     b = VerdictBuilder()
     if not certs:
         b.fail("snp.chain.leaf", "no VCEK/VLEK certificate given")
@@ -312,7 +311,9 @@ def verify_amd_chain(
         b.fail("snp.vcek.extensions", str(exc))
         return b.build()
     prod = _resolve_product(None, exts, product, b)
-    _verify_chain(b, certs, trusted_roots=trusted_roots, prod=prod, vlek=exts.is_vlek, now=now, crl=crl)
+    _verify_chain(
+        b, certs, trusted_roots=options.trusted_roots, prod=prod, vlek=exts.is_vlek, now=options.now, crl=crl
+    )
     _check_product_name(b, exts, prod, product)
     return b.build()
 
@@ -320,18 +321,17 @@ def verify_amd_chain(
 def verify_snp(
     report: SnpReport,
     certs: Sequence[x509.Certificate],
+    options: VerifyOptions,
     *,
-    trusted_roots: Sequence[x509.Certificate] | None = None,
-    now: datetime,
     product: Product | str | None = None,
     crl: x509.CertificateRevocationList | None = None,
 ) -> Verdict:
-    """Verify an SEV-SNP report's signature and its certificate chain at time ``now``.
+    """Verify an SEV-SNP report's signature and its certificate chain at ``options.now``.
 
     ``certs``: the VCEK (or VLEK) first, then the ASK (or ASVK), then optionally the
-    ARK. With the default ``trusted_roots`` (the AMD ARKs pinned in the package) a
+    ARK. With no ``options.trusted_roots`` (the AMD ARKs pinned in the package) a
     missing ASK/ASVK is taken from the package too, so a bare VCEK (as Azure hands
-    out) suffices. Pass ``trusted_roots`` to trust another root (the simulated TEE's);
+    out) suffices. Give ``trusted_roots`` to trust another root (the simulated TEE's);
     then the bundle must carry the intermediate. ``product`` (``"Milan"``, ``"Genoa"``,
     ``"Turin"``) is checked against the report's CPUID and the VCEK's product name;
     with a stepping (``"Milan-B0"``) the VCEK's product name must match it exactly.
@@ -341,8 +341,6 @@ def verify_snp(
     ``snp.chain.leaf``, ``snp.chain.validity``, ``snp.chain.crl``, ``snp.signature``,
     ``snp.vcek.signing_key``, ``snp.vcek.product``, ``snp.vcek.tcb``, ``snp.vcek.hwid``.
     """
-    if now.tzinfo is None:
-        raise MalformedInputError("now must be a timezone-aware datetime")
     b = VerdictBuilder()
     if not certs:
         b.fail("snp.chain.leaf", "no VCEK/VLEK certificate given")
@@ -362,7 +360,9 @@ def verify_snp(
     vlek = report.signing_key == SigningKey.VLEK or (exts is not None and exts.is_vlek)
     leaf_kind = "VLEK" if vlek else "VCEK"
 
-    _verify_chain(b, certs, trusted_roots=trusted_roots, prod=prod, vlek=vlek, now=now, crl=crl)
+    _verify_chain(
+        b, certs, trusted_roots=options.trusted_roots, prod=prod, vlek=vlek, now=options.now, crl=crl
+    )
 
     # The report itself.
     problem = verify_report_signature(report.raw, _public_key(leaf))
@@ -481,9 +481,8 @@ def _check_extensions(
 def verify_snp_bytes(
     data: bytes,
     certs: Sequence[x509.Certificate],
+    options: VerifyOptions,
     *,
-    trusted_roots: Sequence[x509.Certificate] | None = None,
-    now: datetime,
     product: Product | str | None = None,
     crl: x509.CertificateRevocationList | None = None,
 ) -> tuple[SnpReport | None, Verdict]:
@@ -504,6 +503,4 @@ def verify_snp_bytes(
             b.fail("snp.signature", "no VCEK/VLEK certificate to verify the signature with")
         return None, b.build()
     b.passed("snp.report.parse", f"version {report.version}")
-    return report, b.build() + verify_snp(
-        report, certs, trusted_roots=trusted_roots, now=now, product=product, crl=crl
-    )
+    return report, b.build() + verify_snp(report, certs, options, product=product, crl=crl)

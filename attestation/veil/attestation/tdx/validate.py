@@ -1,4 +1,4 @@
-"""Validate a verified TDX quote against a policy (the *validate* half; see ``tdx_verify``).
+"""Validate a verified TDX quote against a policy (*validate*; *verify* is :mod:`.verify`).
 
 The defaults are production-strict: debug TDs are refused, only ``UpToDate`` is an
 acceptable TCB status, and a missing TCB status (no collateral) fails. Measurement

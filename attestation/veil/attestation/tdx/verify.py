@@ -22,6 +22,7 @@ Every step is a named check in the :class:`~veil.attestation.verdict.Verdict`:
 ``tdx.tcb.dcap_qvl``      dcap-qvl's independent appraisal agrees (both accept with the same
                           status and advisories, or both reject); skipped when dcap-qvl refuses
                           only the TD attributes (debug …), which the policy judges
+                          (:mod:`.cross_check`)
 ========================  ===============================================================
 
 Without collateral the collateral checks are skipped, so the verdict can still be
@@ -36,7 +37,6 @@ from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from importlib import resources
-from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -46,7 +46,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from veil.attestation.errors import CollateralError, MalformedInputError
+from veil.attestation.options import VerifyOptions
 from veil.attestation.tdx.collateral import TdxCollateral
+from veil.attestation.tdx.cross_check import cross_check_dcap_qvl
 from veil.attestation.tdx.pck import PckExtensions, parse_pck_extensions
 from veil.attestation.tdx.quote import INTEL_QE_VENDOR_ID, TdxQuote
 from veil.attestation.tdx.tcb import (
@@ -73,16 +75,6 @@ INTEL_SGX_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cb
 
 TCB_STATUS_DETAIL_PREFIX = "status="
 _PCK_CA_NAMES = ("Intel SGX PCK Platform CA", "Intel SGX PCK Processor CA")
-# dcap-qvl refuses these TD attributes itself; Veil leaves them to the policy (policy.debug …).
-_DCAP_ATTRIBUTE_REFUSALS = (
-    "Debug mode is enabled",
-    "TD profiling is enabled",
-    "SERVTD_EXT is enabled",
-    "SEPT_VE_DISABLE is not enabled",
-    "TD migration is enabled",
-    "Reserved bits in TD attributes are set",
-    "Invalid MR service TD",
-)
 
 
 @lru_cache(maxsize=1)
@@ -213,12 +205,6 @@ def _check_signed_json(
     return b.check(name, True, f"signed by {_cn(chain[0])!r}; current until {next_update.isoformat()}")
 
 
-def _aware(now: datetime) -> datetime:
-    if now.tzinfo is None or now.utcoffset() is None:
-        raise MalformedInputError("now must be a timezone-aware datetime")
-    return now
-
-
 def _tcb_fields(verdict: Verdict) -> dict[str, str]:
     check = verdict.get("tdx.tcb.status")
     if check is None or check.status is not CheckStatus.PASS:
@@ -238,32 +224,28 @@ def tcb_advisories_of(verdict: Verdict) -> tuple[str, ...]:
     return () if ids == "none" else tuple(ids.split(","))
 
 
-def verify_tdx_collateral(
-    collateral: TdxCollateral, *, now: datetime, trusted_root: x509.Certificate | None = None
-) -> Verdict:
+def verify_tdx_collateral(collateral: TdxCollateral, options: VerifyOptions) -> Verdict:
     """Check TCB info and QE identity on their own: issuer chains, signatures, windows."""
-    now = _aware(now)
-    root = trusted_root if trusted_root is not None else intel_sgx_root_ca()
+    root = options.anchor_for(collateral.tcb_info_issuer_chain, intel_sgx_root_ca)
     b = VerdictBuilder()
-    _check_collateral_signatures(b, collateral, root, now)
+    _check_collateral_signatures(b, collateral, root, options.now)
     return b.build()
 
 
 def verify_tdx(
     quote: TdxQuote,
+    options: VerifyOptions,
     *,
     collateral: TdxCollateral | None,
-    now: datetime,
-    trusted_root: x509.Certificate | None = None,
 ) -> Verdict:
     """Verify ``quote`` (signatures, chain, binding) and, given collateral, appraise its TCB.
 
-    ``now`` is the moment certificates, CRLs and collateral must be valid at;
-    ``trusted_root`` replaces the pinned Intel SGX Root CA (tests, other PKIs).
+    ``options.now`` is the moment certificates, CRLs and collateral must be valid at;
+    ``options.trusted_roots`` replace the pinned Intel SGX Root CA (tests, other PKIs).
     Never raises for a bad quote: every problem is a failed check.
     """
-    now = _aware(now)
-    root = trusted_root if trusted_root is not None else intel_sgx_root_ca()
+    now = options.now
+    root = options.anchor_for(quote.pck_chain.certificates, intel_sgx_root_ca)
     b = VerdictBuilder()
     td = quote.td_report
     body = f"TD report {td.version}"
@@ -341,7 +323,7 @@ def verify_tdx(
         return b.build()
 
     ours = _appraise(b, quote, collateral, pck=pck_ext, root=root, now=now)
-    _cross_check(b, quote, collateral, root, now, ours=ours if not b.build().failed else None)
+    cross_check_dcap_qvl(b, quote, collateral, root, now, ours=ours if not b.build().failed else None)
     return b.build()
 
 
@@ -475,61 +457,3 @@ def _appraise(
     parts.append(f"tcbEvaluationDataNumber {info.tcb_evaluation_data_number}")
     b.check("tdx.tcb.status", final.status != "Revoked", "; ".join(parts))
     return final
-
-
-def _pem(chain: Sequence[x509.Certificate]) -> str:
-    return "".join(cert.public_bytes(Encoding.PEM).decode() for cert in chain)
-
-
-def _cross_check(
-    b: VerdictBuilder,
-    quote: TdxQuote,
-    c: TdxCollateral,
-    root: x509.Certificate,
-    now: datetime,
-    *,
-    ours: TcbAppraisal | None,
-) -> None:
-    """Ask dcap-qvl for its appraisal and compare it with ours (None: Veil rejected the quote)."""
-    name = "tdx.tcb.dcap_qvl"
-    if c.pck_crl_der is None or c.root_ca_crl_der is None or not c.pck_crl_issuer_chain:
-        b.skip(name, "dcap-qvl needs both CRLs and the PCK CRL issuer chain")
-        return
-    try:
-        import dcap_qvl
-    except ImportError:
-        b.skip(name, "dcap-qvl is not installed")
-        return
-    try:
-        coll: Any = dcap_qvl.QuoteCollateralV3(
-            pck_crl_issuer_chain=_pem(c.pck_crl_issuer_chain),
-            root_ca_crl=c.root_ca_crl_der,
-            pck_crl=c.pck_crl_der,
-            tcb_info_issuer_chain=_pem(c.tcb_info_issuer_chain),
-            tcb_info=c.tcb_info_json.decode("utf-8"),
-            tcb_info_signature=c.tcb_info_signature,
-            qe_identity_issuer_chain=_pem(c.qe_identity_issuer_chain),
-            qe_identity=c.qe_identity_json.decode("utf-8"),
-            qe_identity_signature=c.qe_identity_signature,
-        )
-        report = dcap_qvl.verify_with_root_ca(quote.raw, coll, _der(root), int(now.timestamp()))
-    except BaseException as exc:
-        if not isinstance(exc, ValueError | RuntimeError) and type(exc).__name__ != "PanicException":
-            raise  # KeyboardInterrupt and friends; a Rust panic (pyo3 PanicException) is a rejection
-        message = " ".join(str(exc).split())
-        if any(m in message for m in _DCAP_ATTRIBUTE_REFUSALS):
-            b.skip(name, f"dcap-qvl refuses the TD attributes ({message}); left to the policy checks")
-        elif ours is not None:
-            b.fail(name, f"dcap-qvl rejects what Veil accepts: {message}")
-        else:
-            b.passed(name, f"dcap-qvl also rejects: {message}")
-        return
-    status, advisories = str(report.status), tuple(str(a) for a in report.advisory_ids)
-    if ours is None:
-        b.fail(name, f"dcap-qvl accepts ({status}) what Veil rejects")
-        return
-    same_advisories = set(advisories) == set(ours.advisory_ids)
-    if status == ours.status and same_advisories:
-        b.passed(name, f"dcap-qvl agrees: {status}, advisories {','.join(advisories) or 'none'}")
-    else:
-        b.fail(name, f"dcap-qvl: {status} {list(advisories)}; Veil: {ours.status} {list(ours.advisory_ids)}")

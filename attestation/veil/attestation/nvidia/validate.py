@@ -1,0 +1,149 @@
+"""NVIDIA GPU / NVSwitch **validate**: a genuine report's fields against what the caller expects.
+
+The field half of NVIDIA attestation (the signature, chain and RIM checks are
+:mod:`veil.attestation.nvidia.verify`, which calls these for :func:`~.verify.verify_gpu`):
+
+* ``{p}.nonce`` — the request's nonce is the one the verifier asked for.
+* ``{p}.driver_version`` / ``{p}.vbios_version`` — reported, and allowed by the :class:`GpuPolicy`.
+* ``{p}.measurements`` — :func:`compare_measurements`, NVIDIA's appraisal: driver and VBIOS
+  active indices must not collide, and every active golden measurement of the (verified)
+  RIMs must equal one of its alternatives in the report.
+
+Pure: no I/O, no cryptography.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from veil.attestation.errors import MalformedInputError
+from veil.attestation.nvidia.report import GpuKind, GpuReport, OpaqueFieldType
+from veil.attestation.nvidia.rim import Rim, RimMeasurement
+from veil.attestation.verdict import VerdictBuilder
+
+__all__ = [
+    "NVDEC0_DISABLED",
+    "NVDEC0_ENABLED",
+    "GpuPolicy",
+    "compare_measurements",
+    "validate_measurements",
+    "validate_nonce",
+    "validate_versions",
+]
+
+NVDEC0_ENABLED = 0xAA
+NVDEC0_DISABLED = 0x55  # NVIDIA skips golden index 35 when NVDEC0 is disabled
+_NVDEC_INDEX = 35
+
+
+@dataclass(frozen=True, slots=True)
+class GpuPolicy:
+    """What a GPU report must state beyond being genuine.
+
+    ``driver_versions`` / ``vbios_versions``: allowed versions (empty: any; the check still
+    passes only when the version is reported, and names it). ``require_rims``: fail rather than
+    skip when no RIM for the reported driver / VBIOS is given.
+    """
+
+    driver_versions: frozenset[str] = frozenset()
+    vbios_versions: frozenset[str] = frozenset()
+    require_rims: bool = False
+
+
+def validate_nonce(v: VerdictBuilder, p: str, report: GpuReport, nonce: bytes | None) -> None:
+    """``{p}.nonce``: the report carries ``nonce`` (skipped when None, which a policy must not accept)."""
+    if nonce is None:
+        v.skip(f"{p}.nonce", f"no expected nonce given (report carries {report.nonce.hex()})")
+    elif len(nonce) != len(report.nonce):
+        v.fail(f"{p}.nonce", f"expected nonce must be {len(report.nonce)} bytes, got {len(nonce)}")
+    elif hmac.compare_digest(bytes(nonce), report.nonce):
+        v.passed(f"{p}.nonce", report.nonce.hex())
+    else:
+        v.fail(f"{p}.nonce", f"report nonce {report.nonce.hex()} != expected {bytes(nonce).hex()}")
+
+
+def validate_versions(v: VerdictBuilder, p: str, report: GpuReport, kind: GpuKind, policy: GpuPolicy) -> None:
+    """``{p}.driver_version`` (GPUs) and ``{p}.vbios_version``: reported, and allowed by ``policy``."""
+    for name, allowed, needed in (
+        ("driver_version", policy.driver_versions, kind == "gpu"),
+        ("vbios_version", policy.vbios_versions, True),
+    ):
+        try:
+            version = (
+                report.opaque.driver_version if name == "driver_version" else report.opaque.vbios_version
+            )
+        except MalformedInputError as exc:
+            v.fail(f"{p}.{name}", str(exc))
+            continue
+        if version is None:
+            if needed:
+                v.fail(f"{p}.{name}", "not reported")
+            else:
+                v.skip(f"{p}.{name}", f"not reported by {kind}")
+        elif allowed and version not in allowed:
+            v.fail(f"{p}.{name}", f"{version} not in allowed {sorted(allowed)}")
+        else:
+            v.passed(f"{p}.{name}", version)
+
+
+def validate_measurements(
+    v: VerdictBuilder,
+    p: str,
+    report: GpuReport,
+    *,
+    driver: Rim | None,
+    vbios: Rim | None,
+) -> None:
+    """``{p}.measurements``: the report's blocks against the golden values of verified RIMs."""
+    nvdec = report.opaque.get(OpaqueFieldType.NVDEC0_STATUS)
+    problems = compare_measurements(
+        report.measurements,
+        driver=driver,
+        vbios=vbios,
+        nvdec0_status=nvdec[0] if nvdec and len(nvdec) == 1 else None,
+    )
+    if problems:
+        v.fail(f"{p}.measurements", "; ".join(problems[:8]))
+    else:
+        v.passed(f"{p}.measurements", f"{len(report.measurements)} blocks match the RIMs")
+
+
+def compare_measurements(
+    measurements: Mapping[int, bytes],
+    *,
+    driver: Rim | None,
+    vbios: Rim | None,
+    nvdec0_status: int | None = None,
+) -> list[str]:
+    """NVIDIA's measurement appraisal; returns the problems (empty: all match).
+
+    ``measurements`` maps SPDM block index (1-based) to value. Golden index ``i`` is compared
+    with block ``i + 1``. Index 35 is skipped when ``nvdec0_status`` is ``0x55`` (disabled).
+    """
+    golden: dict[int, tuple[str, RimMeasurement]] = {}
+    problems: list[str] = []
+    for source, rim in (("driver", driver), ("vbios", vbios)):
+        if rim is None:
+            continue
+        for index, m in rim.active.items():
+            if index in golden:
+                problems.append(f"index {index} active in both driver and VBIOS RIMs")
+            golden[index] = (source, m)
+    if problems:
+        return problems
+    if nvdec0_status not in (None, NVDEC0_ENABLED, NVDEC0_DISABLED):
+        return [f"unknown NVDEC0 status 0x{nvdec0_status:02x}"]
+    for index in sorted(golden):
+        source, m = golden[index]
+        if index == _NVDEC_INDEX and nvdec0_status == NVDEC0_DISABLED:
+            continue
+        value = measurements.get(index + 1)
+        if value is None:
+            problems.append(f"index {index} ({source}): no runtime measurement")
+        elif value not in m.alternatives:
+            problems.append(
+                f"index {index} ({source}): {value.hex()[:16]}… matches none of {len(m.alternatives)}"
+            )
+    return problems
