@@ -11,6 +11,7 @@ holds only ``veil/`` (``kernels/veil/kernels/…``), so nothing at the root is a
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -125,10 +126,19 @@ def test_the_client_installs_alone(tmp_path: Path) -> None:
     downloads into the venv's wheelhouse, and a wheel built from this tree."""
     if not any(WHEELHOUSE.glob("*.whl")):
         pytest.fail(f"no client wheels in {WHEELHOUSE}: run `make setup`")
+    # Built from a copy of the sources, so setuptools' build/ folder never lands in the checkout.
+    source = tmp_path / "source"
+    for name in (*SOURCE_ROOTS, "pyproject.toml", "README.md"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(
+            ROOT / name,
+            source / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}),
+        )
     wheels = tmp_path / "dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(wheels), str(ROOT)],
+         "--wheel-dir", str(wheels), str(source)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     (wheel,) = wheels.glob("veil-*.whl")

@@ -2,7 +2,7 @@
 
 Same structure, names and algorithms as Intel's (P-256 / SHA-256, an SGX extension in
 the PCK leaf, signed TCB info / QE identity JSON, CRLs); only the root differs, and it
-is passed to the verifier (and to dcap-qvl) as ``trusted_root``.
+is passed to the verifier (``VerifyOptions.trusted_roots``) and to dcap-qvl.
 """
 
 from __future__ import annotations
