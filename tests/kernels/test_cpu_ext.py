@@ -204,11 +204,13 @@ def test_decode_attention_rejects_bad_tables() -> None:
 def test_fallback_without_the_kernels() -> None:
     """``VEIL_CPU_KERNELS=0``: the model packs for PyTorch's ops and runs the unfused forward."""
     code = (
-        "from veil.enclave.runner.cpu import ModelRunner, SeqStep, load_model, default_model_path\n"
+        "from veil.enclave.model.loader import default_model_path, load_model\n"
+        "from veil.enclave.runner.cpu import CpuRunner\n"
+        "from veil.enclave.runner.protocol import SeqStep\n"
         "from veil.kernels.quant_cpu import Int4Linear\n"
         "m = load_model(default_model_path())\n"
         "assert isinstance(m.weights.layers[0].qkv, Int4Linear)\n"
-        "r = ModelRunner(m, num_kv_blocks=8, block_size=16)\n"
+        "r = CpuRunner(m, num_kv_blocks=8, block_size=16)\n"
         "assert not r.model.fused\n"
         "print(int(r.execute([SeqStep(0, [1, 2, 3], 0, [0])]).argmax()))\n"
     )

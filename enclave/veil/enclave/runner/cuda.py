@@ -1,8 +1,10 @@
 """The GPU model runner: the Llama forward pass on Triton kernels, decode steps replayed from CUDA graphs.
 
-Same contract as :class:`veil.enclave.runner.cpu.ModelRunner` (the engine's ``Runner`` protocol):
-``execute(steps)`` runs one scheduled batch of :class:`SeqStep` and returns the fp32 logits of every
-step that asked for them, on the host, in step order. Only this object holds device tensors.
+:class:`CudaRunner` implements :class:`~veil.enclave.runner.protocol.Runner`, like the CPU runner
+(:class:`veil.enclave.runner.cpu.CpuRunner`): ``execute(steps)`` runs one scheduled batch of
+:class:`SeqStep` and returns the fp32 logits of every step that asked for them, on the host, in step
+order; ``submit`` queues an engine step on the runner's one device thread. Only this object holds
+device tensors.
 
 Hot loop, per layer: fused RMSNorm + residual → QKV (w4a16 / int8 Triton matmul, Q/K/V fused) →
 fused RoPE + paged-KV write → paged attention → O → fused RMSNorm + residual → gate/up (fused) →
@@ -29,9 +31,11 @@ tensors and copied in, and logits are copied out the same way.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -42,7 +46,7 @@ from veil.enclave.model.config import ModelConfig
 from veil.enclave.model.llama import rope_tables
 from veil.enclave.model.loader import LoadedModel
 from veil.enclave.model.weights import BlockEmbedding, LlamaSpecs, Spec
-from veil.enclave.runner.cpu import SeqStep, validate_steps
+from veil.enclave.runner.protocol import Runner, SeqStep, validate_steps
 from veil.kernels.quant_cpu import Int4Spec, Int8Spec
 from veil.kernels.triton_fused import rmsnorm_residual, rope_kv_write
 from veil.kernels.triton_linear import (
@@ -53,7 +57,9 @@ from veil.kernels.triton_linear import (
 )
 from veil.kernels.triton_paged_attention import paged_attention_decode, paged_attention_prefill
 
-__all__ = ["DEFAULT_GRAPH_BATCHES", "CudaModelRunner", "GpuLayer", "GpuWeights", "build_gpu_weights"]
+__all__ = ["DEFAULT_GRAPH_BATCHES", "CudaRunner", "GpuLayer", "GpuWeights", "build_gpu_weights"]
+
+T = TypeVar("T")
 
 DEFAULT_GRAPH_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
@@ -153,8 +159,9 @@ class _StepMeta:
     prefill_max_q: int
 
 
-class CudaModelRunner:
-    """Executes batches of :class:`SeqStep` on a GPU (or, for tests, on the CPU under the Triton interpreter).
+class CudaRunner:
+    """The GPU :class:`Runner`: executes batches of :class:`SeqStep` on a GPU (or, for tests, on the
+    CPU under the Triton interpreter).
 
     ``graph_batches``: the decode batch sizes to capture (only sizes up to ``max_batch`` are kept);
     ``use_graphs`` defaults to True on CUDA. ``prefill_impl`` picks the prefill attention
@@ -219,14 +226,12 @@ class CudaModelRunner:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if use_graphs if use_graphs is not None else self.device.type == "cuda":
             self._capture()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-cuda")
+        weakref.finalize(self, self._pool.shutdown, wait=False)  # a dropped runner leaves no thread
 
-    @staticmethod
-    def blocks_for_budget(
-        config: ModelConfig, kv_cache_bytes: int, block_size: int = 16, dtype_bytes: int = 2
-    ) -> int:
-        """How many KV blocks fit in ``kv_cache_bytes`` (16-bit cache)."""
-        per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype_bytes
-        return max(0, kv_cache_bytes // (per_token * block_size))
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Queue ``fn(*args)`` on this runner's one device thread (the engine runs each step there)."""
+        return self._pool.submit(fn, *args)
 
     # ----------------------------------------------------------------------------------- the forward pass
 
@@ -436,12 +441,5 @@ class CudaModelRunner:
         )
         return meta, logit_rows
 
-    def describe(self) -> dict[str, Any]:
-        """Metadata for logs and benchmarks (no request data)."""
-        return {
-            "device": str(self.device),
-            "dtype": str(self.dtype),
-            "graph_batches": list(self._graphs) or [],
-            "weights_bytes": self.weights.nbytes,
-            "kv_cache_bytes": 2 * self.k_cache.numel() * self.k_cache.element_size(),
-        }
+
+_RUNNER: type[Runner] = CudaRunner  # mypy checks that CudaRunner implements the protocol
