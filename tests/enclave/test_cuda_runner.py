@@ -105,6 +105,7 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+@pytest.mark.slow  # the Triton interpreter on the CPU: 2-4 s per case
 @pytest.mark.parametrize("tied", [False, True])
 def test_prefill_decode_and_chunked_prefill_match_the_reference(tied: bool, device: torch.device) -> None:
     config, specs = _model(tied=tied)
@@ -163,11 +164,10 @@ def test_execute_rejects_bad_steps(device: torch.device) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_smollm2_graph_decode_matches_eager_and_the_cpu_runner(model_path: Path) -> None:
-    from veil.enclave.model.loader import load_model
+def test_gpu_smollm2_graph_decode_matches_eager_and_the_cpu_runner(loaded_model: LoadedModel) -> None:
     from veil.enclave.runner.cpu import CpuRunner
 
-    model = load_model(model_path)
+    model = loaded_model
     graphs = CudaRunner(model, num_kv_blocks=256, block_size=16, max_batch=8)
     eager = CudaRunner(model, num_kv_blocks=256, block_size=16, max_batch=8, use_graphs=False)
     cpu = CpuRunner(model, num_kv_blocks=64, block_size=16)

@@ -17,7 +17,6 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -32,7 +31,6 @@ from veil.enclave.errors import (
     InvalidRequestError,
     PromptTooLongError,
 )
-from veil.enclave.model.loader import load_model
 from veil.enclave.runner.cpu import CpuRunner
 from veil.enclave.runner.protocol import SeqStep
 
@@ -40,11 +38,6 @@ T = TypeVar("T")
 MULTIBYTE = "Grüße 🌍 wörld ✓ 日本語 👩‍👩‍👧 café"
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def loaded_model(model_path: Path) -> Any:
-    return load_model(model_path)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import torch
 from veil.enclave.engine.block_manager import blocks_for_budget
 from veil.enclave.errors import InvalidRequestError
 from veil.enclave.model.llama import BatchPlan, reference_forward
-from veil.enclave.model.loader import LoadedModel, load_model
+from veil.enclave.model.loader import LoadedModel
 from veil.enclave.model.weights import LlamaWeights
 from veil.enclave.runner.cpu import CpuRunner
 from veil.enclave.runner.protocol import SeqStep
@@ -35,8 +35,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def loaded(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_model(model_path, cache_dir=tmp_path_factory.mktemp("veil-cache"), keep_specs=True)
+def loaded(loaded_model: LoadedModel) -> LoadedModel:
+    return loaded_model
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,7 @@ def _all_logits(runner: CpuRunner, ids: list[int]) -> torch.Tensor:
         return runner.model.forward(plan, runner.cache)
 
 
+@pytest.mark.slow  # loads HF transformers' model from the GGUF (about 25 s)
 def test_teacher_forced_logits_match_hf_transformers(loaded: LoadedModel, hf_model: Any) -> None:
     """Top-1 agreement ≥ 98 % of positions and max |Δlogit| ≤ 2.0 against HF fp32 on the same GGUF.
 
@@ -99,6 +100,7 @@ def test_teacher_forced_logits_match_hf_transformers(loaded: LoadedModel, hf_mod
     assert worst <= 2.0
 
 
+@pytest.mark.slow
 def test_reference_path_matches_hf_closely(
     loaded: LoadedModel, reference: LlamaWeights, hf_model: Any
 ) -> None:
@@ -131,6 +133,7 @@ def _greedy_reference(loaded: LoadedModel, ref: LlamaWeights, ids: list[int], n:
     return seq[len(ids) :]
 
 
+@pytest.mark.slow  # 32 steps of the fp32 reference forward: about 5 s per prompt
 @pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[5], PROMPTS[4]])
 def test_greedy_32_tokens_equals_fp32_reference(
     loaded: LoadedModel, reference: LlamaWeights, prompt: str
