@@ -200,6 +200,7 @@ def test_decode_attention_rejects_bad_tables() -> None:
         )
 
 
+@pytest.mark.slow  # loads the model again in a subprocess
 def test_fallback_without_the_kernels() -> None:
     """``VEIL_CPU_KERNELS=0``: the model packs for PyTorch's ops and runs the unfused forward."""
     code = (

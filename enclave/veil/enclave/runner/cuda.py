@@ -8,9 +8,8 @@ device tensors.
 
 Hot loop, per layer: fused RMSNorm + residual → QKV (w4a16 / int8 Triton matmul, Q/K/V fused) →
 fused RoPE + paged-KV write → paged attention → O → fused RMSNorm + residual → gate/up (fused) →
-SiLU·mul → down. Weights are repacked once from the loader's unpacked specs (``LoadedModel.specs()``):
-int4 specs become the w4a16 layout, int8 specs the int8 weight-only layout; a tied LM head over a
-GGUF Q8_0 embedding uses the embedding's own group-32 int8 codes.
+SiLU·mul → down. Weights are repacked once from the loader's unpacked specs (``LoadedModel.specs()``)
+by :mod:`veil.enclave.runner.gpu_weights`.
 
 KV cache: per layer ``[num_blocks, block_size, n_kv_heads, head_dim]`` (the CPU runner's layout).
 
@@ -45,101 +44,17 @@ from veil.enclave.errors import InvalidRequestError
 from veil.enclave.model.config import ModelConfig
 from veil.enclave.model.llama import rope_tables
 from veil.enclave.model.loader import LoadedModel
-from veil.enclave.model.weights import BlockEmbedding, LlamaSpecs, Spec
+from veil.enclave.model.weights import LlamaSpecs
+from veil.enclave.runner.gpu_weights import build_gpu_weights
 from veil.enclave.runner.protocol import Runner, SeqStep, validate_steps
-from veil.kernels.quant_cpu import Int4Spec, Int8Spec
 from veil.kernels.triton_fused import rmsnorm_residual, rope_kv_write
-from veil.kernels.triton_linear import (
-    DenseCudaLinear,
-    Int8WeightOnlyLinear,
-    W4A16Linear,
-    w4a16_from_scale_zero,
-)
 from veil.kernels.triton_paged_attention import paged_attention_decode, paged_attention_prefill
 
-__all__ = ["DEFAULT_GRAPH_BATCHES", "CudaRunner", "GpuLayer", "GpuWeights", "build_gpu_weights"]
+__all__ = ["DEFAULT_GRAPH_BATCHES", "CudaRunner"]
 
 T = TypeVar("T")
 
 DEFAULT_GRAPH_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
-
-Linear = W4A16Linear | Int8WeightOnlyLinear | DenseCudaLinear
-
-
-@dataclass(slots=True)
-class GpuLayer:
-    attn_norm: torch.Tensor
-    qkv: Linear
-    o: Linear
-    ffn_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
-
-
-@dataclass(slots=True)
-class GpuWeights:
-    embed: BlockEmbedding  # on the device; rows expanded on lookup
-    layers: list[GpuLayer]
-    norm: torch.Tensor
-    output: Linear
-
-    @property
-    def nbytes(self) -> int:
-        lin = [self.output, *(w for la in self.layers for w in (la.qkv, la.o, la.gate_up, la.down))]
-        return self.embed.nbytes + sum(w.nbytes for w in lin)
-
-
-def _dense(spec: Spec) -> torch.Tensor:
-    return spec.float() if isinstance(spec, torch.Tensor) else spec.dequantize()
-
-
-def _gpu_linear(specs: list[Spec], device: torch.device, dtype: torch.dtype) -> Linear:
-    """Fuse ``specs`` along the output dimension and pack them for the GPU kernels."""
-    if all(isinstance(s, Int4Spec) and s.group_size == 32 for s in specs):
-        spec = Int4Spec.concat([s for s in specs if isinstance(s, Int4Spec)])
-        return W4A16Linear(w4a16_from_scale_zero(spec.codes, spec.scale, spec.zero).to(device))
-    if all(isinstance(s, Int8Spec) for s in specs):
-        spec8 = Int8Spec.concat([s for s in specs if isinstance(s, Int8Spec)])
-        lin = Int8WeightOnlyLinear.from_codes(spec8.codes, spec8.scale.float())
-        return Int8WeightOnlyLinear(lin.weight.to(device))
-    # 16-bit tensors, or a rare mix of kinds: one dense weight
-    return DenseCudaLinear(torch.cat([_dense(s) for s in specs]).to(device, dtype))
-
-
-def _lm_head(specs: LlamaSpecs, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Linear:
-    e = specs.embed
-    q8_embedding = e.codes.dtype == torch.int8 and e.zero is None and not e.offset and e.group == 32
-    if config.tied_output and q8_embedding:
-        # The GGUF Q8_0 table itself (group-32 scales), not a per-channel re-quantization of it.
-        lin = Int8WeightOnlyLinear.from_codes(e.codes, e.scale.reshape(e.codes.shape[0], -1))
-        return Int8WeightOnlyLinear(lin.weight.to(device))
-    return _gpu_linear([specs.output], device, dtype)
-
-
-def build_gpu_weights(
-    specs: LlamaSpecs, config: ModelConfig, device: torch.device, dtype: torch.dtype
-) -> GpuWeights:
-    """Repack the loader's specs for the Triton kernels and move them to ``device``."""
-    layers = [
-        GpuLayer(
-            attn_norm=ls.attn_norm.to(device, dtype),
-            qkv=_gpu_linear([ls.q, ls.k, ls.v], device, dtype),
-            o=_gpu_linear([ls.o], device, dtype),
-            ffn_norm=ls.ffn_norm.to(device, dtype),
-            gate_up=_gpu_linear([ls.gate, ls.up], device, dtype),
-            down=_gpu_linear([ls.down], device, dtype),
-        )
-        for ls in specs.layers
-    ]
-    e = specs.embed
-    embed = BlockEmbedding(
-        e.codes.to(device),
-        e.scale.to(device),
-        None if e.zero is None else e.zero.to(device),
-        e.group,
-        e.offset,
-    )
-    return GpuWeights(embed, layers, specs.norm.to(device, dtype), _lm_head(specs, config, device, dtype))
 
 
 @dataclass(slots=True)
