@@ -334,7 +334,7 @@ def bench_decode_attention(dtype: torch.dtype) -> list[Figure]:
 
 def bench_prefill_attention(dtype: torch.dtype) -> list[Figure]:
     """SDPA over gathered KV vs the Triton paged prefill kernel: whole prompts and continued chunks."""
-    from veil.kernels.triton_paged_attention import (
+    from veil.kernels.triton_paged_prefill import (
         paged_attention_prefill_sdpa,
         paged_attention_prefill_triton,
     )

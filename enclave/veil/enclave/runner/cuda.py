@@ -48,7 +48,8 @@ from veil.enclave.model.weights import LlamaSpecs
 from veil.enclave.runner.gpu_weights import build_gpu_weights
 from veil.enclave.runner.protocol import Runner, SeqStep, validate_steps
 from veil.kernels.triton_fused import rmsnorm_residual, rope_kv_write
-from veil.kernels.triton_paged_attention import paged_attention_decode, paged_attention_prefill
+from veil.kernels.triton_paged_attention import paged_attention_decode
+from veil.kernels.triton_paged_prefill import paged_attention_prefill
 
 __all__ = ["DEFAULT_GRAPH_BATCHES", "CudaRunner"]
 
@@ -80,7 +81,7 @@ class CudaRunner:
 
     ``graph_batches``: the decode batch sizes to capture (only sizes up to ``max_batch`` are kept);
     ``use_graphs`` defaults to True on CUDA. ``prefill_impl`` picks the prefill attention
-    (``"sdpa"`` or ``"triton"``, see ``veil.kernels.triton_paged_attention``). ``device_logits``
+    (``"sdpa"`` or ``"triton"``, see ``veil.kernels.triton_paged_prefill``). ``device_logits``
     returns the logits on the device instead of copying them to the host: at 64 sequences × a 49k
     vocabulary the fp32 logits are 12.6 MB per step, which through CC-mode bounce buffers can cost
     as much as the step itself, so a sampler on the device should take them there.
