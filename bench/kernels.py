@@ -18,7 +18,7 @@ What it measures (on the one CUDA device it finds; it exits with a message when 
 * **prefill attention**: the SDPA-over-gathered-KV path against the Triton paged prefill kernel (the
   module's default must follow this number).
 * **fused ops**: RMSNorm + residual and RoPE + KV write against their eager PyTorch references.
-* **runner**: decode steps of the embedded SmolLM2 through ``CudaModelRunner`` (CUDA graphs) at batch
+* **runner**: decode steps of the embedded SmolLM2 through ``CudaRunner`` (CUDA graphs) at batch
   1 and 64 against HF transformers ``generate`` single-stream (no engine around either: the
   scheduler, sampler and detokenizer are ``bench/engine.py``'s business).
 
@@ -334,7 +334,7 @@ def bench_decode_attention(dtype: torch.dtype) -> list[Figure]:
 
 def bench_prefill_attention(dtype: torch.dtype) -> list[Figure]:
     """SDPA over gathered KV vs the Triton paged prefill kernel: whole prompts and continued chunks."""
-    from veil.kernels.triton_paged_attention import (
+    from veil.kernels.triton_paged_prefill import (
         paged_attention_prefill_sdpa,
         paged_attention_prefill_triton,
     )
@@ -405,20 +405,20 @@ def bench_fused(dtype: torch.dtype) -> list[Figure]:
 
 
 def bench_runner(dtype: torch.dtype, prompt_len: int = 128, decode_steps: int = 128) -> list[Figure]:
-    """Decode throughput of the embedded SmolLM2 through ``CudaModelRunner`` (CUDA graphs), and the HF
+    """Decode throughput of the embedded SmolLM2 through ``CudaRunner`` (CUDA graphs), and the HF
     transformers ``generate`` peer single-stream. Greedy argmax on the device, no sampler or detokenizer:
     this is the model's decode step, the ceiling for ``bench/engine.py --device cuda``."""
     import time
 
     from veil.enclave.model.loader import default_model_path, load_model
-    from veil.enclave.runner.cpu import SeqStep
-    from veil.enclave.runner.cuda import CudaModelRunner
+    from veil.enclave.runner.cuda import CudaRunner
+    from veil.enclave.runner.protocol import SeqStep
 
     path = default_model_path()
     model = load_model(path)
     block_size, max_batch = 16, 64
     per_seq = -(-(prompt_len + decode_steps + 1) // block_size)
-    runner = CudaModelRunner(model, per_seq * max_batch, block_size, dtype=dtype, max_batch=max_batch,
+    runner = CudaRunner(model, per_seq * max_batch, block_size, dtype=dtype, max_batch=max_batch,
                              device_logits=True)  # fmt: skip
     vocab = model.config.vocab
     figures = []

@@ -1,11 +1,15 @@
-"""Shared test fixtures: paths to the real evidence and the embedded model, hardware markers."""
+"""Shared test fixtures: the real evidence, the embedded model (loaded once per session), hardware markers."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from veil.enclave.model.loader import LoadedModel
 
 ROOT = Path(__file__).resolve().parent.parent
 EVIDENCE = Path(os.environ.get("VEIL_EVIDENCE_DIR", ROOT.parent / "shared" / "evidence"))
@@ -54,3 +58,20 @@ def model_path() -> Path:
         return default_model_path()
     except ModelLoadError as exc:
         pytest.fail(f"{exc} (make setup installs it)")
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's cache directory for the embedded model's tokenizer (built from the GGUF once)."""
+    return tmp_path_factory.mktemp("veil-cache")
+
+
+@pytest.fixture(scope="session")
+def loaded_model(model_path: Path, model_cache_dir: Path) -> LoadedModel:
+    """The embedded model, loaded once per session with its unpacked specs kept (for reference weights).
+
+    Shared by every test that only reads it: build runners and engines from it, never change it.
+    """
+    from veil.enclave.model.loader import load_model
+
+    return load_model(model_path, cache_dir=model_cache_dir, keep_specs=True)

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from veil.enclave.engine.block_manager import BlockManager
+from veil.enclave.engine.block_manager import BlockManager, blocks_for_budget
 from veil.enclave.engine.sequence import Sequence
 from veil.enclave.errors import EngineInternalError
 
@@ -91,3 +95,30 @@ def test_blocks_are_never_leaked_or_double_owned(
         assert len(owned) == len(set(owned)), "a block has two owners"
         assert set(owned).isdisjoint(bm.free_blocks()), "an owned block is also free"
         assert set(owned) | bm.free_blocks() == set(range(num_blocks)), "a block leaked"
+
+
+def test_blocks_for_budget() -> None:
+    assert blocks_for_budget(6 * 16 * 10 + 5, 6, 16) == 10
+    assert blocks_for_budget(6 * 16 - 1, 6, 16) == 0
+    assert blocks_for_budget(100, 1, 1) == 100
+    with pytest.raises(EngineInternalError):
+        blocks_for_budget(100, 0, 16)
+
+
+def test_the_pure_engine_modules_import_no_torch() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        for name in ("torch", "triton", "transformers", "gguf"):
+            sys.modules[name] = None  # any import of them now raises ImportError
+        import veil.enclave.engine.block_manager, veil.enclave.engine.scheduler
+        import veil.enclave.engine.sequence, veil.enclave.engine.sampling, veil.enclave.engine.detokenizer
+        import veil.enclave.runner.protocol, veil.proto.chat
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

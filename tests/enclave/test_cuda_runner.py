@@ -26,8 +26,8 @@ from veil.enclave.model.config import ModelConfig  # noqa: E402
 from veil.enclave.model.llama import reference_forward  # noqa: E402
 from veil.enclave.model.loader import LoadedModel  # noqa: E402
 from veil.enclave.model.weights import BlockEmbedding, LayerSpecs, LlamaSpecs, build_weights  # noqa: E402
-from veil.enclave.runner.cpu import SeqStep  # noqa: E402
-from veil.enclave.runner.cuda import CudaModelRunner  # noqa: E402
+from veil.enclave.runner.cuda import CudaRunner  # noqa: E402
+from veil.enclave.runner.protocol import SeqStep  # noqa: E402
 from veil.kernels.quant_cpu import Int4Spec, Int8Spec  # noqa: E402
 
 VOCAB, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 80, 64, 96, 4, 2, 16
@@ -84,14 +84,12 @@ def _model(*, tied: bool) -> tuple[ModelConfig, LlamaSpecs]:
     return config, LlamaSpecs(embed, layers, norm(), output)
 
 
-def _runner(
-    config: ModelConfig, specs: LlamaSpecs, device: torch.device, dtype: torch.dtype
-) -> CudaModelRunner:
+def _runner(config: ModelConfig, specs: LlamaSpecs, device: torch.device, dtype: torch.dtype) -> CudaRunner:
     loaded = LoadedModel(
         config=config, weights=build_weights(specs, reference=True), tokenizer=None, chat_template=None,
         eos_token_ids=frozenset(), model_digest=b"", path=Path("synthetic"), quant="auto",
     )  # fmt: skip
-    return CudaModelRunner(
+    return CudaRunner(
         loaded, num_kv_blocks=24, block_size=4, device=device, dtype=dtype, max_batch=4, specs=specs
     )
 
@@ -107,6 +105,7 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+@pytest.mark.slow  # the Triton interpreter on the CPU: 2-4 s per case
 @pytest.mark.parametrize("tied", [False, True])
 def test_prefill_decode_and_chunked_prefill_match_the_reference(tied: bool, device: torch.device) -> None:
     config, specs = _model(tied=tied)
@@ -165,14 +164,13 @@ def test_execute_rejects_bad_steps(device: torch.device) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_smollm2_graph_decode_matches_eager_and_the_cpu_runner(model_path: Path) -> None:
-    from veil.enclave.model.loader import load_model
-    from veil.enclave.runner.cpu import ModelRunner
+def test_gpu_smollm2_graph_decode_matches_eager_and_the_cpu_runner(loaded_model: LoadedModel) -> None:
+    from veil.enclave.runner.cpu import CpuRunner
 
-    model = load_model(model_path)
-    graphs = CudaModelRunner(model, num_kv_blocks=256, block_size=16, max_batch=8)
-    eager = CudaModelRunner(model, num_kv_blocks=256, block_size=16, max_batch=8, use_graphs=False)
-    cpu = ModelRunner(model, num_kv_blocks=64, block_size=16)
+    model = loaded_model
+    graphs = CudaRunner(model, num_kv_blocks=256, block_size=16, max_batch=8)
+    eager = CudaRunner(model, num_kv_blocks=256, block_size=16, max_batch=8, use_graphs=False)
+    cpu = CpuRunner(model, num_kv_blocks=64, block_size=16)
     prompt = model.tokenizer.encode("The capital of France is")
     table = list(range(8))
     first = graphs.execute([SeqStep(0, prompt, 0, table)])

@@ -14,9 +14,10 @@ import gc
 import hashlib
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -30,25 +31,22 @@ from veil.enclave.errors import (
     InvalidRequestError,
     PromptTooLongError,
 )
-from veil.enclave.runner.cpu import ModelRunner, SeqStep, load_model
+from veil.enclave.runner.cpu import CpuRunner
+from veil.enclave.runner.protocol import SeqStep
 
+T = TypeVar("T")
 MULTIBYTE = "Grüße 🌍 wörld ✓ 日本語 👩‍👩‍👧 café"
 
 # ---------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="session")
-def loaded_model(model_path: Path) -> Any:
-    return load_model(model_path)
+def runner(loaded_model: Any) -> CpuRunner:
+    return CpuRunner(loaded_model, num_kv_blocks=256, block_size=16)
 
 
 @pytest.fixture(scope="session")
-def runner(loaded_model: Any) -> ModelRunner:
-    return ModelRunner(loaded_model, num_kv_blocks=256, block_size=16)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(runner: ModelRunner) -> Any:
+def tokenizer(runner: CpuRunner) -> Any:
     return runner.tokenizer
 
 
@@ -83,6 +81,14 @@ class ScriptedRunner:
         self.fail_if: Callable[[SeqStep], bool] = lambda step: False
         self.gate: threading.Event | None = None  # when set, execute waits for it
         self.delay = 0.0  # seconds each execute takes
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``fn`` on the double's one worker thread, as a real runner runs steps on its device thread."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scripted-runner")
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+        return self._pool.submit(fn, *args)
 
     def execute(self, steps: list[SeqStep]) -> torch.Tensor:
         if self.gate is not None:
@@ -165,7 +171,7 @@ PROMPTS = [
 # ---------------------------------------------------------------------------- real model
 
 
-def test_engine_metadata(runner: ModelRunner) -> None:
+def test_engine_metadata(runner: CpuRunner) -> None:
     engine = AsyncEngine(runner)
     assert engine.model_digest == runner.model_digest and len(engine.model_digest) == 32
     assert engine.engine_version.startswith("veil-engine/")
@@ -177,7 +183,7 @@ GREEDY_REQS = [EngineRequest(f"g{i}", greedy(24, ignore_eos=True), prompt=p) for
 
 
 @pytest.fixture(scope="session")
-def batch_invariant(runner: ModelRunner) -> bool:
+def batch_invariant(runner: CpuRunner) -> bool:
     """Whether the runner gives a sequence the same logits alone and next to another one.
 
     Exact equality of batched and solo outputs is only possible when this holds; the engine's
@@ -208,12 +214,12 @@ NOT_INVARIANT = (
 
 
 @pytest.fixture(scope="session")
-def alone_greedy(runner: ModelRunner) -> dict[str, list[int]]:
+def alone_greedy(runner: CpuRunner) -> dict[str, list[int]]:
     """Each greedy request run on its own: the reference for batched and preempted runs."""
     return {r.request_id: ids_of(run_sync(LLMEngine(runner), [r])[r.request_id]) for r in GREEDY_REQS}
 
 
-def same_or_tied(runner: ModelRunner, prompt: str, alone: list[int], got: list[int], strict: bool) -> bool:
+def same_or_tied(runner: CpuRunner, prompt: str, alone: list[int], got: list[int], strict: bool) -> bool:
     """True if ``got == alone``; if not, and not ``strict``, the first difference must be a tie.
 
     With a runner whose logits move with the batch (``batch_invariant`` false), and logits of
@@ -237,7 +243,7 @@ def same_or_tied(runner: ModelRunner, prompt: str, alone: list[int], got: list[i
 
 
 def test_long_and_short_batch_matches_each_alone(
-    runner: ModelRunner, alone_greedy: dict[str, list[int]], batch_invariant: bool
+    runner: CpuRunner, alone_greedy: dict[str, list[int]], batch_invariant: bool
 ) -> None:
     # A small token budget forces chunked prefill of the long prompts next to decodes.
     engine = LLMEngine(runner, max_batch=8, max_num_batched_tokens=24)
@@ -253,10 +259,10 @@ def test_long_and_short_batch_matches_each_alone(
 
 
 def test_preemption_with_tiny_kv_budget_keeps_greedy_output(
-    loaded_model: Any, runner: ModelRunner, alone_greedy: dict[str, list[int]], batch_invariant: bool
+    loaded_model: Any, runner: CpuRunner, alone_greedy: dict[str, list[int]], batch_invariant: bool
 ) -> None:
     reqs = GREEDY_REQS[:5]
-    tiny = ModelRunner(loaded_model, num_kv_blocks=8, block_size=16)  # 128 tokens for all of them
+    tiny = CpuRunner(loaded_model, num_kv_blocks=8, block_size=16)  # 128 tokens for all of them
     engine = LLMEngine(tiny, max_batch=8, max_num_batched_tokens=64)
     out = run_sync(engine, reqs)
     assert engine.stats().preemptions > 0
@@ -270,7 +276,7 @@ def test_preemption_with_tiny_kv_budget_keeps_greedy_output(
 
 
 def test_seeded_request_is_identical_alone_and_in_a_mixed_batch_of_16(
-    runner: ModelRunner, batch_invariant: bool
+    runner: CpuRunner, batch_invariant: bool
 ) -> None:
     mine = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     target = EngineRequest("mine", mine, prompt="Write a short poem about the sea:")
@@ -316,7 +322,7 @@ def test_seeded_request_is_identical_alone_and_in_a_mixed_batch_of_16(
 
 
 def test_stop_string_on_real_output(
-    runner: ModelRunner, tokenizer: Any, alone_greedy: dict[str, list[int]]
+    runner: CpuRunner, tokenizer: Any, alone_greedy: dict[str, list[int]]
 ) -> None:
     req = GREEDY_REQS[2]
     full = tokenizer.decode(alone_greedy[req.request_id], skip_special_tokens=True)
@@ -332,7 +338,7 @@ def test_stop_string_on_real_output(
     assert stop not in text_of(out)
 
 
-def test_chat_messages_use_the_models_template(runner: ModelRunner, tokenizer: Any) -> None:
+def test_chat_messages_use_the_models_template(runner: CpuRunner, tokenizer: Any) -> None:
     engine = LLMEngine(runner)
     msgs = [{"role": "user", "content": "What is 2+2?"}]
     ids = engine.encode(EngineRequest("c", greedy(8), messages=msgs))
@@ -343,7 +349,7 @@ def test_chat_messages_use_the_models_template(runner: ModelRunner, tokenizer: A
     assert out[-1].finish_reason in ("stop", "length") and out[-1].prompt_tokens == len(ids)
 
 
-def test_real_model_streams_whole_characters(runner: ModelRunner, tokenizer: Any) -> None:
+def test_real_model_streams_whole_characters(runner: CpuRunner, tokenizer: Any) -> None:
     reqs = [
         EngineRequest("emoji", greedy(32), messages=[{"role": "user", "content": "Give me three emoji."}]),
         EngineRequest("smile", greedy(32), prompt="Emoji: 😀 😃 😄 😁 😆 😅 😂 🤣 😊 😇 🙂"),
@@ -363,7 +369,7 @@ def test_real_model_streams_whole_characters(runner: ModelRunner, tokenizer: Any
     assert any(ord(ch) > 0xFFFF for ch in text_of(out["smile"]))  # 4-byte characters
 
 
-def test_bad_requests_raise_typed_errors_before_queueing(runner: ModelRunner) -> None:
+def test_bad_requests_raise_typed_errors_before_queueing(runner: CpuRunner) -> None:
     engine = AsyncEngine(runner)
     ok = SamplingParams(max_tokens=8)
     bad = [
@@ -403,7 +409,7 @@ def test_bad_requests_raise_typed_errors_before_queueing(runner: ModelRunner) ->
     asyncio.run(main())
 
 
-def test_cancel_frees_blocks(runner: ModelRunner) -> None:
+def test_cancel_frees_blocks(runner: CpuRunner) -> None:
     async def main() -> None:
         engine = AsyncEngine(runner)
         await engine.start()

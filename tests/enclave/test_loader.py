@@ -25,13 +25,13 @@ TEXT = "Confidential inference keeps the prompt encrypted until it reaches the e
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("veil-cache")
+def cache_dir(model_cache_dir: Path) -> Path:
+    return model_cache_dir  # where the session's model load put the tokenizer
 
 
 @pytest.fixture(scope="module")
-def loaded(model_path: Path, cache_dir: Path) -> LoadedModel:
-    return load_model(model_path, cache_dir=cache_dir)
+def loaded(loaded_model: LoadedModel) -> LoadedModel:
+    return loaded_model  # loaded once per session (tests/conftest.py)
 
 
 def test_default_model_path_does_not_import_the_package(model_path: Path) -> None:
@@ -71,6 +71,7 @@ def test_tokenizer_cache_is_reused(model_path: Path, cache_dir: Path, loaded: Lo
     assert tok(TEXT).input_ids == loaded.tokenizer(TEXT).input_ids
 
 
+@pytest.mark.slow
 def test_bad_files_raise_model_load_error(tmp_path: Path, model_path: Path) -> None:
     with pytest.raises(ModelLoadError):
         load_model(tmp_path / "missing.gguf")

@@ -9,11 +9,13 @@ from typing import Any
 import pytest
 import torch
 
+from veil.enclave.engine.block_manager import blocks_for_budget
 from veil.enclave.errors import InvalidRequestError
 from veil.enclave.model.llama import BatchPlan, reference_forward
-from veil.enclave.model.loader import LoadedModel, load_model
+from veil.enclave.model.loader import LoadedModel
 from veil.enclave.model.weights import LlamaWeights
-from veil.enclave.runner.cpu import ModelRunner, SeqStep
+from veil.enclave.runner.cpu import CpuRunner
+from veil.enclave.runner.protocol import SeqStep
 
 PROMPTS = [
     "The capital of France is",
@@ -33,8 +35,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def loaded(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_model(model_path, cache_dir=tmp_path_factory.mktemp("veil-cache"), keep_specs=True)
+def loaded(loaded_model: LoadedModel) -> LoadedModel:
+    return loaded_model
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def _ids(loaded: LoadedModel, text: str) -> list[int]:
     return list(loaded.tokenizer(text).input_ids)
 
 
-def _all_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
+def _all_logits(runner: CpuRunner, ids: list[int]) -> torch.Tensor:
     """Teacher-forced logits of every position through the paged, quantized forward."""
     table = list(range((len(ids) + runner.block_size - 1) // runner.block_size))
     plan = BatchPlan.build([(ids, 0, table, True)], runner.block_size, runner.model.cos, runner.model.sin)
@@ -67,6 +69,7 @@ def _all_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
         return runner.model.forward(plan, runner.cache)
 
 
+@pytest.mark.slow  # loads HF transformers' model from the GGUF (about 25 s)
 def test_teacher_forced_logits_match_hf_transformers(loaded: LoadedModel, hf_model: Any) -> None:
     """Top-1 agreement ≥ 98 % of positions and max |Δlogit| ≤ 2.0 against HF fp32 on the same GGUF.
 
@@ -80,7 +83,7 @@ def test_teacher_forced_logits_match_hf_transformers(loaded: LoadedModel, hf_mod
     room for heavy-tailed positions without hiding a real bug, which shows up as errors of several logits
     and agreement far below 98 %.
     """
-    runner = ModelRunner(loaded, num_kv_blocks=64, block_size=16)
+    runner = CpuRunner(loaded, num_kv_blocks=64, block_size=16)
     agree = total = 0
     worst = 0.0
     for text in PROMPTS:
@@ -97,6 +100,7 @@ def test_teacher_forced_logits_match_hf_transformers(loaded: LoadedModel, hf_mod
     assert worst <= 2.0
 
 
+@pytest.mark.slow
 def test_reference_path_matches_hf_closely(
     loaded: LoadedModel, reference: LlamaWeights, hf_model: Any
 ) -> None:
@@ -109,7 +113,7 @@ def test_reference_path_matches_hf_closely(
     assert float((ours - theirs).abs().max()) <= 1.0
 
 
-def _greedy_runner(runner: ModelRunner, ids: list[int], n: int) -> list[int]:
+def _greedy_runner(runner: CpuRunner, ids: list[int], n: int) -> list[int]:
     table = list(range(runner.num_kv_blocks))
     out: list[int] = []
     logits = runner.execute([SeqStep(0, ids, 0, table)])
@@ -129,6 +133,7 @@ def _greedy_reference(loaded: LoadedModel, ref: LlamaWeights, ids: list[int], n:
     return seq[len(ids) :]
 
 
+@pytest.mark.slow  # 32 steps of the fp32 reference forward: about 5 s per prompt
 @pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[5], PROMPTS[4]])
 def test_greedy_32_tokens_equals_fp32_reference(
     loaded: LoadedModel, reference: LlamaWeights, prompt: str
@@ -136,7 +141,7 @@ def test_greedy_32_tokens_equals_fp32_reference(
     """Greedy decoding through the quantized, paged runner equals the fp32 reference path, which
     uses the same quantized weights dequantized to fp32 (so it checks the forward pass and the
     cache, with only bf16 activation rounding between the two)."""
-    runner = ModelRunner(loaded, num_kv_blocks=8, block_size=16)
+    runner = CpuRunner(loaded, num_kv_blocks=8, block_size=16)
     ids = _ids(loaded, prompt)
     assert _greedy_runner(runner, ids, 32) == _greedy_reference(loaded, reference, ids, 32)
 
@@ -159,7 +164,7 @@ def test_paged_batch_equals_each_sequence_alone(loaded: LoadedModel) -> None:
 
     alone: list[tuple[list[int], torch.Tensor]] = []
     for ids in prompts:
-        runner = ModelRunner(loaded, num_kv_blocks=64, block_size=bs)
+        runner = CpuRunner(loaded, num_kv_blocks=64, block_size=bs)
         table = list(range(64))
         logits = runner.execute([SeqStep(0, ids, 0, table)])
         toks, rows = [], [logits[0]]
@@ -170,7 +175,7 @@ def test_paged_batch_equals_each_sequence_alone(loaded: LoadedModel) -> None:
             pos += 1
         alone.append((toks, torch.stack(rows[:-1])))
 
-    runner = ModelRunner(loaded, num_kv_blocks=200, block_size=bs)
+    runner = CpuRunner(loaded, num_kv_blocks=200, block_size=bs)
     done = [0] * len(prompts)  # prompt tokens already prefilled
     toks_b: list[list[int]] = [[] for _ in prompts]
     rows_b: list[list[torch.Tensor]] = [[] for _ in prompts]
@@ -201,7 +206,7 @@ def test_paged_batch_equals_each_sequence_alone(loaded: LoadedModel) -> None:
 
 
 def test_execute_rejects_malformed_steps(loaded: LoadedModel) -> None:
-    runner = ModelRunner(loaded, num_kv_blocks=4, block_size=16)
+    runner = CpuRunner(loaded, num_kv_blocks=4, block_size=16)
     with pytest.raises(InvalidRequestError):
         runner.execute([SeqStep(0, [1] * 20, 0, [0])])  # table covers 16 positions only
     with pytest.raises(InvalidRequestError):
@@ -213,6 +218,6 @@ def test_execute_rejects_malformed_steps(loaded: LoadedModel) -> None:
 
 def test_blocks_for_budget(loaded: LoadedModel) -> None:
     per_block = loaded.config.kv_bytes_per_token * 16
-    assert ModelRunner.blocks_for_budget(loaded.config, per_block * 10 + 5) == 10
-    runner = ModelRunner(loaded, num_kv_blocks=10, block_size=16)
+    assert blocks_for_budget(per_block * 10 + 5, loaded.config.kv_bytes_per_token, 16) == 10
+    runner = CpuRunner(loaded, num_kv_blocks=10, block_size=16)
     assert runner.cache.nbytes == per_block * 10

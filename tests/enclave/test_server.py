@@ -1,7 +1,7 @@
 """``veil serve`` over loopback with the real model: evidence, the encrypted stream, status codes,
 backpressure, cancellation, deadlines and the SIGTERM drain.
 
-The servers run in one background event loop (one engine, loaded once for the module);
+The servers run in one background event loop (one engine for the module, over the session's model);
 the tests talk to them with the synchronous gRPC client over 127.0.0.1, like a user would.
 """
 
@@ -47,20 +47,24 @@ LONG = {"prompt": "Write a long essay about the sea.", "temperature": 1.0, "seed
 class Harness:
     """An event loop in a thread holding one engine; servers are started on it on demand."""
 
-    def __init__(self, model_path: Path, state_dir: Path) -> None:
+    def __init__(self, model: Any, state_dir: Path) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="veil-test-loop", daemon=True)
         self.thread.start()
         self.state_dir = state_dir
         self.authority = load_or_create_simulation(state_dir)
-        self.engine: Any = self.run(self._start_engine(model_path), timeout=180)
+        self.engine: Any = self.run(self._start_engine(model), timeout=180)
         self.digest = build_digest()
         self.identity = self.new_identity()
 
-    async def _start_engine(self, model_path: Path) -> Any:
+    async def _start_engine(self, model: Any) -> Any:
         from veil.enclave.engine.async_engine import AsyncEngine
+        from veil.enclave.engine.block_manager import blocks_for_budget
+        from veil.enclave.runner.cpu import CpuRunner
 
-        engine = AsyncEngine.from_model(str(model_path), kv_cache_mb=64, max_batch=8)
+        # what AsyncEngine.from_model(kv_cache_mb=64, max_batch=8) builds, over the session's model
+        blocks = blocks_for_budget(64 * 2**20, model.config.kv_bytes_per_token, 16)
+        engine = AsyncEngine(CpuRunner(model, blocks, 16), max_batch=8)
         await engine.start()
         return engine
 
@@ -96,8 +100,8 @@ class Harness:
 
 
 @pytest.fixture(scope="module")
-def harness(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    h = Harness(model_path, tmp_path_factory.mktemp("state"))
+def harness(loaded_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    h = Harness(loaded_model, tmp_path_factory.mktemp("state"))
     yield h
     h.close()
 
@@ -378,6 +382,7 @@ def _refused(address: str) -> bool:
     return False
 
 
+@pytest.mark.slow  # starts `veil serve` in a subprocess, which loads the model
 def test_sigterm_drains_in_flight_streams_then_exits_zero(tmp_path: Path) -> None:
     srv = LocalServer(tmp_path / "state", extra_args=["--grace", "20", "--kv-cache-mb", "32"])
     with srv:

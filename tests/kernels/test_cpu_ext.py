@@ -6,14 +6,13 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from veil.enclave.model.gguf_loader import _decode
@@ -91,10 +90,10 @@ def test_rows_are_batch_invariant() -> None:
     assert torch.equal(cpu_ext.qmm(x[5:21], packed, cpu_ext.KIND_Q4, True, 320), full[5:21])
 
 
-def test_gguf_q4_1_tensor_packs_losslessly(model_path: Path) -> None:
+def test_gguf_q4_1_tensor_packs_losslessly(gguf_reader: Any) -> None:
     """The embedded model's Q4_1 tensors keep their fp16 scales exactly (no bf16 rounding), and the
     kernel reproduces gguf's own dequantization times x up to fp32 summation order."""
-    reader: Any = GGUFReader(str(model_path), "r")
+    reader: Any = gguf_reader
     t = next(t for t in reader.tensors if t.name == "blk.3.ffn_gate.weight")
     n, k = int(np.prod([int(s) for s in t.shape[1:]])), int(t.shape[0])
     _, spec = _decode("Q4_1", t.data, n, k)
@@ -201,14 +200,17 @@ def test_decode_attention_rejects_bad_tables() -> None:
         )
 
 
+@pytest.mark.slow  # loads the model again in a subprocess
 def test_fallback_without_the_kernels() -> None:
     """``VEIL_CPU_KERNELS=0``: the model packs for PyTorch's ops and runs the unfused forward."""
     code = (
-        "from veil.enclave.runner.cpu import ModelRunner, SeqStep, load_model, default_model_path\n"
+        "from veil.enclave.model.loader import default_model_path, load_model\n"
+        "from veil.enclave.runner.cpu import CpuRunner\n"
+        "from veil.enclave.runner.protocol import SeqStep\n"
         "from veil.kernels.quant_cpu import Int4Linear\n"
         "m = load_model(default_model_path())\n"
         "assert isinstance(m.weights.layers[0].qkv, Int4Linear)\n"
-        "r = ModelRunner(m, num_kv_blocks=8, block_size=16)\n"
+        "r = CpuRunner(m, num_kv_blocks=8, block_size=16)\n"
         "assert not r.model.fused\n"
         "print(int(r.execute([SeqStep(0, [1, 2, 3], 0, [0])]).argmax()))\n"
     )

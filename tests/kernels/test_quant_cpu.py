@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from veil.enclave.model.gguf_loader import _decode
@@ -26,8 +25,8 @@ EPS32 = 2.0**-24  # unit roundoff of fp32
 
 
 @pytest.fixture(scope="module")
-def reader(model_path: Path) -> Any:
-    return GGUFReader(str(model_path), "r")
+def reader(gguf_reader: Any) -> Any:
+    return gguf_reader  # parsed once per session (tests/kernels/conftest.py)
 
 
 def _tensor(reader: Any, name: str) -> Any:

@@ -11,11 +11,8 @@ pytest.importorskip("triton")
 
 from veil.kernels.errors import KernelInputError
 from veil.kernels.reference_gpu import paged_attention_decode_ref, paged_attention_prefill_ref
-from veil.kernels.triton_paged_attention import (
-    paged_attention_decode,
-    paged_attention_prefill,
-    pick_decode_config,
-)
+from veil.kernels.triton_paged_attention import paged_attention_decode, pick_decode_config
+from veil.kernels.triton_paged_prefill import paged_attention_prefill
 
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
 

@@ -37,13 +37,13 @@ from veil.client.errors import (
     ConfigurationError,
     RequestRejectedError,
 )
+from veil.proto.chat import ChatMessageError, check_chat
 from veil.proto.v1 import generate_pb2, service_pb2
 
 __all__ = ["Attestation", "ClientCore", "GenerateParams", "ResponseReader"]
 
 DEFAULT_MAX_TOKENS = 256
 STALE_KEY_CODE = "FAILED_PRECONDITION"
-_ROLES = ("system", "user", "assistant")
 _FINISH = {
     generate_pb2.FINISH_REASON_STOP: "stop",
     generate_pb2.FINISH_REASON_LENGTH: "length",
@@ -143,23 +143,23 @@ def check_params(
 
 
 def check_messages(messages: Iterable[Mapping[str, Any] | Any]) -> list[generate_pb2.ChatMessage]:
-    """OpenAI-style ``[{"role": ..., "content": ...}]`` (or objects with those attributes) to protobuf."""
+    """OpenAI-style ``[{"role": ..., "content": ...}]`` (or objects with those attributes) to protobuf.
+
+    The roles and contents are checked by :func:`veil.proto.chat.check_chat`, the rule the enclave applies.
+    """
     if isinstance(messages, str | bytes | Mapping):
         raise ConfigurationError("messages must be a list of {'role', 'content'} items")
-    out: list[generate_pb2.ChatMessage] = []
-    for i, message in enumerate(messages):
-        if isinstance(message, Mapping):
-            role, content = message.get("role"), message.get("content")
-        else:
-            role, content = getattr(message, "role", None), getattr(message, "content", None)
-        if role not in _ROLES:
-            raise ConfigurationError(f"messages[{i}].role must be one of {', '.join(_ROLES)}")
-        if not isinstance(content, str):
-            raise ConfigurationError(f"messages[{i}].content must be a string")
-        out.append(generate_pb2.ChatMessage(role=role, content=content))
-    if not out:
-        raise ConfigurationError("messages must not be empty")
-    return out
+    pairs = (
+        (m.get("role"), m.get("content"))
+        if isinstance(m, Mapping)
+        else (getattr(m, "role", None), getattr(m, "content", None))
+        for m in messages
+    )
+    try:
+        chat = check_chat(pairs)
+    except ChatMessageError as exc:
+        raise ConfigurationError(str(exc)) from exc
+    return [generate_pb2.ChatMessage(role=role, content=content) for role, content in chat]
 
 
 class ResponseReader:

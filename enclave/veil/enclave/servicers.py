@@ -41,6 +41,7 @@ from veil.attestation.channel.hpke import open_request
 from veil.attestation.channel.stream import StreamEncryptor
 from veil.attestation.errors import StaleKeyError, VeilAttestationError
 from veil.enclave.data_policy import log_event
+from veil.enclave.engine.detokenizer import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.errors import (
     EngineOverloadedError,
@@ -70,11 +71,10 @@ log = logging.getLogger("veil.enclave.server")
 STALE_KEY_MESSAGE = "stale key: the request is sealed to a key this enclave does not hold; re-attest"
 UNDECRYPTABLE_MESSAGE = "request could not be decrypted"
 _FINISH = {
-    "stop": generate_pb2.FINISH_REASON_STOP,
-    "length": generate_pb2.FINISH_REASON_LENGTH,
-    "cancelled": generate_pb2.FINISH_REASON_CANCELLED,
-    "abort": generate_pb2.FINISH_REASON_CANCELLED,
-    "error": generate_pb2.FINISH_REASON_ERROR,
+    FINISH_STOP: generate_pb2.FINISH_REASON_STOP,
+    FINISH_LENGTH: generate_pb2.FINISH_REASON_LENGTH,
+    FINISH_CANCELLED: generate_pb2.FINISH_REASON_CANCELLED,
+    FINISH_ERROR: generate_pb2.FINISH_REASON_ERROR,
 }
 
 

@@ -1,5 +1,6 @@
 """Plain-PyTorch twins of the Triton kernels (``triton_w4a16``, ``triton_int8``, ``triton_paged_attention``,
-``triton_fused``): slow, obvious, and the ground truth their parity tests compare against.
+``triton_paged_prefill``, ``triton_fused``): slow, obvious, and the ground truth their parity tests
+compare against.
 
 They take exactly the arguments of their kernel and compute in fp32 with one rounding to the output
 dtype at the end, except where the model defines an intermediate rounding (RMSNorm rounds the

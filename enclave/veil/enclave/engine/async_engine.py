@@ -2,11 +2,11 @@
 
 :class:`AsyncEngine` owns one :class:`~veil.enclave.engine.sync_engine.LLMEngine`. A single background
 task loops: it applies the requests and cancellations that arrived since the last step (on
-the event loop's thread), then runs ``LLMEngine.step`` in a dedicated worker thread, so the
-event loop never waits on the model, and hands each delta to its request's queue. Engine
-state is touched by one thread at a time: the loop thread between steps, the worker during
-a step. Encoding (on the loop thread) and decoding (on the worker) use separate tokenizer
-copies.
+the event loop's thread), then runs ``LLMEngine.step`` on the runner's device thread
+(``Runner.submit``), so the event loop never waits on the model, and hands each delta to its
+request's queue. Engine state is touched by one thread at a time: the loop thread between
+steps, the device thread during a step. Encoding (on the loop thread) and decoding (on the
+device thread) use separate tokenizer copies.
 
 Logs carry metadata only (request ids, counts, exception types): never prompt or completion
 text.
@@ -21,7 +21,6 @@ import logging
 import random
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,9 @@ from veil.enclave.engine.sync_engine import (
     EngineStats,
     LLMEngine,
     RequestOutput,
-    Runner,
 )
 from veil.enclave.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError
+from veil.enclave.runner.protocol import Runner
 
 __all__ = [
     "ENGINE_VERSION",
@@ -116,7 +115,7 @@ class AsyncEngine:
     ) -> None:
         if max_waiting < 1:
             raise InvalidRequestError("max_waiting must be positive")
-        # The worker thread decodes while the loop thread encodes: each gets its own tokenizer.
+        # The device thread decodes while the loop thread encodes: each gets its own tokenizer.
         self._engine = LLMEngine(
             runner,
             max_batch=max_batch,
@@ -134,7 +133,6 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
         self._draining = False
         self._closing = False
 
@@ -150,11 +148,13 @@ class AsyncEngine:
         **kw: Any,
     ) -> AsyncEngine:
         """Load a GGUF file or checkpoint (default: the embedded SmolLM2) and build an engine."""
-        from veil.enclave.runner.cpu import ModelRunner, default_model_path, load_model
+        from veil.enclave.engine.block_manager import blocks_for_budget
+        from veil.enclave.model.loader import default_model_path, load_model
+        from veil.enclave.runner.cpu import CpuRunner
 
         model = load_model(Path(path) if path is not None else default_model_path())
-        blocks = ModelRunner.blocks_for_budget(model.config, kv_cache_mb * 2**20, block_size)
-        runner = ModelRunner(model, blocks, block_size, threads=threads)
+        blocks = blocks_for_budget(kv_cache_mb * 2**20, model.config.kv_bytes_per_token, block_size)
+        runner = CpuRunner(model, blocks, block_size, threads=threads)
         return cls(runner, max_batch=max_batch, **kw)
 
     # ------------------------------------------------------------------ lifecycle
@@ -164,7 +164,6 @@ class AsyncEngine:
             return
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-engine")
         self._draining = self._closing = False
         self._task = asyncio.create_task(self._run(), name="veil-engine-loop")
 
@@ -183,9 +182,6 @@ class AsyncEngine:
         with contextlib.suppress(Exception):
             await self._task
         self._task = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
         self._fail_streams()  # only if the loop died with streams open
 
     # ------------------------------------------------------------------ requests
@@ -238,7 +234,6 @@ class AsyncEngine:
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         wake = self._wake
         if wake is None:
             return
@@ -253,11 +248,8 @@ class AsyncEngine:
                         if not (self._pending_adds or self._pending_cancels or self._closing):
                             await wake.wait()
                         continue
-                    submit = getattr(self._engine.runner, "submit", None)
-                    if submit is not None:  # the runner's own model thread (see ModelRunner.submit)
-                        outputs = await asyncio.wrap_future(submit(self._engine.step))
-                    else:
-                        outputs = await loop.run_in_executor(self._executor, self._engine.step)
+                    # the whole step runs on the runner's device thread (see Runner.submit)
+                    outputs = await asyncio.wrap_future(self._engine.runner.submit(self._engine.step))
                 except Exception as exc:  # a bug: fail what is in flight, keep serving
                     log_event(log, "engine.step_failed", logging.ERROR, error_type=type(exc).__name__)
                     outputs = self._abort_everything()

@@ -3,7 +3,8 @@
 Pure bookkeeping: a block is an integer in ``range(num_blocks)``; the model runner maps it to
 a slice of its cache tensors. Blocks are never shared between sequences (no prefix caching:
 the data-handling policy forbids cross-request KV reuse by default), so every block is either
-free or owned by exactly one sequence's ``block_table``.
+free or owned by exactly one sequence's ``block_table``. :func:`blocks_for_budget` sizes the
+cache from a byte budget.
 """
 
 from __future__ import annotations
@@ -13,7 +14,18 @@ from collections import deque
 from veil.enclave.engine.sequence import Sequence
 from veil.enclave.errors import EngineInternalError
 
-__all__ = ["BlockManager"]
+__all__ = ["BlockManager", "blocks_for_budget"]
+
+
+def blocks_for_budget(kv_cache_bytes: int, kv_bytes_per_token: int, block_size: int = 16) -> int:
+    """How many KV blocks of ``block_size`` tokens fit in ``kv_cache_bytes``.
+
+    ``kv_bytes_per_token`` is what one token occupies across all layers in the runner's cache
+    (the CPU runner's: ``ModelConfig.kv_bytes_per_token``).
+    """
+    if kv_bytes_per_token < 1 or block_size < 1:
+        raise EngineInternalError("kv_bytes_per_token and block_size must be positive")
+    return max(0, kv_cache_bytes // (kv_bytes_per_token * block_size))
 
 
 class BlockManager:

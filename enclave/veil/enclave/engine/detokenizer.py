@@ -21,7 +21,7 @@ streamed and then taken back. A completion that ends inside a character (cut by
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Protocol
+from typing import Final, Literal, Protocol
 
 from veil.enclave.engine.sampling import SamplingParams
 
@@ -30,15 +30,19 @@ __all__ = [
     "FINISH_ERROR",
     "FINISH_LENGTH",
     "FINISH_STOP",
+    "AbortReason",
     "CompletionTracker",
     "IncrementalDetokenizer",
     "TokenDecoder",
 ]
 
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
-FINISH_CANCELLED = "cancelled"
-FINISH_ERROR = "error"
+# Every finish reason a completion can end with: the stop rules produce the first two, the engine
+# the last two (a cancelled request, a failure confined to one request).
+FINISH_STOP: Final = "stop"
+FINISH_LENGTH: Final = "length"
+FINISH_CANCELLED: Final = "cancelled"
+FINISH_ERROR: Final = "error"
+AbortReason = Literal["cancelled", "error"]
 
 _REPLACEMENT = "\ufffd"
 _PROMPT_CONTEXT = 5  # prompt tokens decoded with the first completion token
@@ -134,8 +138,8 @@ class CompletionTracker:
         if not self.finished and self.completion_tokens >= self.params.max_tokens:
             self._finish(FINISH_LENGTH, flush=True)
 
-    def abort(self, reason: str) -> None:
-        """End without further text (cancelled, error)."""
+    def abort(self, reason: AbortReason) -> None:
+        """End without further text (``cancelled`` or ``error``)."""
         if not self.finished:
             self.finish_reason = reason
             self._emitted = len(self._text)

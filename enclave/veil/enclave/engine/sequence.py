@@ -49,9 +49,5 @@ class Sequence:
         """Tokens the model still has to read before this sequence can produce logits."""
         return len(self.token_ids) - self.num_computed
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

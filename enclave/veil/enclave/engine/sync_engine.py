@@ -18,22 +18,22 @@ import random
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from veil.enclave.data_policy import log_event
 from veil.enclave.engine.block_manager import BlockManager
-from veil.enclave.engine.detokenizer import FINISH_CANCELLED, FINISH_ERROR, CompletionTracker
+from veil.enclave.engine.detokenizer import FINISH_CANCELLED, FINISH_ERROR, AbortReason, CompletionTracker
 from veil.enclave.engine.sampler import Sampler
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from veil.enclave.engine.sequence import Sequence
 from veil.enclave.errors import EngineInternalError, InvalidRequestError, PromptTooLongError
-from veil.enclave.runner.cpu import SeqStep
+from veil.enclave.runner.protocol import Runner, SeqStep
+from veil.proto.chat import ChatMessageError, check_chat
 
 __all__ = [
-    "CHAT_ROLES",
     "ENGINE_VERSION",
     "ERROR_TEXT",
     "Delta",
@@ -41,11 +41,9 @@ __all__ = [
     "EngineStats",
     "LLMEngine",
     "RequestOutput",
-    "Runner",
 ]
 
 ENGINE_VERSION = f"veil-engine/{importlib.metadata.version('veil')}"
-CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_REQUEST_ID_CHARS = 128
 ERROR_TEXT = "internal error while generating"
 
@@ -87,26 +85,6 @@ class EngineStats:
 class RequestOutput:
     request_id: str
     delta: Delta
-
-
-class Runner(Protocol):
-    """What the engine needs of a model runner (``veil.enclave.runner.cpu.ModelRunner``)."""
-
-    @property
-    def tokenizer(self) -> Any: ...
-    @property
-    def chat_template(self) -> str | None: ...
-    @property
-    def eos_token_ids(self) -> frozenset[int]: ...
-    @property
-    def model_digest(self) -> bytes: ...
-    @property
-    def max_context(self) -> int: ...
-    @property
-    def num_kv_blocks(self) -> int: ...
-    @property
-    def block_size(self) -> int: ...
-    def execute(self, steps: list[SeqStep]) -> torch.Tensor: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -198,7 +176,7 @@ class LLMEngine:
         self._requests[request_id] = req
         self._by_seq[seq.seq_id] = req
 
-    def abort_request(self, request_id: str, reason: str = FINISH_CANCELLED) -> RequestOutput | None:
+    def abort_request(self, request_id: str, reason: AbortReason = FINISH_CANCELLED) -> RequestOutput | None:
         """End a request now (its blocks are freed); returns its final delta, None if unknown."""
         req = self._requests.get(request_id)
         if req is None:
@@ -206,15 +184,11 @@ class LLMEngine:
         req.tracker.abort(reason)
         return self._end(req)
 
-    def abort_all(self, reason: str) -> list[RequestOutput]:
+    def abort_all(self, reason: AbortReason) -> list[RequestOutput]:
         return [out for rid in list(self._requests) if (out := self.abort_request(rid, reason))]
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
-
-    @property
-    def num_requests(self) -> int:
-        return len(self._requests)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -365,16 +339,13 @@ class LLMEngine:
             raise InvalidRequestError("this model has no chat template; send a prompt")
         if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Seq) or not messages:
             raise InvalidRequestError("messages must be a non-empty list")
-        clean: list[dict[str, str]] = []
-        for m in messages:
-            if not isinstance(m, Mapping):
-                raise InvalidRequestError("each message must be a mapping with role and content")
-            role, content = m.get("role"), m.get("content")
-            if role not in CHAT_ROLES:
-                raise InvalidRequestError(f"message role must be one of {sorted(CHAT_ROLES)}")
-            if not isinstance(content, str):
-                raise InvalidRequestError("message content must be a string")
-            clean.append({"role": role, "content": content})
+        if not all(isinstance(m, Mapping) for m in messages):
+            raise InvalidRequestError("each message must be a mapping with role and content")
+        try:
+            chat = check_chat((m.get("role"), m.get("content")) for m in messages)
+        except ChatMessageError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        clean = [{"role": role, "content": content} for role, content in chat]
         try:
             text = self.tokenizer.apply_chat_template(
                 clean, chat_template=template, add_generation_prompt=True, tokenize=False

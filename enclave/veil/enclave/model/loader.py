@@ -101,7 +101,7 @@ def load_model(
     if quant not in QUANT_MODES:
         raise ModelLoadError(f"unknown quantization mode {quant!r}; expected one of {QUANT_MODES}")
     # Load on one thread: a multi-threaded OpenMP team left behind in the loading thread competes
-    # with the runner's own team for the cores (see ModelRunner).
+    # with the runner's own team for the cores (see CpuRunner).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

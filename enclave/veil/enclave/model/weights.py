@@ -33,7 +33,6 @@ __all__ = [
     "LlamaWeights",
     "Spec",
     "build_weights",
-    "spec_nbytes",
 ]
 
 Spec = Int4Spec | Int8Spec | Q8BlockSpec | torch.Tensor
@@ -151,16 +150,6 @@ class _ConcatLinear:
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
-
-
-def spec_nbytes(spec: Spec) -> int:
-    if isinstance(spec, torch.Tensor):
-        return spec.numel() * 2
-    if isinstance(spec, Int4Spec):
-        return spec.codes.numel() // 2 + spec.scale.numel() * 4
-    if isinstance(spec, Q8BlockSpec):
-        return spec.codes.numel() * 5 // 4 + spec.scale.numel() * 8
-    return spec.codes.numel() + spec.scale.numel() * 2
 
 
 def _effective(spec: Spec) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""The one owner of model tensors and the KV cache: runs scheduled steps, returns logits.
+"""The CPU runner: the one owner of model tensors and the KV cache on a CPU-only host.
 
-The scheduler (pure Python) decides which sequences run and which KV blocks they own; it hands
-the runner a list of :class:`SeqStep` and gets back the logits of the last position of each step
-that asked for them. The runner knows nothing about requests, sampling or text.
+:class:`CpuRunner` implements :class:`~veil.enclave.runner.protocol.Runner`: it runs scheduled
+:class:`~veil.enclave.runner.protocol.SeqStep` batches through the Llama forward pass
+(:mod:`veil.enclave.model.llama`, Veil's AVX-512 kernels with PyTorch ops as fallback) and returns
+the logits of the last position of each step that asked for them. All its torch work runs on one
+model thread (see :class:`CpuRunner`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -20,9 +21,10 @@ import torch
 from veil.enclave.errors import InvalidRequestError
 from veil.enclave.model.config import ModelConfig
 from veil.enclave.model.llama import BatchPlan, KVCache, LlamaModel
-from veil.enclave.model.loader import LoadedModel, default_model_path, load_model
+from veil.enclave.model.loader import LoadedModel
+from veil.enclave.runner.protocol import Runner, SeqStep, validate_steps
 
-__all__ = ["ModelRunner", "SeqStep", "default_model_path", "load_model", "validate_steps"]
+__all__ = ["CpuRunner"]
 
 T = TypeVar("T")
 
@@ -32,39 +34,9 @@ def _init_model_thread(tid: list[int], threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-@dataclass(slots=True)
-class SeqStep:
-    """One sequence's work in a step."""
-
-    seq_id: int
-    token_ids: list[int]  # tokens to run now: a prefill chunk, or 1 token in decode
-    start_pos: int  # tokens of this sequence already in the KV cache
-    block_table: list[int] = field(default_factory=list)  # physical blocks covering [0, start_pos + n)
-    want_logits: bool = True  # only the last position's logits are returned
-
-
-def validate_steps(
-    steps: list[SeqStep], *, block_size: int, num_kv_blocks: int, max_context: int, vocab: int
-) -> None:
-    """Reject a step no runner may execute (shared by the CPU and CUDA runners)."""
-    bs = block_size
-    for s in steps:
-        n = len(s.token_ids)
-        end = s.start_pos + n
-        if n == 0 or s.start_pos < 0:
-            raise InvalidRequestError(f"sequence {s.seq_id}: empty step or negative start position")
-        if end > max_context:
-            raise InvalidRequestError(f"sequence {s.seq_id}: position {end} exceeds the context")
-        if len(s.block_table) * bs < end:
-            raise InvalidRequestError(f"sequence {s.seq_id}: block table too short for {end} tokens")
-        if any(b < 0 or b >= num_kv_blocks for b in s.block_table[: (end + bs - 1) // bs]):
-            raise InvalidRequestError(f"sequence {s.seq_id}: block id out of range")
-        if any(t < 0 or t >= vocab for t in s.token_ids):
-            raise InvalidRequestError(f"sequence {s.seq_id}: token id out of range")
-
-
-class ModelRunner:
-    """Executes batches of :class:`SeqStep` against a paged KV cache of ``num_kv_blocks`` blocks."""
+class CpuRunner:
+    """The CPU :class:`Runner`: executes batches of :class:`SeqStep` against a paged KV cache of
+    ``num_kv_blocks`` blocks."""
 
     def __init__(
         self, model: LoadedModel, num_kv_blocks: int, block_size: int = 16, threads: int | None = None
@@ -76,7 +48,7 @@ class ModelRunner:
         # thread; once the teams of all threads together hold more threads than there are cores,
         # libgomp stops spin-waiting and every op pays a futex wake-up: decode speed halved on 2
         # cores when the engine's worker thread and the loading thread both had teams. So all
-        # multi-threaded torch work of the engine belongs on this thread (see ``call``).
+        # multi-threaded torch work of the engine belongs on this thread (see ``submit``).
         self._tid: list[int] = []  # filled by the model thread (no reference back to self)
         self._pool = ThreadPoolExecutor(
             max_workers=1,
@@ -105,26 +77,11 @@ class ModelRunner:
     def _thread(self) -> int | None:
         return self._tid[0] if self._tid else None
 
-    def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the model thread (for other multi-threaded torch work, e.g. sampling)."""
-        if threading.get_ident() == self._thread:
-            return fn(*args)
-        return self._pool.submit(fn, *args).result()
-
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Queue ``fn(*args)`` on the model thread. The engine runs its whole step there (schedule,
         forward, sampling, detokenizing): one thread hand-off per step instead of two, and the
         sampler's torch work joins the model thread's OpenMP team instead of competing with it."""
         return self._pool.submit(fn, *args)
-
-    def close(self) -> None:
-        """Stop the model thread (idempotent); the runner cannot execute afterwards."""
-        self._pool.shutdown(wait=True)
-
-    @staticmethod
-    def blocks_for_budget(config: ModelConfig, kv_cache_bytes: int, block_size: int = 16) -> int:
-        """How many KV blocks fit in ``kv_cache_bytes``."""
-        return max(0, kv_cache_bytes // (config.kv_bytes_per_token * block_size))
 
     def execute(self, steps: list[SeqStep]) -> torch.Tensor:
         """Run ``steps``; fp32 logits [number of steps with want_logits, vocab], in step order."""
@@ -153,3 +110,6 @@ class ModelRunner:
         with torch.inference_mode():
             plan = BatchPlan.build(work, self.block_size, self.model.cos, self.model.sin)
             return self.model.forward(plan, self.cache)
+
+
+_RUNNER: type[Runner] = CpuRunner  # mypy checks that CpuRunner implements the protocol

@@ -1,14 +1,15 @@
 """The GPU model runner: the Llama forward pass on Triton kernels, decode steps replayed from CUDA graphs.
 
-Same contract as :class:`veil.enclave.runner.cpu.ModelRunner` (the engine's ``Runner`` protocol):
-``execute(steps)`` runs one scheduled batch of :class:`SeqStep` and returns the fp32 logits of every
-step that asked for them, on the host, in step order. Only this object holds device tensors.
+:class:`CudaRunner` implements :class:`~veil.enclave.runner.protocol.Runner`, like the CPU runner
+(:class:`veil.enclave.runner.cpu.CpuRunner`): ``execute(steps)`` runs one scheduled batch of
+:class:`SeqStep` and returns the fp32 logits of every step that asked for them, on the host, in step
+order; ``submit`` queues an engine step on the runner's one device thread. Only this object holds
+device tensors.
 
 Hot loop, per layer: fused RMSNorm + residual → QKV (w4a16 / int8 Triton matmul, Q/K/V fused) →
 fused RoPE + paged-KV write → paged attention → O → fused RMSNorm + residual → gate/up (fused) →
-SiLU·mul → down. Weights are repacked once from the loader's unpacked specs (``LoadedModel.specs()``):
-int4 specs become the w4a16 layout, int8 specs the int8 weight-only layout; a tied LM head over a
-GGUF Q8_0 embedding uses the embedding's own group-32 int8 codes.
+SiLU·mul → down. Weights are repacked once from the loader's unpacked specs (``LoadedModel.specs()``)
+by :mod:`veil.enclave.runner.gpu_weights`.
 
 KV cache: per layer ``[num_blocks, block_size, n_kv_heads, head_dim]`` (the CPU runner's layout).
 
@@ -29,9 +30,11 @@ tensors and copied in, and logits are copied out the same way.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,99 +44,18 @@ from veil.enclave.errors import InvalidRequestError
 from veil.enclave.model.config import ModelConfig
 from veil.enclave.model.llama import rope_tables
 from veil.enclave.model.loader import LoadedModel
-from veil.enclave.model.weights import BlockEmbedding, LlamaSpecs, Spec
-from veil.enclave.runner.cpu import SeqStep, validate_steps
-from veil.kernels.quant_cpu import Int4Spec, Int8Spec
+from veil.enclave.model.weights import LlamaSpecs
+from veil.enclave.runner.gpu_weights import build_gpu_weights
+from veil.enclave.runner.protocol import Runner, SeqStep, validate_steps
 from veil.kernels.triton_fused import rmsnorm_residual, rope_kv_write
-from veil.kernels.triton_linear import (
-    DenseCudaLinear,
-    Int8WeightOnlyLinear,
-    W4A16Linear,
-    w4a16_from_scale_zero,
-)
-from veil.kernels.triton_paged_attention import paged_attention_decode, paged_attention_prefill
+from veil.kernels.triton_paged_attention import paged_attention_decode
+from veil.kernels.triton_paged_prefill import paged_attention_prefill
 
-__all__ = ["DEFAULT_GRAPH_BATCHES", "CudaModelRunner", "GpuLayer", "GpuWeights", "build_gpu_weights"]
+__all__ = ["DEFAULT_GRAPH_BATCHES", "CudaRunner"]
+
+T = TypeVar("T")
 
 DEFAULT_GRAPH_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
-
-Linear = W4A16Linear | Int8WeightOnlyLinear | DenseCudaLinear
-
-
-@dataclass(slots=True)
-class GpuLayer:
-    attn_norm: torch.Tensor
-    qkv: Linear
-    o: Linear
-    ffn_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
-
-
-@dataclass(slots=True)
-class GpuWeights:
-    embed: BlockEmbedding  # on the device; rows expanded on lookup
-    layers: list[GpuLayer]
-    norm: torch.Tensor
-    output: Linear
-
-    @property
-    def nbytes(self) -> int:
-        lin = [self.output, *(w for la in self.layers for w in (la.qkv, la.o, la.gate_up, la.down))]
-        return self.embed.nbytes + sum(w.nbytes for w in lin)
-
-
-def _dense(spec: Spec) -> torch.Tensor:
-    return spec.float() if isinstance(spec, torch.Tensor) else spec.dequantize()
-
-
-def _gpu_linear(specs: list[Spec], device: torch.device, dtype: torch.dtype) -> Linear:
-    """Fuse ``specs`` along the output dimension and pack them for the GPU kernels."""
-    if all(isinstance(s, Int4Spec) and s.group_size == 32 for s in specs):
-        spec = Int4Spec.concat([s for s in specs if isinstance(s, Int4Spec)])
-        return W4A16Linear(w4a16_from_scale_zero(spec.codes, spec.scale, spec.zero).to(device))
-    if all(isinstance(s, Int8Spec) for s in specs):
-        spec8 = Int8Spec.concat([s for s in specs if isinstance(s, Int8Spec)])
-        lin = Int8WeightOnlyLinear.from_codes(spec8.codes, spec8.scale.float())
-        return Int8WeightOnlyLinear(lin.weight.to(device))
-    # 16-bit tensors, or a rare mix of kinds: one dense weight
-    return DenseCudaLinear(torch.cat([_dense(s) for s in specs]).to(device, dtype))
-
-
-def _lm_head(specs: LlamaSpecs, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Linear:
-    e = specs.embed
-    q8_embedding = e.codes.dtype == torch.int8 and e.zero is None and not e.offset and e.group == 32
-    if config.tied_output and q8_embedding:
-        # The GGUF Q8_0 table itself (group-32 scales), not a per-channel re-quantization of it.
-        lin = Int8WeightOnlyLinear.from_codes(e.codes, e.scale.reshape(e.codes.shape[0], -1))
-        return Int8WeightOnlyLinear(lin.weight.to(device))
-    return _gpu_linear([specs.output], device, dtype)
-
-
-def build_gpu_weights(
-    specs: LlamaSpecs, config: ModelConfig, device: torch.device, dtype: torch.dtype
-) -> GpuWeights:
-    """Repack the loader's specs for the Triton kernels and move them to ``device``."""
-    layers = [
-        GpuLayer(
-            attn_norm=ls.attn_norm.to(device, dtype),
-            qkv=_gpu_linear([ls.q, ls.k, ls.v], device, dtype),
-            o=_gpu_linear([ls.o], device, dtype),
-            ffn_norm=ls.ffn_norm.to(device, dtype),
-            gate_up=_gpu_linear([ls.gate, ls.up], device, dtype),
-            down=_gpu_linear([ls.down], device, dtype),
-        )
-        for ls in specs.layers
-    ]
-    e = specs.embed
-    embed = BlockEmbedding(
-        e.codes.to(device),
-        e.scale.to(device),
-        None if e.zero is None else e.zero.to(device),
-        e.group,
-        e.offset,
-    )
-    return GpuWeights(embed, layers, specs.norm.to(device, dtype), _lm_head(specs, config, device, dtype))
 
 
 @dataclass(slots=True)
@@ -153,12 +75,13 @@ class _StepMeta:
     prefill_max_q: int
 
 
-class CudaModelRunner:
-    """Executes batches of :class:`SeqStep` on a GPU (or, for tests, on the CPU under the Triton interpreter).
+class CudaRunner:
+    """The GPU :class:`Runner`: executes batches of :class:`SeqStep` on a GPU (or, for tests, on the
+    CPU under the Triton interpreter).
 
     ``graph_batches``: the decode batch sizes to capture (only sizes up to ``max_batch`` are kept);
     ``use_graphs`` defaults to True on CUDA. ``prefill_impl`` picks the prefill attention
-    (``"sdpa"`` or ``"triton"``, see ``veil.kernels.triton_paged_attention``). ``device_logits``
+    (``"sdpa"`` or ``"triton"``, see ``veil.kernels.triton_paged_prefill``). ``device_logits``
     returns the logits on the device instead of copying them to the host: at 64 sequences × a 49k
     vocabulary the fp32 logits are 12.6 MB per step, which through CC-mode bounce buffers can cost
     as much as the step itself, so a sampler on the device should take them there.
@@ -219,14 +142,12 @@ class CudaModelRunner:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if use_graphs if use_graphs is not None else self.device.type == "cuda":
             self._capture()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-cuda")
+        weakref.finalize(self, self._pool.shutdown, wait=False)  # a dropped runner leaves no thread
 
-    @staticmethod
-    def blocks_for_budget(
-        config: ModelConfig, kv_cache_bytes: int, block_size: int = 16, dtype_bytes: int = 2
-    ) -> int:
-        """How many KV blocks fit in ``kv_cache_bytes`` (16-bit cache)."""
-        per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype_bytes
-        return max(0, kv_cache_bytes // (per_token * block_size))
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Queue ``fn(*args)`` on this runner's one device thread (the engine runs each step there)."""
+        return self._pool.submit(fn, *args)
 
     # ----------------------------------------------------------------------------------- the forward pass
 
@@ -436,12 +357,5 @@ class CudaModelRunner:
         )
         return meta, logit_rows
 
-    def describe(self) -> dict[str, Any]:
-        """Metadata for logs and benchmarks (no request data)."""
-        return {
-            "device": str(self.device),
-            "dtype": str(self.dtype),
-            "graph_batches": list(self._graphs) or [],
-            "weights_bytes": self.weights.nbytes,
-            "kv_cache_bytes": 2 * self.k_cache.numel() * self.k_cache.element_size(),
-        }
+
+_RUNNER: type[Runner] = CudaRunner  # mypy checks that CudaRunner implements the protocol
