@@ -75,10 +75,10 @@ def snp_cases(cache: Path) -> dict[str, Callable[[], object]]:
     from veil.attestation.audit.verify import (
         AuditRequest,
         collateral_store,
-        default_audit_policy,
         verify_snp_artifact,
     )
     from veil.attestation.options import VerifyOptions
+    from veil.attestation.policy import Policy
     from veil.attestation.snp.certs import load_certificates
     from veil.attestation.snp.report import Product
     from veil.attestation.snp.validate import validate_snp
@@ -94,7 +94,7 @@ def snp_cases(cache: Path) -> dict[str, Callable[[], object]]:
     seeder.client = httpx.Client(
         transport=httpx.MockTransport(lambda _req: httpx.Response(200, content=vcek))
     )
-    policy = default_audit_policy()
+    policy = Policy()
     _good(verify_snp_artifact(raw, AuditRequest(SNP_AT, policy, seeder, product=Product.MILAN)))
     seeder.client.close()
 
@@ -109,7 +109,7 @@ def snp_cases(cache: Path) -> dict[str, Callable[[], object]]:
     def in_memory() -> None:
         report, verdict = verify_snp_bytes(raw, certs, VerifyOptions(now=SNP_AT))
         assert report is not None
-        _good(verdict + validate_snp(report, policy.policy.snp_policy(report, None), product=Product.MILAN))
+        _good(verdict + validate_snp(report, policy.snp_policy(report, None), product=Product.MILAN))
 
     return {"snp: cached certs (CLI path)": cached, "snp: certs in memory": in_memory}
 
@@ -153,10 +153,10 @@ def tdx_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
     from veil.attestation.audit.verify import (
         AuditRequest,
         collateral_store,
-        default_audit_policy,
         verify_tdx_artifact,
     )
     from veil.attestation.options import VerifyOptions
+    from veil.attestation.policy import Policy
     from veil.attestation.tdx.collateral import load_collateral
     from veil.attestation.tdx.quote import parse_tdx_quote
     from veil.attestation.tdx.validate import validate_tdx
@@ -165,7 +165,7 @@ def tdx_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
     d = EVIDENCE / "tdx/dcap-qvl"
     raw = (d / "tdx_quote").read_bytes()
     coll_json = (d / "tdx_quote_collateral.json").read_bytes()
-    policy = default_audit_policy()
+    policy = Policy()
     with tempfile.TemporaryDirectory() as tmp:
         store = collateral_store(offline=True, environ={"VEIL_CACHE_DIR": tmp})
     request = AuditRequest(TDX_AT, policy, store, collateral=[("collateral.json", coll_json)])
@@ -181,7 +181,9 @@ def tdx_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
         v = verify_tdx(quote, VerifyOptions(now=TDX_AT), collateral=collateral)
         _good(
             v
-            + validate_tdx(quote, policy.tdx, tcb_status=tcb_status_of(v), advisory_ids=tcb_advisories_of(v))
+            + validate_tdx(
+                quote, policy.tdx_policy(None), tcb_status=tcb_status_of(v), advisory_ids=tcb_advisories_of(v)
+            )
         )
 
     def peer() -> None:

@@ -156,3 +156,42 @@ def test_describe_and_replace(sim_root: Path) -> None:
     assert "SIMULATED_SEV_SNP" in text and "GPUs required: 2" in text and "simulation 2" in text
     with pytest.raises(PolicyError):
         p.replace(allow_debug="yes")
+
+
+def test_tdx_and_gpu_tables_are_read_by_the_one_policy_parser() -> None:
+    rtmr = "ab" * 48
+    p = Policy.from_toml(
+        f"""
+        measurements = ["{"cd" * 48}"]
+        [tdx]
+        rtmr1 = ["{rtmr}"]
+        allowed_tcb_statuses = ["UpToDate", "SWHardeningNeeded"]
+        [gpu]
+        driver_versions = ["550.90.07"]
+        require_rims = true
+        """
+    )
+    assert p.tdx.rtmr[1] == frozenset({bytes.fromhex(rtmr)})
+    assert p.tdx.allowed_tcb_statuses == frozenset({"UpToDate", "SWHardeningNeeded"})
+    assert p.gpu.driver_versions == frozenset({"550.90.07"}) and p.gpu.require_rims
+    td = p.tdx_policy(bytes(64))
+    assert td.mrtd == frozenset({bytes.fromhex("cd" * 48)}) and not td.allow_debug
+    assert td.report_data == bytes(64) and td.rtmr == p.tdx.rtmr
+    assert Policy().tdx_policy(None).allowed_tcb_statuses == frozenset({"UpToDate"})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[tdx]\nmrtd = []", "unknown TDX policy key"),
+        ('[tdx]\nrtmr0 = ["zz"]', "rtmr0"),
+        ("[tdx]\nallow_missing_tcb_status = 1", "allow_missing_tcb_status"),
+        ('[tdx]\nallowed_tcb_statuses = ["Fine"]', "unknown TCB statuses"),
+        ("[gpu]\ncount = 1", "unknown GPU policy key"),
+        ('[gpu]\nrequire_rims = "yes"', "require_rims"),
+        ("tdx = 3", "tdx must be a dict"),
+    ],
+)
+def test_bad_tdx_or_gpu_tables_are_named(text: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        Policy.from_toml(text)

@@ -20,6 +20,14 @@ Policy files are TOML (every key optional)::
     vmpls = [0]
     require_smt_disabled = true
 
+    [tdx]                             # more TDX options (veil.attestation.tdx.validate.TdxPolicy);
+    rtmr0 = ["<96 hex>"]              # MRTD is `measurements`, debug is `allow_debug` above
+    allowed_tcb_statuses = ["UpToDate"]
+
+    [gpu]                             # GPU field options (veil.attestation.nvidia.validate.GpuPolicy)
+    driver_versions = ["550.90.07"]
+    require_rims = true
+
     [roots]                           # paths relative to the policy file
     amd = ["ark.pem"]                 # replaces the shipped AMD roots
     nvidia = ["root.pem"]             # replaces the shipped NVIDIA device root
@@ -45,10 +53,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from veil.attestation.errors import PolicyError, VeilAttestationError
+from veil.attestation.nvidia.validate import GpuPolicy
 from veil.attestation.nvidia.verify import nvidia_device_root
 from veil.attestation.snp.certs import load_certificates, pinned_ark
 from veil.attestation.snp.report import Product, SnpReport, TcbVersion
 from veil.attestation.snp.validate import SnpPolicy
+from veil.attestation.tdx.validate import TdxPolicy
 
 __all__ = ["PlatformName", "Policy", "TrustedRoots", "load_roots", "vendor_amd_roots"]
 
@@ -171,6 +181,8 @@ class Policy:
     data_policy_digest: bytes | None = None
     trusted_roots: TrustedRoots = field(default_factory=TrustedRoots.vendor)
     snp: SnpPolicy = field(default_factory=SnpPolicy)
+    tdx: TdxPolicy = field(default_factory=TdxPolicy)
+    gpu: GpuPolicy = field(default_factory=GpuPolicy)
 
     def __post_init__(self) -> None:
         platforms = frozenset(
@@ -206,6 +218,12 @@ class Policy:
         clashing = sorted(k for k in _SNP_TOP_LEVEL if getattr(self.snp, k) != getattr(_DEFAULT_SNP, k))
         if clashing:
             raise PolicyError(f"set {', '.join(clashing)} with the top-level keys, not in the SNP policy")
+        if not isinstance(self.tdx, TdxPolicy) or not isinstance(self.gpu, GpuPolicy):
+            raise PolicyError("tdx must be a TdxPolicy and gpu a GpuPolicy")
+        if self.tdx.allow_debug or self.tdx.mrtd or self.tdx.report_data is not None:
+            raise PolicyError(
+                "set allow_debug and measurements with the top-level keys, not in the TDX policy"
+            )
         if not isinstance(self.trusted_roots, TrustedRoots):
             raise PolicyError("trusted_roots must be a TrustedRoots")
         simulated = PlatformName.SIMULATED_SEV_SNP in platforms
@@ -235,6 +253,12 @@ class Policy:
             minimum_tcb=minimum,
             measurements=self.measurements,
             report_data=report_data,
+        )
+
+    def tdx_policy(self, report_data: bytes | None) -> TdxPolicy:
+        """The TDX field policy: the ``tdx`` options plus debug and MRTD (``measurements``)."""
+        return dataclasses.replace(
+            self.tdx, allow_debug=self.allow_debug, mrtd=self.measurements, report_data=report_data
         )
 
     @property
@@ -297,7 +321,7 @@ class Policy:
         """Build a policy from a parsed TOML document."""
         known = {
             "platforms", "allow_debug", "min_tcb", "measurements", "gpu_count", "model_digests",
-            "data_policy_digest", "roots", "snp",
+            "data_policy_digest", "roots", "snp", "tdx", "gpu",
         }  # fmt: skip
         unknown = sorted(set(doc) - known)
         if unknown:
@@ -327,6 +351,12 @@ class Policy:
                 kwargs["snp"] = SnpPolicy.from_mapping(table)
             except VeilAttestationError as exc:
                 raise PolicyError(f"[snp]: {exc}") from None
+        for key, kind in (("tdx", TdxPolicy), ("gpu", GpuPolicy)):
+            if key in doc:
+                try:
+                    kwargs[key] = kind.from_mapping(_typed(doc, key, dict))
+                except VeilAttestationError as exc:
+                    raise PolicyError(f"[{key}]: {exc}") from None
         policy = cls(**kwargs)
         if policy.allows_simulated:
             _log.warning(

@@ -10,16 +10,14 @@ on-disk cache first, then the vendor services. Offline, only the files given are
 certificate, a nonce of the wrong size) raise :class:`AuditUsageError`; problems with
 the evidence are failed checks.
 
-The policy file is the client's TOML policy (:class:`veil.attestation.policy.Policy`:
-``allow_debug``, ``min_tcb``, ``measurements``, ``[snp]``, ``[roots]``, …) with two
-more optional tables read here: ``[tdx]`` (:class:`TdxPolicy`) and ``[gpu]``
-(:class:`GpuPolicy`); see ``veil.attestation.audit.cli.POLICY_HELP``.
+The policy file is the client's TOML policy, read by :class:`veil.attestation.policy.Policy`
+(``allow_debug``, ``min_tcb``, ``measurements``, ``[snp]``, ``[tdx]``, ``[gpu]``, ``[roots]``,
+…); see ``veil.attestation.audit.cli.POLICY_HELP``.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,22 +27,18 @@ from typing import Any
 from cryptography import x509
 
 from veil.attestation.collateral import CollateralStore, Endpoints
-from veil.attestation.errors import CollateralError, PolicyError, VeilAttestationError
-from veil.attestation.nvidia.verify import GpuKind, GpuPolicy
+from veil.attestation.errors import CollateralError, VeilAttestationError
+from veil.attestation.nvidia.verify import GpuKind
 from veil.attestation.options import VerifyOptions
 from veil.attestation.policy import Policy
 from veil.attestation.snp.report import Product, SnpReport
-from veil.attestation.tdx.validate import TdxPolicy
 from veil.attestation.verdict import Verdict, VerdictBuilder
 
 __all__ = [
-    "AuditPolicy",
     "AuditRequest",
     "AuditUsageError",
     "GpuDevice",
     "collateral_store",
-    "default_audit_policy",
-    "load_audit_policy",
     "verify_azure_artifact",
     "verify_bundle_artifact",
     "verify_gpu_artifact",
@@ -55,111 +49,6 @@ __all__ = [
 
 class AuditUsageError(Exception):
     """What the auditor gave cannot be used (exit status 2); the message says what to do."""
-
-
-# ---------------------------------------------------------------------------------- policy
-
-
-@dataclass(frozen=True, slots=True)
-class AuditPolicy:
-    """The client :class:`Policy` plus the TDX and GPU field policies, from one TOML file."""
-
-    policy: Policy
-    tdx: TdxPolicy
-    gpu: GpuPolicy
-    source: str = "default (production-strict)"
-
-
-def _strings(table: Mapping[str, Any], key: str) -> list[str]:
-    value = table[key]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise PolicyError(f"{key} must be a list of strings")
-    return value
-
-
-def _hexes(table: Mapping[str, Any], key: str) -> frozenset[bytes]:
-    try:
-        return frozenset(bytes.fromhex(v.removeprefix("0x")) for v in _strings(table, key))
-    except ValueError:
-        raise PolicyError(f"{key}: entries must be hex") from None
-
-
-def _bool(table: Mapping[str, Any], key: str) -> bool:
-    value = table[key]
-    if not isinstance(value, bool):
-        raise PolicyError(f"{key} must be true or false")
-    return value
-
-
-def _tdx_policy(table: Mapping[str, Any], policy: Policy) -> TdxPolicy:
-    known = {f"rtmr{i}" for i in range(4)} | {
-        "mrseam", "allowed_tcb_statuses", "allow_missing_tcb_status", "rejected_advisories",
-    }  # fmt: skip
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise PolicyError(f"unknown [tdx] key(s): {', '.join(unknown)}")
-    rtmr = tuple(_hexes(table, f"rtmr{i}") if f"rtmr{i}" in table else frozenset() for i in range(4))
-    kwargs: dict[str, Any] = {}
-    if "mrseam" in table:
-        kwargs["mrseam"] = _hexes(table, "mrseam")
-    if "allowed_tcb_statuses" in table:
-        kwargs["allowed_tcb_statuses"] = frozenset(_strings(table, "allowed_tcb_statuses"))
-    if "allow_missing_tcb_status" in table:
-        kwargs["allow_missing_tcb_status"] = _bool(table, "allow_missing_tcb_status")
-    if "rejected_advisories" in table:
-        kwargs["rejected_advisories"] = frozenset(_strings(table, "rejected_advisories"))
-    try:
-        return TdxPolicy(
-            allow_debug=policy.allow_debug,
-            mrtd=policy.measurements,
-            rtmr=(rtmr[0], rtmr[1], rtmr[2], rtmr[3]),
-            **kwargs,
-        )
-    except VeilAttestationError as exc:
-        raise PolicyError(f"[tdx]: {exc}") from None
-
-
-def _gpu_policy(table: Mapping[str, Any]) -> GpuPolicy:
-    unknown = sorted(set(table) - {"driver_versions", "vbios_versions", "require_rims"})
-    if unknown:
-        raise PolicyError(f"unknown [gpu] key(s): {', '.join(unknown)}")
-    return GpuPolicy(
-        driver_versions=frozenset(_strings(table, "driver_versions"))
-        if "driver_versions" in table
-        else frozenset(),
-        vbios_versions=frozenset(_strings(table, "vbios_versions"))
-        if "vbios_versions" in table
-        else frozenset(),
-        require_rims=_bool(table, "require_rims") if "require_rims" in table else False,
-    )
-
-
-def default_audit_policy() -> AuditPolicy:
-    """Production-strict: hardware only, vendor roots, no debug, UpToDate TDX only."""
-    policy = Policy()
-    return AuditPolicy(policy, _tdx_policy({}, policy), GpuPolicy())
-
-
-def load_audit_policy(path: str | Path) -> AuditPolicy:
-    """Read a policy file (see :data:`POLICY_HELP`); raises :class:`PolicyError`."""
-    p = Path(path)
-    try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"cannot read policy file {p}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{p}: not valid TOML: {exc}") from None
-    tables = {}
-    for name in ("tdx", "gpu"):
-        table = doc.pop(name, {})
-        if not isinstance(table, dict):
-            raise PolicyError(f"{p}: [{name}] must be a table")
-        tables[name] = table
-    try:
-        policy = Policy.from_mapping(doc, base_dir=p.resolve().parent)
-        return AuditPolicy(policy, _tdx_policy(tables["tdx"], policy), _gpu_policy(tables["gpu"]), str(p))
-    except PolicyError as exc:
-        raise PolicyError(f"{p}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------- request
@@ -189,7 +78,7 @@ class AuditRequest:
     """Everything ``veil attest verify`` was given besides the artifact itself."""
 
     now: datetime
-    policy: AuditPolicy
+    policy: Policy
     store: CollateralStore
     nonce: bytes | None = None
     report_data: bytes | None = None
@@ -281,7 +170,7 @@ def verify_snp_artifact(raw: bytes, req: AuditRequest) -> Verdict:
         except VeilAttestationError:
             parsed = None  # verify_snp_bytes reports the parse failure
         certs = _fetch_vcek(parsed, req) if parsed is not None else []
-    roots = _custom(req.policy.policy.trusted_roots.amd, vendor_amd_roots())
+    roots = _custom(req.policy.trusted_roots.amd, vendor_amd_roots())
     if roots == ():  # empty options roots mean the vendor's: never fall back to them
         raise AuditUsageError("the policy trusts no AMD root")
     options = VerifyOptions(now=req.now, trusted_roots=roots or ())
@@ -289,7 +178,7 @@ def verify_snp_artifact(raw: bytes, req: AuditRequest) -> Verdict:
     if report is None:
         return verdict
     product = report.product or req.product or _leaf_product(certs)
-    snp_policy = req.policy.policy.snp_policy(report, expected)
+    snp_policy = req.policy.snp_policy(report, expected)
     return verdict + validate_snp(report, snp_policy, product=product)
 
 
@@ -306,7 +195,7 @@ def verify_azure_artifact(evidence: Any, req: AuditRequest) -> Verdict:
     from veil.attestation.snp.validate import validate_snp
 
     certs = req.certs if req.certs is not None else list(evidence.certs)
-    roots = _custom(req.policy.policy.trusted_roots.amd, vendor_amd_roots())
+    roots = _custom(req.policy.trusted_roots.amd, vendor_amd_roots())
     if roots == ():  # empty options roots mean the vendor's: never fall back to them
         raise AuditUsageError("the policy trusts no AMD root")
     report, verdict = verify_azure_snp(
@@ -321,7 +210,7 @@ def verify_azure_artifact(evidence: Any, req: AuditRequest) -> Verdict:
     if report is None:
         return verdict
     product = report.product or req.product or _leaf_product(certs)
-    return verdict + validate_snp(report, req.policy.policy.snp_policy(report, None), product=product)
+    return verdict + validate_snp(report, req.policy.snp_policy(report, None), product=product)
 
 
 # ---------------------------------------------------------------------------------- TDX
@@ -329,8 +218,6 @@ def verify_azure_artifact(evidence: Any, req: AuditRequest) -> Verdict:
 
 def verify_tdx_artifact(raw: bytes, req: AuditRequest) -> Verdict:
     """A TDX quote: signatures, PCK chain, QE binding, collateral appraisal, then the TDX policy."""
-    import dataclasses
-
     from veil.attestation.tdx.collateral import load_collateral
     from veil.attestation.tdx.fetch import fetch_tdx_collateral
     from veil.attestation.tdx.quote import parse_tdx_quote
@@ -361,9 +248,7 @@ def verify_tdx_artifact(raw: bytes, req: AuditRequest) -> Verdict:
             raise AuditUsageError(f"cannot fetch TDX collateral ({exc}); give --collateral FILE") from None
     verdict = verify_tdx(quote, VerifyOptions(now=req.now), collateral=collateral)
     expected = req.report_data if req.report_data is not None else req.nonce
-    policy = req.policy.tdx
-    if expected is not None:
-        policy = dataclasses.replace(policy, report_data=_pad64(expected, "--report-data"))
+    policy = req.policy.tdx_policy(_pad64(expected, "--report-data") if expected is not None else None)
     status = tcb_status_of(verdict)
     return verdict + validate_tdx(quote, policy, tcb_status=status, advisory_ids=tcb_advisories_of(verdict))
 
@@ -413,7 +298,7 @@ def verify_gpu_artifact(devices: Sequence[GpuDevice], req: AuditRequest) -> Verd
         raise AuditUsageError("--report-data does not apply to GPU evidence; use --nonce")
     if req.nonce is not None and len(req.nonce) != 32:
         raise AuditUsageError(f"--nonce must be 32 bytes for GPU evidence, got {len(req.nonce)}")
-    roots = req.policy.policy.trusted_roots.nvidia
+    roots = req.policy.trusted_roots.nvidia
     root = None
     if roots != (nvidia_device_root(),) and roots:
         top = devices[0].chain[-1] if devices and devices[0].chain else None
@@ -430,7 +315,7 @@ def verify_gpu_artifact(devices: Sequence[GpuDevice], req: AuditRequest) -> Verd
         policy=req.policy.gpu,
     )
     b = VerdictBuilder()
-    count = req.policy.policy.gpu_count
+    count = req.policy.gpu_count
     gpus = sum(1 for d in devices if d.kind == "gpu")
     if count is None:
         b.skip("policy.gpu_count", f"any number allowed ({gpus} GPU report(s))")
@@ -454,5 +339,5 @@ def verify_bundle_artifact(data: bytes, req: AuditRequest) -> Verdict:
         raise AuditUsageError(
             f"--nonce must be the 32-byte nonce sent with GetEvidence, got {len(req.nonce)} bytes"
         )
-    result = verify_evidence(data, VerifyOptions(now=req.now), policy=req.policy.policy, nonce=req.nonce)
+    result = verify_evidence(data, VerifyOptions(now=req.now), policy=req.policy, nonce=req.nonce)
     return result.verdict

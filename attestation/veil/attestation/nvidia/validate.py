@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from veil.attestation.errors import MalformedInputError
 from veil.attestation.nvidia.report import GpuKind, GpuReport, OpaqueFieldType
@@ -50,6 +51,26 @@ class GpuPolicy:
     driver_versions: frozenset[str] = frozenset()
     vbios_versions: frozenset[str] = frozenset()
     require_rims: bool = False
+
+    @staticmethod
+    def from_mapping(data: Mapping[str, Any]) -> GpuPolicy:
+        """A policy from a TOML-style table: ``driver_versions`` / ``vbios_versions`` as lists of
+        strings, ``require_rims`` as a boolean. Unknown keys and wrong types are an error."""
+        unknown = sorted(set(data) - {"driver_versions", "vbios_versions", "require_rims"})
+        if unknown:
+            raise MalformedInputError(f"unknown GPU policy key(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for key in ("driver_versions", "vbios_versions"):
+            if key in data:
+                value = data[key]
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise MalformedInputError(f"{key} must be a list of strings")
+                kwargs[key] = frozenset(value)
+        if "require_rims" in data:
+            if not isinstance(data["require_rims"], bool):
+                raise MalformedInputError("require_rims must be true or false")
+            kwargs["require_rims"] = data["require_rims"]
+        return GpuPolicy(**kwargs)
 
 
 def validate_nonce(v: VerdictBuilder, p: str, report: GpuReport, nonce: bytes | None) -> None:

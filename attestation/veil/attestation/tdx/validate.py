@@ -8,8 +8,9 @@ allow-lists that are empty are reported as ``skip: no allow-list`` — never as 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from veil.attestation.errors import MalformedInputError
 from veil.attestation.tdx.collateral import TCB_STATUSES
@@ -67,6 +68,46 @@ class TdxPolicy:
         object.__setattr__(self, "rejected_advisories", frozenset(self.rejected_advisories))
         if self.report_data is not None and len(self.report_data) != 64:
             raise MalformedInputError("report_data must be 64 bytes")
+
+    @staticmethod
+    def from_mapping(data: Mapping[str, Any]) -> TdxPolicy:
+        """A policy from a TOML-style table: ``rtmr0``…``rtmr3`` and ``mrseam`` as lists of hex,
+        ``allowed_tcb_statuses`` / ``rejected_advisories`` as lists of strings,
+        ``allow_missing_tcb_status`` as a boolean. Unknown keys and wrong types are an error.
+        (MRTD and debug are the client policy's top-level ``measurements`` / ``allow_debug``.)
+        """
+        known = {f"rtmr{i}" for i in range(4)} | {
+            "mrseam", "allowed_tcb_statuses", "allow_missing_tcb_status", "rejected_advisories",
+        }  # fmt: skip
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MalformedInputError(f"unknown TDX policy key(s): {', '.join(unknown)}")
+        rtmr = tuple(_hex_list(data, f"rtmr{i}") if f"rtmr{i}" in data else frozenset() for i in range(4))
+        kwargs: dict[str, Any] = {"rtmr": rtmr}
+        if "mrseam" in data:
+            kwargs["mrseam"] = _hex_list(data, "mrseam")
+        for key in ("allowed_tcb_statuses", "rejected_advisories"):
+            if key in data:
+                kwargs[key] = frozenset(_string_list(data, key))
+        if "allow_missing_tcb_status" in data:
+            if not isinstance(data["allow_missing_tcb_status"], bool):
+                raise MalformedInputError("allow_missing_tcb_status must be true or false")
+            kwargs["allow_missing_tcb_status"] = data["allow_missing_tcb_status"]
+        return TdxPolicy(**kwargs)
+
+
+def _string_list(data: Mapping[str, Any], key: str) -> list[str]:
+    value = data[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise MalformedInputError(f"{key} must be a list of strings")
+    return value
+
+
+def _hex_list(data: Mapping[str, Any], key: str) -> frozenset[bytes]:
+    try:
+        return frozenset(bytes.fromhex(v.removeprefix("0x")) for v in _string_list(data, key))
+    except ValueError:
+        raise MalformedInputError(f"{key}: entries must be hex") from None
 
 
 def _in_list(b: VerdictBuilder, name: str, value: bytes, allowed: frozenset[bytes], what: str) -> None:
