@@ -15,6 +15,10 @@ Policy files are TOML (every key optional)::
     gpu_count = 1                     # exact number of GPU reports required; absent = any
     model_digests = ["<64 hex>"]      # SHA-256 of the weights file; empty = any (skip)
     data_policy_digest = "<64 hex>"   # the data-handling policy the enclave must enforce
+    host_data = "<64 hex>"            # SNP HOST_DATA the launch must carry
+    azure_pcrs = { 4 = "<64 hex>" }   # Azure CVM vTPM PCRs that measure the guest
+    require_crl = true                # the AMD chain is checked against its CRL
+    allow_any_measurement = false     # LOUD opt-out: accept an unpinned code identity
 
     [snp]                             # more SEV-SNP options (veil.attestation.snp.validate.SnpPolicy)
     vmpls = [0]
@@ -183,6 +187,12 @@ class Policy:
     snp: SnpPolicy = field(default_factory=SnpPolicy)
     tdx: TdxPolicy = field(default_factory=TdxPolicy)
     gpu: GpuPolicy = field(default_factory=GpuPolicy)
+    # Fail-closed identity pinning (issue #11): an unpinned code identity fails unless this
+    # explicit, loudly named opt-out is set (exploring unknown evidence only).
+    allow_any_measurement: bool = False
+    host_data: bytes | None = None  # SNP HOST_DATA (32 bytes) a release names
+    azure_pcrs: Mapping[int, bytes] = field(default_factory=dict)  # Azure CVM vTPM PCR pins
+    require_crl: bool = True  # the AMD chain must be checked against a (stapled) CRL
 
     def __post_init__(self) -> None:
         platforms = frozenset(
@@ -218,6 +228,18 @@ class Policy:
         clashing = sorted(k for k in _SNP_TOP_LEVEL if getattr(self.snp, k) != getattr(_DEFAULT_SNP, k))
         if clashing:
             raise PolicyError(f"set {', '.join(clashing)} with the top-level keys, not in the SNP policy")
+        for flag in ("allow_any_measurement", "require_crl"):
+            if not isinstance(getattr(self, flag), bool):
+                raise PolicyError(f"{flag} must be a boolean")
+        if self.host_data is not None:
+            (host_data,) = _hex_set([self.host_data], "host_data", (DIGEST_SIZE,))
+            object.__setattr__(self, "host_data", host_data)
+        pcrs: dict[int, bytes] = {}
+        for index, value in dict(self.azure_pcrs).items():
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 23:
+                raise PolicyError(f"azure_pcrs: PCR index {index!r} is not in 0..23")
+            (pcrs[index],) = _hex_set([value], f"azure_pcrs.{index}", (DIGEST_SIZE,))
+        object.__setattr__(self, "azure_pcrs", pcrs)
         if not isinstance(self.tdx, TdxPolicy) or not isinstance(self.gpu, GpuPolicy):
             raise PolicyError("tdx must be a TdxPolicy and gpu a GpuPolicy")
         if self.tdx.allow_debug or self.tdx.mrtd or self.tdx.report_data is not None:
@@ -321,7 +343,8 @@ class Policy:
         """Build a policy from a parsed TOML document."""
         known = {
             "platforms", "allow_debug", "min_tcb", "measurements", "gpu_count", "model_digests",
-            "data_policy_digest", "roots", "snp", "tdx", "gpu",
+            "data_policy_digest", "roots", "snp", "tdx", "gpu", "allow_any_measurement", "host_data",
+            "azure_pcrs", "require_crl",
         }  # fmt: skip
         unknown = sorted(set(doc) - known)
         if unknown:
@@ -340,6 +363,17 @@ class Policy:
             kwargs["gpu_count"] = _typed(doc, "gpu_count", int)
         if "data_policy_digest" in doc:
             kwargs["data_policy_digest"] = _typed(doc, "data_policy_digest", str)
+        for key in ("allow_any_measurement", "require_crl"):
+            if key in doc:
+                kwargs[key] = _typed(doc, key, bool)
+        if "host_data" in doc:
+            kwargs["host_data"] = _typed(doc, "host_data", str)
+        if "azure_pcrs" in doc:
+            table = _typed(doc, "azure_pcrs", dict)
+            try:
+                kwargs["azure_pcrs"] = {int(k): v for k, v in table.items()}
+            except ValueError:
+                raise PolicyError("azure_pcrs keys must be PCR numbers") from None
         if "roots" in doc:
             kwargs["trusted_roots"] = _roots(_typed(doc, "roots", dict), base_dir)
         if "snp" in doc:
