@@ -28,7 +28,6 @@ DATA_POLICY = hashlib.sha256(b"fake data policy").digest()
 class FakeEnclave:
     def __init__(self, state_dir: Path, answer: tuple[str, ...] = ("Hello", ", ", "world", ".")) -> None:
         self.authority = load_or_create_simulation(state_dir)
-        self.provider = SimulatedTeeProvider(self.authority, measurement_from_build_digest(BUILD))
         self.root_pem = state_dir / "simulation-root.pem"
         self.answer = answer
         self.restart()
@@ -39,13 +38,14 @@ class FakeEnclave:
         self.reject: tuple[int, str] | None = None
         self.closed = False
 
-    def restart(self) -> None:
-        """A new enclave key, as after a server restart."""
+    def restart(self, model_digest: bytes = MODEL, build_digest: bytes = BUILD) -> None:
+        """A new enclave key, as after a server restart (optionally another model or build)."""
+        self.provider = SimulatedTeeProvider(self.authority, measurement_from_build_digest(build_digest))
         self.identity = create_identity(
-            model_digest=MODEL,
+            model_digest=model_digest,
             engine_version="fake-0",
             data_policy_digest=DATA_POLICY,
-            server_build_digest=BUILD,
+            server_build_digest=build_digest,
             simulated=True,
         )
 

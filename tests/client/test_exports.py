@@ -47,7 +47,8 @@ def test_every_public_function_has_a_docstring() -> None:
 
 
 def test_sdk_methods_documented() -> None:
-    from veil.client._client import AsyncCompletions, Completions
+    from veil.client._async_client import AsyncCompletions
+    from veil.client._client import Completions
 
     for cls in (veil.client.Client, veil.client.AsyncClient, Completions, AsyncCompletions):
         for attr in ("create", "attest", "save_evidence", "close"):

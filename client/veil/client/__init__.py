@@ -14,7 +14,9 @@ Imports neither torch nor ``veil.enclave``.
 
 from veil.attestation.policy import Policy
 from veil.attestation.verdict import Check, CheckStatus, Verdict
-from veil.client._client import AsyncClient, AsyncStream, Client, Stream
+from veil.client._async_client import AsyncClient, AsyncStream
+from veil.client._client import Client, Stream
+from veil.client._identity import EnclaveIdentity
 from veil.client._transport import (
     AsyncGrpcTransport,
     AsyncResponseStream,
@@ -60,6 +62,7 @@ __all__ = [
     "Client",
     "CompletionUsage",
     "ConfigurationError",
+    "EnclaveIdentity",
     "GrpcTransport",
     "Policy",
     "RequestRejectedError",

@@ -4,6 +4,12 @@ Everything here is pure: checking arguments, turning evidence into a pinned
 :class:`Attestation`, sealing a request to the attested key, and decrypting the
 response payloads into OpenAI-shaped chunks. The two clients only add the I/O
 (sync or async) around it, so they cannot drift apart.
+
+Key pinning lives here too, once: the first accepted attestation pins an
+:class:`~veil.client._identity.EnclaveIdentity`; every later one (after "stale key",
+after the pinned key expired, or an explicit ``attest()``) must show the same
+identity or is refused with an :class:`AttestationError` naming each changed field.
+A pinned key expires ``key_ttl`` after it was verified.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from veil.attestation import errors as att_errors
@@ -22,6 +28,7 @@ from veil.attestation.channel.stream import StreamDecryptor
 from veil.attestation.options import VerifyOptions
 from veil.attestation.policy import Policy
 from veil.attestation.verdict import Verdict
+from veil.client._identity import EnclaveIdentity, identity_of
 from veil.client._types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -40,9 +47,17 @@ from veil.client.errors import (
 from veil.proto.chat import ChatMessageError, check_chat
 from veil.proto.v1 import generate_pb2, service_pb2
 
-__all__ = ["Attestation", "ClientCore", "GenerateParams", "ResponseReader"]
+__all__ = [
+    "DEFAULT_KEY_TTL",
+    "Attestation",
+    "ClientCore",
+    "GenerateParams",
+    "ResponseReader",
+    "check_key_ttl",
+]
 
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_KEY_TTL = timedelta(hours=1)
 STALE_KEY_CODE = "FAILED_PRECONDITION"
 _FINISH = {
     generate_pb2.FINISH_REASON_STOP: "stop",
@@ -53,7 +68,10 @@ _FINISH = {
 
 @dataclass(frozen=True, slots=True)
 class Attestation:
-    """A verified enclave: its verdict, claims and the key requests are sealed to."""
+    """A verified enclave: its verdict, claims, identity and the key requests are sealed to.
+
+    The key is used until ``expires_at``; then the client attests afresh.
+    """
 
     verdict: Verdict
     claims: Claims
@@ -61,6 +79,8 @@ class Attestation:
     evidence: bytes
     nonce: bytes
     verified_at: datetime
+    identity: EnclaveIdentity
+    expires_at: datetime
 
     @property
     def model(self) -> str:
@@ -140,6 +160,19 @@ def check_params(
         seed=seed,
         stop=stops,
     )
+
+
+def check_key_ttl(key_ttl: timedelta | float | int) -> timedelta:
+    """``key_ttl`` as a positive :class:`~datetime.timedelta` (numbers are seconds)."""
+    if isinstance(key_ttl, timedelta):
+        ttl = key_ttl
+    elif isinstance(key_ttl, int | float) and not isinstance(key_ttl, bool) and math.isfinite(key_ttl):
+        ttl = timedelta(seconds=key_ttl)
+    else:
+        raise ConfigurationError(f"key_ttl must be a timedelta or a number of seconds, got {key_ttl!r}")
+    if ttl <= timedelta(0):
+        raise ConfigurationError(f"key_ttl must be positive, got {key_ttl!r}")
+    return ttl
 
 
 def check_messages(messages: Iterable[Mapping[str, Any] | Any]) -> list[generate_pb2.ChatMessage]:
@@ -261,12 +294,15 @@ class ClientCore:
         *,
         clock: Callable[[], datetime],
         random_bytes: Callable[[int], bytes],
+        key_ttl: timedelta | float | int = DEFAULT_KEY_TTL,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ConfigurationError("policy must be a veil.client.Policy")
         self.policy = policy
         self.clock = clock
         self.random_bytes = random_bytes
+        self.key_ttl = check_key_ttl(key_ttl)
+        self.pinned: EnclaveIdentity | None = None
 
     def _random(self, n: int) -> bytes:
         data = self.random_bytes(n)
@@ -278,8 +314,17 @@ class ClientCore:
         """A fresh 32-byte attestation nonce."""
         return self._random(NONCE_SIZE)
 
+    def expired(self, attestation: Attestation) -> bool:
+        """True once ``attestation``'s key is past its ``key_ttl``: attest afresh before using it."""
+        return self.clock() >= attestation.expires_at
+
     def accept(self, evidence: bytes, nonce: bytes) -> Attestation:
-        """Verify ``evidence`` for ``nonce`` under the policy; raise :class:`AttestationError` if bad."""
+        """Verify ``evidence`` for ``nonce`` under the policy and the pinned identity.
+
+        The first good evidence pins its :class:`EnclaveIdentity`; later evidence with
+        another identity is refused even when the policy would accept it. Raises
+        :class:`AttestationError`; call it under the client's lock.
+        """
         now = self.clock()
         result = verify_evidence(evidence, VerifyOptions(now=now), policy=self.policy, nonce=nonce)
         if not result.ok or result.claims is None or result.public_key is None:
@@ -290,6 +335,25 @@ class ClientCore:
                 failed_checks=failed,
                 verdict=result.verdict,
             )
+        try:
+            identity = identity_of(result.evidence, result.claims) if result.evidence else None
+        except att_errors.VeilAttestationError as exc:
+            raise AttestationError(str(exc), failed_checks=["pin.identity"], verdict=result.verdict) from exc
+        if identity is None:  # pragma: no cover - a good verdict always has parsed evidence
+            raise AttestationError(
+                "no evidence to pin", failed_checks=["pin.identity"], verdict=result.verdict
+            )
+        if self.pinned is not None:
+            changes = self.pinned.changes(identity)
+            if changes:
+                raise AttestationError(
+                    "re-attested enclave is not the pinned one (a new key is accepted only for the "
+                    "same identity; make a new client to trust another): " + "; ".join(changes),
+                    failed_checks=[f"pin.{c.split(':', 1)[0]}" for c in changes],
+                    verdict=result.verdict,
+                )
+        else:
+            self.pinned = identity
         return Attestation(
             verdict=result.verdict,
             claims=result.claims,
@@ -297,6 +361,8 @@ class ClientCore:
             evidence=evidence,
             nonce=nonce,
             verified_at=now,
+            identity=identity,
+            expires_at=now + self.key_ttl,
         )
 
     def check_model(self, model: str | None, attestation: Attestation) -> None:
