@@ -12,6 +12,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -375,3 +377,37 @@ def test_server_restart_mid_session(server: LocalServer, relay: Relay, policy: P
     assert sum(m.path == GET_EVIDENCE for m in relay.messages if m.direction == "c2s") == 2
     stale = [h for d, _, h in relay.headers if d == "s2c" and ("grpc-status", "9") in h]
     assert stale, "the server answered FAILED_PRECONDITION to the stale key"
+
+
+def test_restart_under_another_data_policy_is_refused(
+    server: LocalServer, relay: Relay, policy: Policy, tmp_path: Path
+) -> None:
+    """The enclave comes back with another data-handling policy: the re-attestation is refused.
+
+    The policy here does not pin the data-policy digest, so only key pinning refuses the switch.
+    Runs after ``test_server_restart_mid_session``: it restarts the module's server (and puts it back).
+    """
+    changed = tmp_path / "data_policy.toml"
+    default = resources.files("veil.enclave").joinpath("data_policy.toml").read_bytes()
+    changed.write_bytes(default + b"\n# another release\n")
+    client = Client(relay.address, policy=policy)
+    extra = list(server.extra_args)
+    try:
+        _ask(client)
+        pinned = client.identity
+        server.stop()
+        server.extra_args = [*extra, "--data-policy", str(changed)]
+        server.start()
+        relay.retarget((server.host, server.port))
+        with pytest.raises(AttestationError) as info:
+            _ask(client)
+        assert info.value.failed_checks == ("pin.data_policy_digest",)
+        assert client.identity == pinned
+    finally:
+        client.close()
+        server.stop()
+        server.extra_args = extra
+        server.start()
+        relay.retarget((server.host, server.port))
+    generates = [m for m in relay.messages if m.direction == "c2s" and m.path == GENERATE]
+    assert len(generates) == 2  # the first request, the stale attempt; nothing to the new key
