@@ -110,7 +110,10 @@ def test_trustee_report_verifies_and_tampering_fails(evidence_dir: Path) -> None
     byte384 = bytearray(raw)  # reported_tcb's bootloader SPL: signature and the VCEK's TCB both disagree
     byte384[384] += 1
     _, bad = verify_snp_bytes(bytes(byte384), vcek, VerifyOptions(now=TRUSTEE_NOW))
-    assert failed(bad) == {"snp.signature", "snp.vcek.tcb"}
+    # issue #11: the report's TCB is unauthenticated once the signature fails, so the VCEK's TCB is
+    # not compared with it (skip, naming the cause) rather than failed a second time.
+    assert failed(bad) == {"snp.signature"}
+    assert (bad.get("snp.vcek.tcb") or pytest.fail()).detail == "not checked: snp.signature failed"
 
 
 @pytest.mark.parametrize(
@@ -135,7 +138,10 @@ def test_turin_vcek_chains_to_the_turin_ark(evidence_dir: Path) -> None:
         certs(evidence_dir, "virtee-sev/vcek_turin.der", "go-sev-guest/ask_ark_milan.pem"),
         VerifyOptions(now=TURIN_NOW),
     )
-    assert failed(wrong) == {"snp.chain.ark", "snp.chain.ask", "snp.chain.leaf"}
+    # issue #11: with no trusted ARK the ASK is not checked (skip), not failed a second time.
+    assert failed(wrong) == {"snp.chain.ark", "snp.chain.leaf"}
+    assert status(wrong, "snp.chain.ask") is CheckStatus.SKIP
+    assert status(wrong, "snp.vcek.product") is CheckStatus.SKIP
     assert not verify_amd_chain(
         certs(evidence_dir, "virtee-sev/vcek_turin.der"), VerifyOptions(now=TURIN_NOW), product="Genoa"
     ).ok
@@ -298,7 +304,9 @@ def test_fake_turin_report_with_8_byte_hwid(fake: FakeAmd) -> None:
     assert verdict.ok, verdict.table()
     other_chip = dataclasses.replace(report, chip_id=b"\x5b" * 8 + bytes(56))
     bad = verify_snp(other_chip, [vcek, turin.ask], VerifyOptions(now=INSIDE, trusted_roots=(turin.ark,)))
-    assert {"snp.vcek.hwid", "snp.signature"} <= failed(bad)
+    # issue #11: CHIP_ID is unauthenticated once the signature fails: hwID is not compared with it.
+    assert failed(bad) == {"snp.signature"}
+    assert status(bad, "snp.vcek.hwid") is CheckStatus.SKIP
 
 
 def test_fake_vlek_report(fake: FakeAmd) -> None:
@@ -306,10 +314,19 @@ def test_fake_vlek_report(fake: FakeAmd) -> None:
     report = signed_report(key, version=3, reported_tcb=MILAN_TCB, signing_key=SigningKey.VLEK)
     verdict = verify_snp(report, [vlek, fake.asvk], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
     assert verdict.ok, verdict.table()
-    assert status(verdict, "snp.vcek.hwid") is CheckStatus.SKIP
+    # issue #11: VLEK results are named as VLEK / ASVK (snp.chain.asvk, snp.vlek.*), never VCEK / ASK.
+    assert status(verdict, "snp.vlek.hwid") is CheckStatus.SKIP
+    names = [c.name for c in verdict.checks]
+    assert "snp.chain.asvk" in names and not any(
+        n.startswith("snp.vcek") or n == "snp.chain.ask" for n in names
+    )
+    assert "ASVK" in (verdict.get("snp.chain.asvk") or pytest.fail()).detail
+    assert "VLEK" in (verdict.get("snp.chain.leaf") or pytest.fail()).detail
+    assert "VLEK" in (verdict.get("snp.signature") or pytest.fail()).detail
+    assert not any("VCEK" in c.detail or "ASK " in c.detail for c in verdict.checks), verdict.table()
     # A report claiming the VCEK signed it, verified with a VLEK: kinds disagree.
     as_vcek = signed_report(key, version=3, reported_tcb=MILAN_TCB, signing_key=SigningKey.VCEK)
-    assert "snp.vcek.signing_key" in failed(
+    assert "snp.vlek.signing_key" in failed(
         verify_snp(as_vcek, [vlek, fake.asvk], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
     )
     # A VLEK presented with the ASK (not the ASVK) does not chain.
@@ -363,7 +380,10 @@ def test_leaf_key_must_be_p384(fake: FakeAmd) -> None:
     report = signed_report(key, version=3, reported_tcb=MILAN_TCB)
     verdict = verify_snp(report, [leaf, fake.ask], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
     assert {"snp.signature", "snp.chain.leaf"} <= failed(verdict)
-    assert "snp.vcek.tcb" in failed(verdict)  # no AMD extensions at all
+    # issue #11: the leaf (which carries no AMD extensions at all) does not chain, so its
+    # extensions are not checked: skip naming the failed link, not a second failure.
+    assert status(verdict, "snp.vcek.tcb") is CheckStatus.SKIP
+    assert (verdict.get("snp.vcek.tcb") or pytest.fail()).detail == "not checked: snp.chain.leaf failed"
 
 
 def test_trusted_roots_sharing_a_name(fake: FakeAmd) -> None:
@@ -415,3 +435,34 @@ def test_crl(fake: FakeAmd) -> None:
     assert crl_status(_crl(fake.ark.subject, [], salt=20)) is CheckStatus.FAIL
     assert crl_status(_crl(name("someone else"), [])) is CheckStatus.FAIL
     assert crl_status(_crl(fake.ark.subject, [], next_update=INSIDE - timedelta(hours=1))) is CheckStatus.FAIL
+
+
+def test_checks_after_a_failed_prerequisite_are_skipped_never_passed(fake: FakeAmd) -> None:
+    """Issue #11: an ASK that does not chain leaves the CRL and the VCEK's extensions unjudged.
+
+    Before, ``snp.chain.crl`` said "not revoked" and ``snp.vcek.*`` passed on a leaf whose issuer
+    no trusted root vouched for.
+    """
+    key, vcek = fake.leaf(MILAN_TCB)
+    report = signed_report(key, version=3, reported_tcb=MILAN_TCB, chip_id=bytes(range(64)))
+    other = rsa_key(4)  # an ASK of the right name, signed by a key that is not the ARK's
+    forged_ask = issue("SEV-Milan", fake.ark.subject, fake.ask.public_key(), other, ca=True)
+    verdict = verify_snp(
+        report,
+        [vcek, forged_ask],
+        VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)),
+        crl=_crl(fake.ark.subject, [99]),
+    )
+    assert failed(verdict) == {"snp.chain.ask"}, verdict.table()
+    for name_ in (
+        "snp.chain.crl",
+        "snp.vcek.signing_key",
+        "snp.vcek.product",
+        "snp.vcek.tcb",
+        "snp.vcek.hwid",
+    ):
+        check = verdict.get(name_) or pytest.fail(name_)
+        assert (check.status, check.detail) == (CheckStatus.SKIP, "not checked: snp.chain.ask failed"), name_
+    assert status(verdict, "snp.signature") is CheckStatus.PASS  # a fact about the leaf's key, kept
+    alone = verify_amd_chain([vcek, forged_ask], VerifyOptions(now=INSIDE, trusted_roots=(fake.ark,)))
+    assert status(alone, "snp.vcek.product") is CheckStatus.SKIP

@@ -4,6 +4,11 @@ Every verifier (SNP, Azure, TDX, NVIDIA GPU, simulated) reports through a
 :class:`Verdict`: an ordered list of :class:`Check` s, each pass, fail or skip
 with a detail saying why. A verdict is good only when no check failed and at
 least one passed; a skip never makes a bad verdict good.
+
+A check whose input another check failed to authenticate (TCB status of a quote
+whose signature failed, a certificate's extensions when its chain failed) is
+``skip`` with ``not checked: <prerequisite> failed`` (:meth:`VerdictBuilder.blocked`),
+never ``pass``: the verdict is already bad, and the table names the one cause.
 """
 
 from __future__ import annotations
@@ -87,6 +92,18 @@ class VerdictBuilder:
 
     def extend(self, checks: Iterable[Check]) -> None:
         self.checks.extend(checks)
+
+    def blocked(self, name: str, *prerequisites: str) -> bool:
+        """Skip ``name`` when one of ``prerequisites`` failed; True when it did (then do not judge it).
+
+        The skip reads ``not checked: <prerequisite> failed`` (the first failed one, in the order given).
+        """
+        failed = {c.name for c in self.checks if c.status is CheckStatus.FAIL}
+        cause = next((p for p in prerequisites if p in failed), None)
+        if cause is None:
+            return False
+        self.skip(name, f"not checked: {cause} failed")
+        return True
 
     def build(self) -> Verdict:
         return Verdict(tuple(self.checks))

@@ -14,6 +14,18 @@ must be zero; the report's SIGNING_KEY must agree with the leaf's kind; every
 certificate must be valid at the injected ``now``. Clock and roots come in one
 :class:`~veil.attestation.options.VerifyOptions`.
 
+Check names say which key they are about. A VCEK report gives ``snp.chain.ark``,
+``snp.chain.ask``, ``snp.chain.leaf``, ``snp.vcek.*``; a VLEK report gives ``snp.chain.ark``,
+``snp.chain.asvk``, ``snp.chain.leaf``, ``snp.vlek.*`` (same suffixes: ``extensions``,
+``signing_key``, ``product``, ``tcb``, ``hwid``), and every message names VLEK / ASVK. The
+stable prefixes are ``snp.chain.`` and ``snp.``; ``snp.chain.ark``, ``snp.chain.leaf``,
+``snp.chain.validity``, ``snp.chain.crl`` and ``snp.signature`` are the same for both.
+
+A check that judges something a failed check should have authenticated is ``skip``
+("not checked: … failed"), never ``pass``: the leaf's extensions (product, TCB, hwID)
+after a failed ``snp.chain.*`` link, the report's fields (TCB, CHIP_ID, SIGNING_KEY)
+after a failed ``snp.signature``, the CRL after a failed ARK or ASK/ASVK.
+
 Field policy (debug, TCB minimums, measurements, ...) is :mod:`veil.attestation.snp.validate`.
 """
 
@@ -202,7 +214,8 @@ def _verify_chain(
     crl: x509.CertificateRevocationList | None,
 ) -> None:
     leaf = certs[0]
-    leaf_kind = "VLEK" if vlek else "VCEK"
+    leaf_kind, inter_kind = ("VLEK", "ASVK") if vlek else ("VCEK", "ASK")
+    ask_check = _ask_check(vlek)
     default_roots = not trusted_roots
     roots: list[x509.Certificate]
     if not default_roots:
@@ -227,7 +240,7 @@ def _verify_chain(
     elif bundled_root is not None and not any(bundled_root == r for r in roots):
         b.fail("snp.chain.ark", f"the bundle's root {_name(bundled_root)} is not a trusted root")
     elif intermediate is None:
-        b.fail("snp.chain.ark", "no ASK/ASVK given, and none is pinned for a custom or unknown root")
+        b.fail("snp.chain.ark", f"no {inter_kind} given, and none is pinned for a custom or unknown root")
     else:
         candidates = [r for r in roots if r.subject == intermediate.issuer]
         if not candidates:
@@ -244,17 +257,19 @@ def _verify_chain(
             else:
                 b.fail("snp.chain.ark", f"{_name(root)}: {problem}")
 
-    if intermediate is not None and root is not None:
+    if intermediate is None:
+        b.fail(ask_check, f"no {inter_kind} given")
+    elif root is not None:
         problem = _link_problem(intermediate, root)
         if problem is None and not _is_ca(intermediate):
             problem = "not a CA certificate (basic constraints)"
         b.check(
-            "snp.chain.ask",
+            ask_check,
             problem is None,
-            f"{_name(intermediate)}: {problem or 'signed by ' + _name(root)}",
+            f"{inter_kind} {_name(intermediate)}: {problem or 'signed by ' + _name(root)}",
         )
-    else:
-        b.fail("snp.chain.ask", "no ASK/ASVK chained to a trusted root")
+    elif not b.blocked(ask_check, "snp.chain.ark"):
+        b.fail(ask_check, f"no trusted root to check the {inter_kind} against")
 
     if intermediate is not None:
         problem = _link_problem(leaf, intermediate)
@@ -268,8 +283,8 @@ def _verify_chain(
         b.check(
             "snp.chain.leaf", problem is None, f"{leaf_kind}: {problem or 'signed by ' + _name(intermediate)}"
         )
-    else:
-        b.fail("snp.chain.leaf", f"{leaf_kind}: no intermediate to check it against")
+    elif not b.blocked("snp.chain.leaf", ask_check):
+        b.fail("snp.chain.leaf", f"{leaf_kind}: no {inter_kind} to check it against")
 
     chain = [c for c in (leaf, intermediate, root) if c is not None]
     expired = [
@@ -284,7 +299,20 @@ def _verify_chain(
         if expired
         else f"all valid at {now.isoformat()}",
     )
-    _check_crl(b, crl, root, intermediate, now)
+    _check_crl(b, crl, root, intermediate, now, vlek=vlek)
+
+
+def _ask_check(vlek: bool) -> str:
+    return "snp.chain.asvk" if vlek else "snp.chain.ask"
+
+
+def _chain_checks(vlek: bool) -> tuple[str, str, str]:
+    """The links a leaf's extensions are only AMD's word after."""
+    return ("snp.chain.ark", _ask_check(vlek), "snp.chain.leaf")
+
+
+def _key_prefix(vlek: bool) -> str:
+    return "snp.vlek" if vlek else "snp.vcek"
 
 
 def verify_amd_chain(
@@ -297,7 +325,7 @@ def verify_amd_chain(
     """Verify a VCEK/VLEK certificate chain alone (no report), as :func:`verify_snp` does.
 
     Checks: ``snp.product`` (caller vs the certificate's productName), the
-    ``snp.chain.*`` checks and ``snp.vcek.product``.
+    ``snp.chain.*`` checks and ``snp.vcek.product`` (``snp.vlek.product`` for a VLEK).
     """
     b = VerdictBuilder()
     if not certs:
@@ -314,7 +342,9 @@ def verify_amd_chain(
     _verify_chain(
         b, certs, trusted_roots=options.trusted_roots, prod=prod, vlek=exts.is_vlek, now=options.now, crl=crl
     )
-    _check_product_name(b, exts, prod, product)
+    name = f"{_key_prefix(exts.is_vlek)}.product"
+    if not b.blocked(name, *_chain_checks(exts.is_vlek)):
+        _check_product_name(b, name, exts, prod, product)
     return b.build()
 
 
@@ -339,7 +369,8 @@ def verify_snp(
 
     Checks, in order: ``snp.product``, ``snp.chain.ark``, ``snp.chain.ask``,
     ``snp.chain.leaf``, ``snp.chain.validity``, ``snp.chain.crl``, ``snp.signature``,
-    ``snp.vcek.signing_key``, ``snp.vcek.product``, ``snp.vcek.tcb``, ``snp.vcek.hwid``.
+    ``snp.vcek.signing_key``, ``snp.vcek.product``, ``snp.vcek.tcb``, ``snp.vcek.hwid``
+    (for a VLEK: ``snp.chain.asvk`` and ``snp.vlek.*``).
     """
     b = VerdictBuilder()
     if not certs:
@@ -350,14 +381,15 @@ def verify_snp(
         b.fail("snp.signature", "no usable VCEK/VLEK certificate to verify the signature with")
         return b.build()
     leaf = certs[0]
+    claimed_vlek = report.signing_key == SigningKey.VLEK
     exts: AmdKeyExtensions | None
     try:
         exts = parse_amd_extensions(leaf)
     except MalformedInputError as exc:
         exts = None
-        b.fail("snp.vcek.extensions", str(exc))
+        b.fail(f"{_key_prefix(claimed_vlek)}.extensions", str(exc))
     prod = _resolve_product(report, exts, product, b)
-    vlek = report.signing_key == SigningKey.VLEK or (exts is not None and exts.is_vlek)
+    vlek = claimed_vlek or (exts is not None and exts.is_vlek)
     leaf_kind = "VLEK" if vlek else "VCEK"
 
     _verify_chain(
@@ -379,9 +411,13 @@ def _check_crl(
     root: x509.Certificate | None,
     intermediate: x509.Certificate | None,
     now: datetime,
+    *,
+    vlek: bool,
 ) -> None:
     if crl is None:
         b.skip("snp.chain.crl", "no CRL given")
+        return
+    if b.blocked("snp.chain.crl", "snp.chain.ark", _ask_check(vlek)):
         return
     if root is None or intermediate is None:
         b.fail("snp.chain.crl", "no trusted chain to check the CRL against")
@@ -401,17 +437,17 @@ def _check_crl(
 
 
 def _check_product_name(
-    b: VerdictBuilder, exts: AmdKeyExtensions, prod: Product | None, wanted: Product | str | None
+    b: VerdictBuilder, name: str, exts: AmdKeyExtensions, prod: Product | None, wanted: Product | str | None
 ) -> None:
     stepping = isinstance(wanted, str) and "-" in wanted  # e.g. "Milan-B0": the stepping must match too
     if exts.product is None:
-        b.fail("snp.vcek.product", f"productName {exts.product_name!r} names no known product")
+        b.fail(name, f"productName {exts.product_name!r} names no known product")
     elif prod is not None and exts.product is not prod:
-        b.fail("snp.vcek.product", f"certificate is for {exts.product_name}, report is from {prod.value}")
+        b.fail(name, f"certificate is for {exts.product_name}, report is from {prod.value}")
     elif stepping and str(exts.product_name).lower() != str(wanted).strip().lower():
-        b.fail("snp.vcek.product", f"certificate is for {exts.product_name}, expected {wanted}")
+        b.fail(name, f"certificate is for {exts.product_name}, expected {wanted}")
     else:
-        b.passed("snp.vcek.product", f"{exts.product_name}")
+        b.passed(name, f"{exts.product_name}")
 
 
 def _check_extensions(
@@ -423,59 +459,63 @@ def _check_extensions(
     vlek: bool,
     product: Product | str | None,
 ) -> None:
-    if report.signing_key == SigningKey.NONE:
-        b.fail("snp.vcek.signing_key", "the report says it is unsigned (SIGNING_KEY = 7)")
-    elif exts is not None:
-        claimed = "VLEK" if report.signing_key == SigningKey.VLEK else "VCEK"
-        actual = "VLEK" if exts.is_vlek else "VCEK"
-        b.check(
-            "snp.vcek.signing_key",
-            claimed == actual,
-            f"report names the {claimed}; certificate is a {actual}",
-        )
+    prefix = _key_prefix(vlek)
+    chain = _chain_checks(vlek)
+    # The extensions are AMD's word only when the chain holds; the report's fields only when signed.
+    parsed = f"{_key_prefix(report.signing_key == SigningKey.VLEK)}.extensions"
+    signing_key = f"{prefix}.signing_key"
+    if not b.blocked(signing_key, parsed, *chain, "snp.signature"):
+        if report.signing_key == SigningKey.NONE:
+            b.fail(signing_key, "the report says it is unsigned (SIGNING_KEY = 7)")
+        elif exts is not None:
+            claimed = "VLEK" if report.signing_key == SigningKey.VLEK else "VCEK"
+            actual = "VLEK" if exts.is_vlek else "VCEK"
+            b.check(signing_key, claimed == actual, f"report names the {claimed}; certificate is a {actual}")
     if exts is None:
-        for name in ("snp.vcek.product", "snp.vcek.tcb", "snp.vcek.hwid"):
-            b.fail(name, "the certificate's AMD extensions did not parse")
+        for name in ("product", "tcb", "hwid"):
+            b.skip(f"{prefix}.{name}", f"not checked: {parsed} failed")
         return
 
-    _check_product_name(b, exts, prod, product)
+    if not b.blocked(f"{prefix}.product", *chain):
+        _check_product_name(b, f"{prefix}.product", exts, prod, product)
 
-    try:
-        certified = exts.tcb()
-    except MalformedInputError as exc:
-        b.fail("snp.vcek.tcb", str(exc))
-    else:
-        if certified.turin != (prod is Product.TURIN):
-            b.fail(
-                "snp.vcek.tcb", "FMC SPL extension present exactly on Turin certificates; this one disagrees"
-            )
+    tcb = f"{prefix}.tcb"
+    if not b.blocked(tcb, *chain, "snp.signature"):
+        try:
+            certified = exts.tcb()
+        except MalformedInputError as exc:
+            b.fail(tcb, str(exc))
         else:
-            same = certified.raw == report.reported_tcb.raw
-            b.check(
-                "snp.vcek.tcb",
-                same,
-                f"certificate {certified}"
-                + ("" if same else f" but report's reported_tcb is {report.reported_tcb}"),
-            )
+            if certified.turin != (prod is Product.TURIN):
+                b.fail(tcb, "FMC SPL extension present exactly on Turin certificates; this one disagrees")
+            else:
+                same = certified.raw == report.reported_tcb.raw
+                b.check(
+                    tcb,
+                    same,
+                    f"certificate {certified}"
+                    + ("" if same else f" but report's reported_tcb is {report.reported_tcb}"),
+                )
 
+    hwid = f"{prefix}.hwid"
+    if b.blocked(hwid, *chain, "snp.signature"):
+        return
     if vlek:
         if exts.hwid is not None:
-            b.fail("snp.vcek.hwid", "a VLEK must not carry a hwID")
+            b.fail(hwid, "a VLEK must not carry a hwID")
         else:
-            b.skip("snp.vcek.hwid", f"VLEK (CSP {exts.csp_id}) carries no hwID")
+            b.skip(hwid, f"VLEK (CSP {exts.csp_id}) carries no hwID")
         return
     if exts.hwid is None:
-        b.fail("snp.vcek.hwid", "VCEK has no hwID extension")
+        b.fail(hwid, "VCEK has no hwID extension")
     elif report.mask_chip_key:
-        b.skip("snp.vcek.hwid", "report's CHIP_ID is masked (MASK_CHIP_KEY)")
+        b.skip(hwid, "report's CHIP_ID is masked (MASK_CHIP_KEY)")
     elif len(exts.hwid) == 8:
         ok = prod is Product.TURIN and exts.hwid == report.chip_id[:8]
-        b.check(
-            "snp.vcek.hwid", ok, "8-byte Turin hwID " + ("= CHIP_ID[0:8]" if ok else "does not match CHIP_ID")
-        )
+        b.check(hwid, ok, "8-byte Turin hwID " + ("= CHIP_ID[0:8]" if ok else "does not match CHIP_ID"))
     else:
         ok = exts.hwid == report.chip_id
-        b.check("snp.vcek.hwid", ok, "hwID = CHIP_ID" if ok else "hwID does not match the report's CHIP_ID")
+        b.check(hwid, ok, "hwID = CHIP_ID" if ok else "hwID does not match the report's CHIP_ID")
 
 
 def verify_snp_bytes(
