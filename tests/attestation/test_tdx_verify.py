@@ -31,11 +31,13 @@ from veil.attestation.tdx.verify import (
     intel_sgx_root_ca,
     tcb_advisories_of,
     tcb_status_of,
+    tcb_unappraised_reason,
     verify_tdx,
     verify_tdx_collateral,
 )
 from veil.attestation.verdict import CheckStatus, Verdict
 
+TDX_NOW = "2025-07-01"  # dcap-qvl's tdx_quote and its collateral are current then (SOURCES.tsv)
 SIGNATURE_CHECKS = (
     "tdx.ak.signature",
     "tdx.qe.signature",
@@ -327,7 +329,9 @@ def test_wrong_fmspc_collateral_fails(tdx: Path) -> None:
         collateral=dcap(tdx, "near_quote_collateral.json"),
     )
     assert status(v, "tdx.collateral.fmspc") is CheckStatus.FAIL
-    assert status(v, "tdx.tcb.status") is CheckStatus.FAIL
+    # issue #11: a TCB status is not appraised against another platform's TCB info: skip, naming why.
+    assert status(v, "tdx.tcb.status") is CheckStatus.SKIP
+    assert (v.get("tdx.tcb.status") or v.checks[0]).detail == "not checked: tdx.collateral.fmspc failed"
     assert status(v, "tdx.tcb.dcap_qvl") is CheckStatus.PASS  # "Fmspc mismatch" there too
 
 
@@ -424,7 +428,9 @@ def test_tampered_tcb_info_fails_its_signature(tdx: Path) -> None:
     v = verify_tdx(read_quote(tdx / "dcap-qvl/tdx_quote"), VerifyOptions(now=at("2025-07-01")), collateral=c)
     tcb = v.get("tdx.collateral.tcb_info")
     assert tcb is not None and tcb.status is CheckStatus.FAIL and "signature" in tcb.detail
-    assert status(v, "tdx.tcb.status") is CheckStatus.FAIL
+    # issue #11: nothing is appraised against TCB info whose signature failed (skip, not a second fail).
+    assert status(v, "tdx.tcb.status") is CheckStatus.SKIP
+    assert status(v, "tdx.tdx_module") is CheckStatus.SKIP
     assert status(v, "tdx.tcb.dcap_qvl") is CheckStatus.PASS
 
 
@@ -569,3 +575,69 @@ def test_deeply_nested_json_is_typed() -> None:
         load_collateral(deep)
     with pytest.raises(MalformedInputError):
         signed_member(b'{"tcbInfo":' + deep + b"}", "tcbInfo")
+
+
+# ------------------------------------------------------------------ prerequisites (issue #11)
+
+
+def test_tcb_is_not_appraised_on_a_quote_whose_signature_failed(tdx: Path) -> None:
+    """Real quote and collateral (UpToDate as signed): tamper with the TD report and the TCB status,
+    QE identity and TDX module are not judged on it. Before, ``tdx.tcb.status`` passed "UpToDate"."""
+    q = read_quote(tdx / "dcap-qvl/tdx_quote")
+    collateral = dcap(tdx, "tdx_quote_collateral.json")
+    body = verify_tdx(
+        parse_tdx_quote(_flip(q.raw, q.signed_length - 10)),
+        VerifyOptions(now=at(TDX_NOW)),
+        collateral=collateral,
+    )
+    assert [c.name for c in body.failed] == ["tdx.ak.signature"], body.table()
+    for name in ("tdx.tdx_module", "tdx.tcb.status"):
+        check = body.get(name)
+        assert check is not None and (check.status, check.detail) == (
+            CheckStatus.SKIP,
+            "not checked: tdx.ak.signature failed",
+        ), name
+    assert tcb_status_of(body) is None
+    assert tcb_unappraised_reason(body) == "tdx.ak.signature failed"
+    assert status(body, "tdx.collateral.tcb_info") is CheckStatus.PASS  # collateral stands on its own
+
+    start = q.signed_length + 4 + 64 + 64 + 6  # the QE report
+    qe = verify_tdx(
+        parse_tdx_quote(_flip(q.raw, start + 100)), VerifyOptions(now=at(TDX_NOW)), collateral=collateral
+    )
+    assert [c.name for c in qe.failed] == ["tdx.qe.signature"], qe.table()
+    for name in ("tdx.qe.identity", "tdx.tdx_module", "tdx.tcb.status"):
+        check = qe.get(name)
+        assert check is not None and (check.status, check.detail) == (
+            CheckStatus.SKIP,
+            "not checked: tdx.qe.signature failed",
+        ), name
+    assert tcb_unappraised_reason(qe) == "tdx.qe.signature failed"
+
+
+def test_pck_dependent_checks_skip_after_a_failed_chain(tdx: Path, evidence_dir: Path) -> None:
+    amd = x509.load_pem_x509_certificates((evidence_dir / "snp/go-sev-guest/milan.testcer").read_bytes())[-1]
+    v = verify_tdx(
+        read_quote(tdx / "dcap-qvl/tdx_quote"),
+        VerifyOptions(now=at(TDX_NOW), trusted_roots=(amd,)),
+        collateral=dcap(tdx, "tdx_quote_collateral.json"),
+    )
+    assert status(v, "tdx.pck.chain") is CheckStatus.FAIL
+    for name in (
+        "tdx.pck.crl",
+        "tdx.collateral.fmspc",
+        "tdx.qe.identity",
+        "tdx.tdx_module",
+        "tdx.tcb.status",
+    ):
+        check = v.get(name)
+        assert check is not None and (check.status, check.detail) == (
+            CheckStatus.SKIP,
+            "not checked: tdx.pck.chain failed",
+        ), name
+    assert tcb_status_of(v) is None
+
+
+def test_unappraised_reason_without_collateral_is_none(tdx: Path) -> None:
+    v = verify_tdx(read_quote(tdx / "dcap-qvl/tdx_quote"), VerifyOptions(now=at(TDX_NOW)), collateral=None)
+    assert status(v, "tdx.tcb.status") is CheckStatus.SKIP and tcb_unappraised_reason(v) is None

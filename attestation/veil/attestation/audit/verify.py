@@ -222,7 +222,12 @@ def verify_tdx_artifact(raw: bytes, req: AuditRequest) -> Verdict:
     from veil.attestation.tdx.fetch import fetch_tdx_collateral
     from veil.attestation.tdx.quote import parse_tdx_quote
     from veil.attestation.tdx.validate import validate_tdx
-    from veil.attestation.tdx.verify import tcb_advisories_of, tcb_status_of, verify_tdx
+    from veil.attestation.tdx.verify import (
+        tcb_advisories_of,
+        tcb_status_of,
+        tcb_unappraised_reason,
+        verify_tdx,
+    )
 
     if req.certs is not None:
         raise AuditUsageError("--certs does not apply to TDX: the quote carries its PCK chain")
@@ -249,8 +254,13 @@ def verify_tdx_artifact(raw: bytes, req: AuditRequest) -> Verdict:
     verdict = verify_tdx(quote, VerifyOptions(now=req.now), collateral=collateral)
     expected = req.report_data if req.report_data is not None else req.nonce
     policy = req.policy.tdx_policy(_pad64(expected, "--report-data") if expected is not None else None)
-    status = tcb_status_of(verdict)
-    return verdict + validate_tdx(quote, policy, tcb_status=status, advisory_ids=tcb_advisories_of(verdict))
+    return verdict + validate_tdx(
+        quote,
+        policy,
+        tcb_status=tcb_status_of(verdict),
+        advisory_ids=tcb_advisories_of(verdict),
+        tcb_not_appraised=tcb_unappraised_reason(verdict),
+    )
 
 
 # ---------------------------------------------------------------------------------- NVIDIA

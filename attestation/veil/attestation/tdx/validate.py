@@ -125,11 +125,15 @@ def validate_tdx(
     *,
     tcb_status: str | None,
     advisory_ids: Iterable[str] = (),
+    tcb_not_appraised: str | None = None,
 ) -> Verdict:
     """Check the quote's fields against ``policy``.
 
     ``tcb_status`` / ``advisory_ids`` come from :func:`~veil.attestation.tdx.verify.verify_tdx`
-    (see ``tcb_status_of``); None means no collateral was appraised.
+    (see ``tcb_status_of``); None means no collateral was appraised. ``tcb_not_appraised``
+    (``tcb_unappraised_reason`` of that verdict): collateral was given, but the verify step's
+    ``"tdx.tcb.status failed"`` (or a prerequisite did): ``policy.tcb_status`` is then skipped,
+    naming it; pass it only together with that failing verdict.
     """
     td = quote.td_report
     b = VerdictBuilder()
@@ -158,7 +162,9 @@ def validate_tdx(
     _in_list(b, "policy.mrseam", td.mr_seam, policy.mrseam, "MRSEAM")
 
     if tcb_status is None:
-        if policy.allow_missing_tcb_status:
+        if tcb_not_appraised is not None:
+            b.skip("policy.tcb_status", f"not checked: {tcb_not_appraised}")
+        elif policy.allow_missing_tcb_status:
             b.skip("policy.tcb_status", "no TCB status (no collateral appraised); policy allows that")
         else:
             b.fail("policy.tcb_status", "no TCB status: verify with collateral to appraise the TCB")

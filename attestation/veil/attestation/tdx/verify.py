@@ -28,6 +28,13 @@ Every step is a named check in the :class:`~veil.attestation.verdict.Verdict`:
 Without collateral the collateral checks are skipped, so the verdict can still be
 good on signatures alone; a policy (:mod:`veil.attestation.tdx.validate`) then
 decides whether a missing TCB status is acceptable (by default it is not).
+
+A check that judges what a failed check should have authenticated is ``skip``
+("not checked: <check> failed"), never ``pass``: the PCK CRL and the PCK's FMSPC after a
+failed ``tdx.pck.chain``; the QE identity after a failed QE signature or QE identity
+collateral; the TDX module and the TCB status after a failed quote signature, QE binding,
+QE signature, PCK chain or collateral check (:data:`TCB_PREREQUISITES`). ``tdx.tcb.dcap_qvl``
+always runs: "both reject" is an answer.
 """
 
 from __future__ import annotations
@@ -62,10 +69,12 @@ from veil.attestation.verdict import CheckStatus, Verdict, VerdictBuilder
 
 __all__ = [
     "INTEL_SGX_ROOT_CA_SHA256",
+    "TCB_PREREQUISITES",
     "TCB_STATUS_DETAIL_PREFIX",
     "intel_sgx_root_ca",
     "tcb_advisories_of",
     "tcb_status_of",
+    "tcb_unappraised_reason",
     "verify_tdx",
     "verify_tdx_collateral",
 ]
@@ -75,6 +84,18 @@ INTEL_SGX_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cb
 
 TCB_STATUS_DETAIL_PREFIX = "status="
 _PCK_CA_NAMES = ("Intel SGX PCK Platform CA", "Intel SGX PCK Processor CA")
+# What authenticates the TD report (quote → attestation key → QE report → PCK → Intel root).
+_QUOTE_CHAIN = ("tdx.ak.signature", "tdx.qe.binding", "tdx.qe.signature", "tdx.pck.chain")
+TCB_PREREQUISITES = (
+    *_QUOTE_CHAIN,
+    "tdx.pck.extensions",
+    "tdx.collateral.tcb_info",
+    "tdx.collateral.qe_identity",
+    "tdx.collateral.fmspc",
+    "tdx.qe.identity",
+    "tdx.tdx_module",
+)
+"""The checks ``tdx.tcb.status`` needs to pass: when one failed, the TCB status is not appraised (skip)."""
 
 
 @lru_cache(maxsize=1)
@@ -218,6 +239,24 @@ def tcb_status_of(verdict: Verdict) -> str | None:
     return _tcb_fields(verdict).get("status")
 
 
+def tcb_unappraised_reason(verdict: Verdict) -> str | None:
+    """Why collateral was given yet no TCB status came out: ``"tdx.tcb.status failed"`` or the
+    failed prerequisite (``"tdx.ak.signature failed"``); None when it was appraised or no
+    collateral was given. For :func:`~veil.attestation.tdx.validate.validate_tdx`'s
+    ``tcb_not_appraised`` (whose check then skips, as this verdict already fails)."""
+    check = verdict.get("tdx.tcb.status")
+    if check is None or check.status is CheckStatus.PASS:
+        return None
+    if check.status is CheckStatus.FAIL:
+        return "tdx.tcb.status failed"
+    cause = check.detail.removeprefix("not checked: ")
+    return (
+        cause
+        if cause != check.detail and cause.removesuffix(" failed") in {c.name for c in verdict.failed}
+        else None
+    )
+
+
 def tcb_advisories_of(verdict: Verdict) -> tuple[str, ...]:
     """The advisory IDs of that TCB status (empty when none or not appraised)."""
     ids = _tcb_fields(verdict).get("advisories", "none")
@@ -337,6 +376,8 @@ def _check_crls(
     if collateral is None or (collateral.pck_crl is None and collateral.root_ca_crl is None):
         b.skip("tdx.pck.crl", "no CRLs given")
         return
+    if b.blocked("tdx.pck.crl", "tdx.pck.chain"):
+        return
     problems: list[str] = []
     done: list[str] = []
     if len(chain) >= 2 and collateral.pck_crl is not None:
@@ -406,37 +447,42 @@ def _appraise(
     """Collateral checks; the merged TCB appraisal when it could be made, else None."""
     info, qe_id = c.tcb_info, c.qe_identity
     tcb_ok, qe_ok = _check_collateral_signatures(b, c, root, now)
-    if pck is None:
-        b.fail("tdx.collateral.fmspc", "PCK extensions unreadable")
-        fmspc_ok = False
-    else:
-        fmspc_ok = b.check(
+    fmspc_ok = False
+    # pck is None exactly when tdx.pck.extensions failed, which blocks this check.
+    if not b.blocked(
+        "tdx.collateral.fmspc", "tdx.pck.chain", "tdx.pck.extensions", "tdx.collateral.tcb_info"
+    ):
+        fmspc_ok = pck is not None and b.check(
             "tdx.collateral.fmspc",
             pck.fmspc == info.fmspc and pck.pce_id == info.pce_id,
             f"PCK FMSPC {pck.fmspc.hex()} / PCE id {pck.pce_id.hex()}; "
             f"TCB info FMSPC {info.fmspc.hex()} / PCE id {info.pce_id.hex()}",
         )
     qe_level: TcbAppraisal | None = None
-    try:
-        qe_level = match_qe_identity(qe_id, quote.signature_data.qe_certification.qe_report)
-        b.passed(
-            "tdx.qe.identity",
-            f"QE ISV SVN {quote.signature_data.qe_certification.qe_report.isv_svn}: {qe_level.status}",
-        )
-    except TcbError as exc:
-        b.fail("tdx.qe.identity", str(exc))
+    if not b.blocked("tdx.qe.identity", "tdx.qe.signature", "tdx.pck.chain", "tdx.collateral.qe_identity"):
+        try:
+            qe_level = match_qe_identity(qe_id, quote.signature_data.qe_certification.qe_report)
+            b.passed(
+                "tdx.qe.identity",
+                f"QE ISV SVN {quote.signature_data.qe_certification.qe_report.isv_svn}: {qe_level.status}",
+            )
+        except TcbError as exc:
+            b.fail("tdx.qe.identity", str(exc))
     td = quote.td_report
     module_ok = False
-    try:
-        module_name, module_level = match_tdx_module(info, td, td.tee_tcb_svn)
-        module_ok = True
-        level_note = f": ISV SVN {td.tee_tcb_svn[0]} {module_level.status}" if module_level else ""
-        b.passed("tdx.tdx_module", module_name + level_note)
-    except TcbError as exc:
-        b.fail("tdx.tdx_module", str(exc))
+    if not b.blocked("tdx.tdx_module", *_QUOTE_CHAIN, "tdx.collateral.tcb_info"):
+        try:
+            module_name, module_level = match_tdx_module(info, td, td.tee_tcb_svn)
+            module_ok = True
+            level_note = f": ISV SVN {td.tee_tcb_svn[0]} {module_level.status}" if module_level else ""
+            b.passed("tdx.tdx_module", module_name + level_note)
+        except TcbError as exc:
+            b.fail("tdx.tdx_module", str(exc))
 
+    if b.blocked("tdx.tcb.status", *TCB_PREREQUISITES):
+        return None
     if pck is None or qe_level is None or not (tcb_ok and qe_ok and fmspc_ok and module_ok):
-        b.fail("tdx.tcb.status", "not appraised: the collateral or the quote failed a check above")
+        b.fail("tdx.tcb.status", "not appraised: a check above did not pass")  # pragma: no cover
         return None
     try:
         launch, current, final = evaluate_tdx_tcb(info, pck, td, qe_level)
