@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from veil.attestation.snp.report import parse_snp_report
+from veil.attestation.snp.report import SigningKey, TcbVersion, parse_snp_report
 from veil.attestation.tdx.quote import parse_tdx_quote
+from veil.attestation.testing.snp import make_fake_amd, signed_report
 from veil.cli import main
 
 GSG_AT = "2022-09-24T01:00:00Z"
@@ -413,7 +415,15 @@ def test_tdx_collateral_fetched_from_pcs_then_cached(
     for name in ("tdx.pck.crl", "tdx.collateral.tcb_info", "tdx.collateral.qe_identity", "tdx.tcb.dcap_qvl"):
         assert check(doc, name)["status"] == "pass", name
     # The E4 stepping's CPU SVN is below every level of this TCB info (as go-tdx-guest's own tests find).
-    assert code == code_again == 1 and failed(doc) == {"tdx.tcb.status", "policy.tcb_status"}
+    assert code == code_again == 1 and failed(doc) == {"tdx.tcb.status"}
+    # issue #11: with collateral given, the policy check names the failed appraisal (skip), never
+    # "verify with collateral" (it was a second failure saying so).
+    assert check(doc, "policy.tcb_status") == {
+        "name": "policy.tcb_status",
+        "status": "skip",
+        "detail": "not checked: tdx.tcb.status failed",
+    }
+    assert not any("with collateral" in c["detail"] for c in doc["checks"])
 
 
 # ---------------------------------------------------------------------------------- NVIDIA
@@ -490,8 +500,9 @@ def test_garbage_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "cannot tell what this file holds" in err
     # Forcing a kind on garbage: still a one-line error, naming what failed.
+    # issue #11: a parse failure is unusable input (exit 2, was 1); the table still names the check.
     code, out, err = run(capsys, "verify", garbage, "--kind", "tdx", "--offline")
-    assert code == 1 and "tdx.quote.parse" in out
+    assert code == 2 and "tdx.quote.parse" in out and err.count("\n") == 1
     code, out, err = run(capsys, "show", garbage, "--kind", "snp")
     assert code == 2 and "not a valid snp artifact" in err and err.count("\n") == 1
 
@@ -713,4 +724,149 @@ def test_mangled_evidence_never_crashes(
     assert code in (0, 1, 2)
     assert "Traceback" not in err
     if code == 2:
-        assert out == "" and err.count("\n") == 1
+        assert err.count("\n") == 1
+        if "--json" in command:  # issue #11: unusable input still prints one JSON document
+            doc = json.loads(out)
+            assert doc["ok"] is False and doc["error"]
+        elif command[0] == "show":
+            assert out == ""
+        else:  # an artifact that does not parse: exit 2, its table still shows the parse check
+            assert out == "" or ".parse " in out
+
+
+# ---------------------------------------------------------------------------------- exact output (issue #11)
+
+VERDICT_KEYS = {"ok", "checks", "kind", "file", "at", "policy", "offline", "failed"}
+
+
+def unusable(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> dict[str, Any]:
+    """``verify --json`` on input that cannot be used: exit 2, one stderr line, still a JSON verdict."""
+    code, out, err = run(capsys, "verify", *argv, "--json")
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, (code, err)
+    doc = json.loads(out)
+    assert set(doc) == VERDICT_KEYS | {"error"}
+    assert doc["ok"] is False and doc["error"] and doc["error"] in err
+    assert doc["failed"] == [c["name"] for c in doc["checks"] if c["status"] == "fail"] and doc["failed"]
+    for c in doc["checks"]:
+        assert set(c) == {"name", "status", "detail"} and c["status"] in STATUSES
+    return doc
+
+
+def test_unusable_input_exits_2_with_a_json_verdict(
+    evidence_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"this is not attestation evidence\n" * 3)
+    doc = unusable(capsys, garbage)
+    assert doc["checks"] == [{"name": "input", "status": "fail", "detail": doc["error"]}]
+    assert doc["kind"] is None and doc["file"] == str(garbage) and doc["at"] is None
+    assert "cannot tell what this file holds" in doc["error"]
+    # a real SNP report cut short, read as what it claims to be: it does not parse
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes((evidence_dir / "snp/go-sev-guest/attestation.bin").read_bytes()[:0x300])
+    doc = unusable(
+        capsys,
+        cut,
+        "--kind",
+        "snp",
+        "--certs",
+        evidence_dir / "snp/go-sev-guest/vcek.testcer",
+        "--at",
+        GSG_AT,
+    )
+    assert "snp.report.parse" in doc["failed"] and doc["kind"] == "snp" and doc["at"].startswith("2022-09-24")
+    assert doc["error"].startswith(f"{cut}: snp.report.parse: ")
+    # a real TDX quote with an option that does not apply, and one with an unreadable file
+    quote = evidence_dir / "tdx/dcap-qvl/tdx_quote"
+    doc = unusable(capsys, quote, "--certs", evidence_dir / "snp/virtee-sev/vcek_milan.der", "--offline")
+    assert doc["kind"] == "tdx" and "PCK chain" in doc["error"]
+    doc = unusable(capsys, quote, "--collateral", tmp_path / "missing.json")
+    assert "cannot read --collateral" in doc["error"]
+    # show --json too: one JSON document saying why
+    code, out, err = run(capsys, "show", garbage, "--kind", "snp", "--json")
+    assert code == 2 and err.count("\n") == 1
+    shown = json.loads(out)
+    assert shown["ok"] is False and shown["kind"] == "snp" and "not a valid snp artifact" in shown["error"]
+
+
+def test_provisional_firmware_names_the_component(
+    evidence_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """trustee's real Milan report: committed microcode 115, running 206 (SOURCES.tsv)."""
+    d = evidence_dir / "snp/trustee"
+    _, doc = verdict(
+        capsys, d / "test-report.bin", "--certs", d / "test-vcek.der", "--at", TRUSTEE_AT, "--offline"
+    )
+    assert check(doc, "policy.provisional_firmware") == {
+        "name": "policy.provisional_firmware",
+        "status": "fail",
+        "detail": "running uncommitted firmware: microcode committed 115 vs current 206",
+    }
+
+
+def test_tdx_tcb_check_with_collateral_never_says_verify_with_collateral(
+    evidence_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = evidence_dir / "tdx/dcap-qvl"
+    args = (d / "tdx_quote_outdated", "--collateral", d / "tdx_quote_outdated_collateral.json", "--offline")
+    code, doc = verdict(capsys, *args, "--at", TDX_OUTDATED_AT)
+    assert code == 1 and check(doc, "tdx.tcb.status")["status"] == "fail"
+    assert check(doc, "policy.tcb_status")["detail"] == "not checked: tdx.tcb.status failed"
+    assert not any("with collateral" in c["detail"] for c in doc["checks"]), doc["checks"]
+    # a current quote with its own collateral, its TD report tampered with: nothing is appraised on it
+    raw = bytearray((d / "tdx_quote").read_bytes())
+    raw[parse_tdx_quote(bytes(raw)).signed_length - 10] ^= 1
+    tampered = tmp_path / "tampered_quote"
+    tampered.write_bytes(bytes(raw))
+    code, doc = verdict(
+        capsys, tampered, "--collateral", d / "tdx_quote_collateral.json", "--offline", "--at", TDX_AT
+    )
+    assert code == 1 and doc["failed"] == ["tdx.ak.signature"], doc["failed"]
+    for name in ("tdx.tdx_module", "tdx.tcb.status", "policy.tcb_status"):
+        assert check(doc, name)["detail"] == "not checked: tdx.ak.signature failed", name
+    assert not any("with collateral" in c["detail"] for c in doc["checks"])
+
+
+def test_vlek_results_are_named_vlek_and_asvk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A VLEK-signed report (fake AMD authority, trusted through the policy's roots) through the CLI."""
+    fake = make_fake_amd()
+    tcb = TcbVersion.from_parts(bootloader=4, tee=0, snp=22, microcode=213)
+    key, vlek = fake.leaf(tcb, hwid=None, csp_id="Contoso")
+    assert fake.asvk is not None
+    report = signed_report(
+        key, version=3, reported_tcb=tcb, committed_tcb=tcb, current_tcb=tcb, signing_key=SigningKey.VLEK
+    )
+    (tmp_path / "report.bin").write_bytes(report.raw)
+    pem = b"".join(c.public_bytes(Encoding.PEM) for c in (vlek, fake.asvk, fake.ark))
+    (tmp_path / "chain.pem").write_bytes(pem)
+    (tmp_path / "ark.pem").write_bytes(fake.ark.public_bytes(Encoding.PEM))
+    (tmp_path / "policy.toml").write_text('[roots]\namd = ["ark.pem"]\n')
+    _, doc = verdict(
+        capsys,
+        tmp_path / "report.bin",
+        "--certs",
+        tmp_path / "chain.pem",
+        "--policy",
+        tmp_path / "policy.toml",
+        "--at",
+        "2025-06-01",
+        "--offline",
+    )
+    names = [c["name"] for c in doc["checks"]]
+    for name in (
+        "snp.chain.asvk",
+        "snp.vlek.signing_key",
+        "snp.vlek.product",
+        "snp.vlek.tcb",
+        "snp.vlek.hwid",
+    ):
+        assert name in names, names
+    assert (
+        check(doc, "snp.chain.asvk")["status"] == "pass" and "ASVK" in check(doc, "snp.chain.asvk")["detail"]
+    )
+    snp = [c for c in doc["checks"] if c["name"].startswith("snp.")]
+    assert not any(c["name"].startswith("snp.vcek") or c["name"] == "snp.chain.ask" for c in snp)
+    assert not any("VCEK" in c["detail"] or "ASK " in c["detail"] for c in snp), snp
+    assert (
+        "VLEK" in check(doc, "snp.chain.leaf")["detail"] and "VLEK" in check(doc, "snp.signature")["detail"]
+    )

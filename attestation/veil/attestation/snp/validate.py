@@ -149,23 +149,35 @@ def _tcb_checks(b: VerdictBuilder, report: SnpReport, policy: SnpPolicy) -> None
     ]
     b.check("policy.tcb_order", not problems, "; ".join(problems) or "reported, committed <= current")
 
-    provisional = (
-        report.committed_tcb.raw != report.current_tcb.raw
-        or report.firmware_committed != report.firmware_current
-    )
+    # Name each component whose committed level differs from the running one (Turin: fmc too).
+    committed, current = report.committed_tcb.components(), report.current_tcb.components()
+    differs = [
+        f"{name} committed {committed.get(name)} vs current {current.get(name)}"
+        for name in dict.fromkeys([*committed, *current])
+        if committed.get(name) != current.get(name)
+    ]
+    if report.firmware_committed != report.firmware_current:
+        differs.append(
+            f"firmware committed {'.'.join(map(str, report.firmware_committed))} "
+            f"vs current {'.'.join(map(str, report.firmware_current))}"
+        )
+    provisional = bool(differs) or report.committed_tcb.raw != report.current_tcb.raw
+    if provisional and not differs:  # only reserved TCB bytes differ
+        differs.append(
+            f"TCB committed 0x{report.committed_tcb.raw:016x} vs current 0x{report.current_tcb.raw:016x}"
+        )
     if policy.permit_provisional_firmware:
-        b.passed("policy.provisional_firmware", "provisional firmware permitted by policy")
+        b.passed(
+            "policy.provisional_firmware",
+            f"provisional firmware permitted by policy: {'; '.join(differs)}"
+            if provisional
+            else "committed = current (provisional firmware permitted by policy)",
+        )
     else:
         b.check(
             "policy.provisional_firmware",
             not provisional,
-            (
-                f"running uncommitted firmware: current {report.current_tcb} "
-                f"v{'.'.join(map(str, report.firmware_current))}, committed {report.committed_tcb} "
-                f"v{'.'.join(map(str, report.firmware_committed))}"
-            )
-            if provisional
-            else "committed = current",
+            f"running uncommitted firmware: {'; '.join(differs)}" if provisional else "committed = current",
         )
 
     if policy.minimum_tcb is None:
