@@ -51,9 +51,9 @@ def _evidence(
 ) -> evidence_pb2.Evidence:
     key = ident.public_key.to_bytes()
     gpus = provider.gpu_evidence(gpu_for or gpu_nonce(nonce, key))
-    cpu = provider.cpu_evidence(report_data(nonce, ident.claims_bytes, [g.report for g in gpus]))
+    cpu = provider.cpu_evidence(report_data(nonce, ident.claims_bytes, gpus))
     return evidence_pb2.Evidence(
-        format_version=1,
+        format_version=2,
         platform=evidence_pb2.PLATFORM_SIMULATED_SEV_SNP,
         cpu_report=cpu.report,
         cpu_cert_chain=cpu.cert_chain,
@@ -235,7 +235,7 @@ def test_time_is_injected(sim: tuple[SimulatedTeeProvider, Path], policy: Policy
 def test_garbage_and_unsupported(policy: Policy) -> None:
     result = verify_evidence(b"\xff\xff\xff", VerifyOptions(now=NOW), policy=policy, nonce=None)
     assert not result.ok and result.verdict.failed[0].name == "evidence.parse"
-    tdx = evidence_pb2.Evidence(format_version=1, platform=evidence_pb2.PLATFORM_TDX, nonce=bytes(32))
+    tdx = evidence_pb2.Evidence(format_version=2, platform=evidence_pb2.PLATFORM_TDX, nonce=bytes(32))
     failed = {
         c.name
         for c in verify_evidence(tdx, VerifyOptions(now=NOW), policy=Policy(), nonce=bytes(32)).verdict.failed
@@ -263,7 +263,7 @@ def test_real_snp_report_through_the_same_code(evidence_dir: Path) -> None:
     ident = _identity(simulated=False)
     nonce = secrets.token_bytes(32)
     ev = evidence_pb2.Evidence(
-        format_version=1,
+        format_version=2,
         platform=evidence_pb2.PLATFORM_SEV_SNP,
         cpu_report=raw,
         cpu_cert_chain=vcek.public_bytes(Encoding.PEM),

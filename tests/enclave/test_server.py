@@ -195,7 +195,7 @@ def test_get_evidence_is_fresh_bound_and_verifies(harness: Harness, channel: grp
         assert claims.server_build_digest == harness.digest
         report = parse_snp_report(ev.cpu_report)
         assert report.measurement == measurement_from_build_digest(harness.digest)
-        assert report.report_data == report_data(nonce, ev.claims, [g.report for g in ev.gpus])
+        assert report.report_data == report_data(nonce, ev.claims, ev.gpus)
         snp = verify_snp(
             report,
             x509.load_pem_x509_certificates(ev.cpu_cert_chain),

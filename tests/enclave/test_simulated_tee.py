@@ -149,7 +149,7 @@ def test_gpu_reports_verify_with_simulation_root_only(
 def test_evidence_binds_gpu_reports_into_report_data(provider: SimulatedTeeProvider) -> None:
     parts = provider.evidence(NONCE, CLAIMS, PUBKEY)
     assert parts.simulated
-    expected = report_data(NONCE, CLAIMS, [g.report for g in parts.gpus])
+    expected = report_data(NONCE, CLAIMS, parts.gpus)
     assert parse_snp_report(parts.cpu.report).report_data == expected
     for g in parts.gpus:
         assert parse_gpu_report(g.report).nonce == gpu_nonce(NONCE, PUBKEY)

@@ -16,7 +16,7 @@ Every check is named; the bundle-level ones are:
 * ``binding.enclave_key`` — the claims name exactly the key in ``Evidence.enclave_key``
 * ``binding.simulated`` — platform, ``Evidence.simulated`` and the claims agree
 * ``binding.report_data`` — the CPU report's REPORT_DATA equals
-  ``binding.report_data(client nonce, claims bytes, GPU reports)``
+  ``binding.report_data(client nonce, claims bytes, GPUs)`` (each GPU's kind, index and report)
 * ``binding.gpu_nonce`` — every GPU report was requested with
   ``binding.gpu_nonce(client nonce, enclave public key)``
 * ``policy.platform``, ``policy.simulated``, ``policy.model_digest``,
@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from cryptography import x509
 from google.protobuf.message import DecodeError
 
-from veil.attestation.binding import NONCE_SIZE, Claims, gpu_nonce, report_data
+from veil.attestation.binding import EVIDENCE_FORMAT_VERSION, NONCE_SIZE, Claims, gpu_nonce, report_data
 from veil.attestation.channel.hpke import HpkeSuite, PublicKey
 from veil.attestation.errors import MalformedInputError
 from veil.attestation.nvidia.report import parse_gpu_report
@@ -63,7 +63,7 @@ from veil.proto.v1 import evidence_pb2
 
 __all__ = ["VerifiedEvidence", "parse_evidence", "verify_evidence"]
 
-SUPPORTED_FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSION = EVIDENCE_FORMAT_VERSION
 MAX_EVIDENCE_BYTES = 8 * 1024 * 1024
 _SNP_PLATFORMS = (PlatformName.SEV_SNP, PlatformName.SIMULATED_SEV_SNP)
 
@@ -201,15 +201,19 @@ def verify_evidence(
     elif report is None:
         v.fail("binding.report_data", "no parsed CPU report to compare with")
     else:
-        expected = report_data(bound_nonce, bytes(msg.claims), [bytes(g.report) for g in msg.gpus])
-        ok = hmac.compare_digest(expected, report.report_data)
-        v.check(
-            "binding.report_data",
-            ok,
-            "H(nonce, claims, GPU reports) = signed REPORT_DATA"
-            if ok
-            else "signed REPORT_DATA does not match H(nonce, claims, GPU reports)",
-        )
+        try:
+            expected = report_data(bound_nonce, bytes(msg.claims), msg.gpus)
+        except MalformedInputError as exc:
+            v.fail("binding.report_data", str(exc))
+        else:
+            ok = hmac.compare_digest(expected, report.report_data)
+            v.check(
+                "binding.report_data",
+                ok,
+                "H(nonce, claims, GPU kinds, indices and reports) = signed REPORT_DATA"
+                if ok
+                else "signed REPORT_DATA does not match H(nonce, claims, GPU kinds, indices and reports)",
+            )
 
     if report is not None and claims is not None and platform is PlatformName.SIMULATED_SEV_SNP:
         expected_measurement = claims.server_build_digest.ljust(len(report.measurement), b"\0")

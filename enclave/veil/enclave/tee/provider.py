@@ -108,7 +108,7 @@ class AttestationProvider(abc.ABC):
     def evidence(self, nonce: bytes, claims: bytes, public_key: bytes) -> EvidenceParts:
         """Both phases for one client nonce, bound as DESIGN.md says."""
         gpus = tuple(self.gpu_evidence(gpu_nonce(nonce, public_key)))
-        data = report_data(nonce, claims, [g.report for g in gpus])
+        data = report_data(nonce, claims, gpus)
         cpu = self.cpu_evidence(data)
         if not cpu.report:
             raise AttestationProviderError(f"{self.name}: empty CPU report")
