@@ -62,6 +62,7 @@ def _evidence(
         claims=ident.claims_bytes,
         nonce=nonce,
         simulated=True,
+        collateral=provider.collateral(),
     )
 
 
@@ -241,7 +242,7 @@ def test_garbage_and_unsupported(policy: Policy) -> None:
         for c in verify_evidence(tdx, VerifyOptions(now=NOW), policy=Policy(), nonce=bytes(32)).verdict.failed
     }
     assert {"platform.verify", "binding.claims", "binding.report_data"} <= failed
-    wrong_version = evidence_pb2.Evidence(format_version=2)
+    wrong_version = evidence_pb2.Evidence(format_version=1)  # v1 (GPU kind not bound) is refused
     failed = {
         c.name
         for c in verify_evidence(
@@ -277,7 +278,17 @@ def test_real_snp_report_through_the_same_code(evidence_dir: Path) -> None:
     for name in ("snp.signature", "snp.chain.ark", "snp.chain.ask", "snp.chain.leaf", "snp.vcek.hwid"):
         assert _status(result, name) == "pass", name
     assert _status(result, "policy.simulated") == "pass"
-    assert {c.name for c in result.verdict.failed} == {"binding.report_data", "policy.report_data"}
+    # Issue #11: the default policy requires a stapled, ARK-signed CRL; this bundle staples none.
+    assert {c.name for c in result.verdict.failed} == {
+        "binding.report_data",
+        "policy.report_data",
+        "snp.chain.crl",
+    }
+    lax = verify_evidence(
+        ev, VerifyOptions(now=datetime(2026, 1, 1, tzinfo=UTC)), policy=Policy(require_crl=False), nonce=nonce
+    )
+    assert {c.name for c in lax.verdict.failed} == {"binding.report_data", "policy.report_data"}
+    assert _status(lax, "snp.chain.crl") == "skip"
     # simulated roots never verify real hardware evidence
     sim_only = dataclasses.replace(Policy(), platforms=frozenset(Policy().platforms))
     assert sim_only.trusted_roots.simulation == ()

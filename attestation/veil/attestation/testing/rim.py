@@ -140,12 +140,10 @@ def build_rim_xml(
     payload = etree.SubElement(root, f"{{{_SWID}}}Payload")
     for index in sorted(values):
         value, active = values[index]
-        etree.SubElement(
-            payload,
-            f"{{{_SWID}}}Resource",
-            attrib={"type": "Measurement", "index": str(index), "active": str(active), "alternatives": "1",
-                    f"{{{_SHA384_NS}}}Hash0": value.hex(), "name": f"Measurement_{index}", "size": str(len(value))},
-        )  # fmt: skip
+        attrib = {"type": "Measurement", "index": str(index), "active": str(active), "alternatives": "1"}
+        attrib[f"{{{_SHA384_NS}}}Hash0"] = value.hex()
+        attrib.update(name=f"Measurement_{index}", size=str(len(value)))
+        etree.SubElement(payload, f"{{{_SWID}}}Resource", attrib=attrib)
     return bytes(etree.tostring(root))
 
 
