@@ -29,8 +29,10 @@ def ocsp_response(
     this_update: datetime,
     next_update: datetime | None,
     revoked: bool = False,
+    responder: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
 ) -> bytes:
-    """A DER OCSP response about ``cert``, signed by its issuer (responder id: key hash)."""
+    """A DER OCSP response about ``cert``, signed by its issuer (responder id: key hash), or by
+    ``responder`` (a certificate, carried in the response, and its key) when given."""
     status = ocsp.OCSPCertStatus.REVOKED if revoked else ocsp.OCSPCertStatus.GOOD
     builder = ocsp.OCSPResponseBuilder().add_response(
         cert=cert,
@@ -42,6 +44,11 @@ def ocsp_response(
         revocation_time=this_update if revoked else None,
         revocation_reason=x509.ReasonFlags.key_compromise if revoked else None,
     )
+    if responder is not None:
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder[0]).certificates(
+            [responder[0]]
+        )
+        return builder.sign(responder[1], hashes.SHA384()).public_bytes(Encoding.DER)
     builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, issuer)
     return builder.sign(issuer_key, hashes.SHA384()).public_bytes(Encoding.DER)
 

@@ -90,8 +90,8 @@ class FakeRimCa:
         """A signed RIM (XML bytes) whose active golden measurements are ``golden``
         (0-based index → SHA-384 value); ``inactive`` ones are listed but not compared."""
         from lxml import etree
-        from signxml import XMLSigner
         from signxml.algorithms import CanonicalizationMethod, DigestAlgorithm, SignatureMethod
+        from signxml.signer import XMLSigner
 
         root = etree.fromstring(
             build_rim_xml(kind=kind, version=version, golden=golden, product=product, inactive=inactive)
