@@ -63,6 +63,7 @@ class FakeEnclave:
             claims=ident.claims_bytes,
             nonce=nonce,
             simulated=True,
+            collateral=parts.collateral,  # stapled, as the real servicer does (issue #11)
         ).SerializeToString()
 
     def payloads(self, sealed: service_pb2.EncryptedRequest) -> list[bytes]:
