@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import pytest
 
-from veil.attestation.binding import Claims, gpu_nonce, key_id, length_prefixed, report_data
+from veil.attestation.binding import (
+    GPU_KIND_GPU,
+    GPU_KIND_NVSWITCH,
+    Claims,
+    gpu_nonce,
+    key_id,
+    length_prefixed,
+    report_data,
+)
 from veil.attestation.errors import MalformedInputError
 
 PUBLIC_KEY = bytes(range(256)) * 4 + bytes(range(160)) + bytes([0xAA]) * 32  # 1184 + 32 bytes
@@ -28,7 +37,9 @@ def _claims(**overrides: object) -> Claims:
 
 
 def test_claims_canonical_bytes_pinned() -> None:
+    # Evidence format 2 (issue #11: GPU kind and index bound into report_data) changed the digest.
     data = _claims().canonical_bytes()
+    assert b'"evidence_format_version":2' in data
     assert data.startswith(
         b'{"data_policy_digest":"823412d1eacb67956220e532959f0104603057c88704863ca38e7cd188fda812",'
         b'"enclave_public_key":"000102'
@@ -36,7 +47,7 @@ def test_claims_canonical_bytes_pinned() -> None:
     assert data.endswith(b'"simulated":true}')
     assert b" " not in data
     assert (
-        hashlib.sha256(data).hexdigest() == "54c3443ee47a796468cf07c54a951149c735f4b01334e64bfe951ad3867ceaf7"
+        hashlib.sha256(data).hexdigest() == "961825bcda6f7c475d56326e20ad0062f3876ea58ac9d5f74bfbe19337c70983"
     )
 
 
@@ -51,38 +62,60 @@ def test_gpu_nonce_pinned() -> None:
     assert hashlib.sha256(b"veil/gpu-nonce/v1" + NONCE + PUBLIC_KEY).hexdigest() == expected
 
 
+@dataclass(frozen=True)
+class Gpu:
+    report: bytes
+    kind: int = GPU_KIND_GPU
+    index: int = 0
+
+
 def test_report_data_pinned_without_and_with_gpus() -> None:
+    # v2 (issue #11): each GPU item binds its kind and index, not only the report's hash.
     claims = _claims().canonical_bytes()
     assert report_data(NONCE, claims).hex() == (
-        "49496cbbeac796b1237779de56152ea78a04474594b1cb1d56e56b6bb2a0a0c7"
-        "8520ddcd0b91346126f75c8508c52c6d553903162080d583cf39db07a234b990"
+        "5b67b9c02235bf4d55a77a78106cbea02ff9b67bce522b441bf28820ed3d3c53"
+        "428bd85737d0fa9a7c381711d545319c5525251b3d467865fbafe71c257650c8"
     )
-    gpus = [b"gpu-report-0", b"gpu-report-1"]
+    gpus = [Gpu(b"gpu-report-0", GPU_KIND_GPU, 0), Gpu(b"gpu-report-1", GPU_KIND_NVSWITCH, 1)]
     got = report_data(NONCE, claims, gpus)
     assert got.hex() == (
-        "f654c5eb50fafac9feefc20e58a78c70c0daf874f621734eca4734deb58d0799"
-        "12b89e3acbaf9e56189b9456713ce32225d675cfd56d0b2aef6f07c96c663b6e"
+        "0fa48c883dda8109c79c7809dc681d673bac31c1cbde55c0ae6a5260244d72c7"
+        "dff9f32140bfc38350036bc724b7c3be34f6b72c3ddc17fed862ee2539821f26"
     )
     # The formula, spelled out independently of the implementation.
     manual = hashlib.sha512(
-        b"veil/report-data/v1"
+        b"veil/report-data/v2"
         + (32).to_bytes(4, "big")
         + NONCE
         + (32).to_bytes(4, "big")
         + hashlib.sha256(claims).digest()
-        + b"".join((32).to_bytes(4, "big") + hashlib.sha256(g).digest() for g in gpus)
+        + b"".join(
+            (37).to_bytes(4, "big")
+            + bytes([g.kind])
+            + g.index.to_bytes(4, "big")
+            + hashlib.sha256(g.report).digest()
+            for g in gpus
+        )
     ).digest()
     assert got == manual
 
 
 def test_report_data_depends_on_every_input() -> None:
     claims = _claims().canonical_bytes()
-    base = report_data(NONCE, claims, [b"a"])
-    assert report_data(bytes(32), claims, [b"a"]) != base
-    assert report_data(NONCE, _claims(engine_version="x").canonical_bytes(), [b"a"]) != base
-    assert report_data(NONCE, claims, [b"b"]) != base
-    assert report_data(NONCE, claims, [b"a", b"a"]) != base
+    base = report_data(NONCE, claims, [Gpu(b"a")])
+    assert report_data(bytes(32), claims, [Gpu(b"a")]) != base
+    assert report_data(NONCE, _claims(engine_version="x").canonical_bytes(), [Gpu(b"a")]) != base
+    assert report_data(NONCE, claims, [Gpu(b"b")]) != base
+    assert report_data(NONCE, claims, [Gpu(b"a"), Gpu(b"a")]) != base
     assert report_data(NONCE, claims) != base
+    # Relabelling a GPU (as an NVSwitch, or under another index) changes what is signed.
+    assert report_data(NONCE, claims, [Gpu(b"a", GPU_KIND_NVSWITCH)]) != base
+    assert report_data(NONCE, claims, [Gpu(b"a", index=1)]) != base
+
+
+def test_report_data_refuses_an_unknown_gpu_kind() -> None:
+    with pytest.raises(MalformedInputError, match="kind"):
+        report_data(NONCE, b"{}", [Gpu(b"a", kind=0)])
 
 
 @pytest.mark.parametrize("bad", [b"", bytes(31), bytes(33)])

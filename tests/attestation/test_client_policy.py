@@ -60,7 +60,7 @@ def test_simulated_is_explicit_and_loud(sim_root: Path, caplog: pytest.LogCaptur
         p = Policy.simulated(sim_root)
     assert p.platforms == {PlatformName.SIMULATED_SEV_SNP}
     assert p.allows_simulated
-    assert len(p.trusted_roots.simulation) == 2  # SNP ARK and GPU root
+    assert len(p.trusted_roots.simulation) == 3  # SNP ARK, GPU root and RIM root (issue #11)
     assert not p.trusted_roots.amd and not p.trusted_roots.nvidia  # trusts nothing else
     assert "TRUSTING A SIMULATED TEE" in caplog.text
     with pytest.raises(PolicyError, match="no simulation root"):
@@ -101,7 +101,7 @@ require_smt_disabled = true
     assert p.model_digests == {bytes.fromhex(model)}
     assert p.data_policy_digest == bytes.fromhex("ef" * 32)
     assert p.gpu_count == 1
-    assert len(p.trusted_roots.simulation) == 2 and len(p.trusted_roots.amd) == 3
+    assert len(p.trusted_roots.simulation) == 3 and len(p.trusted_roots.amd) == 3
     assert p.snp.vmpls == {0} and p.snp.require_smt_disabled
     # the SNP field policy for a report merges the top-level settings in the report's TCB layout
     report = build_snp_report(report_data=bytes(64), measurement=bytes.fromhex(measurement))
@@ -153,7 +153,7 @@ def test_describe_and_replace(sim_root: Path) -> None:
     p = Policy.simulated(sim_root, gpu_count=2)
     assert p.gpu_count == 2
     text = "\n".join(p.describe())
-    assert "SIMULATED_SEV_SNP" in text and "GPUs required: 2" in text and "simulation 2" in text
+    assert "SIMULATED_SEV_SNP" in text and "GPUs required: 2" in text and "simulation 3" in text
     with pytest.raises(PolicyError):
         p.replace(allow_debug="yes")
 

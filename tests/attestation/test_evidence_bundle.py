@@ -51,9 +51,9 @@ def _evidence(
 ) -> evidence_pb2.Evidence:
     key = ident.public_key.to_bytes()
     gpus = provider.gpu_evidence(gpu_for or gpu_nonce(nonce, key))
-    cpu = provider.cpu_evidence(report_data(nonce, ident.claims_bytes, [g.report for g in gpus]))
+    cpu = provider.cpu_evidence(report_data(nonce, ident.claims_bytes, gpus))
     return evidence_pb2.Evidence(
-        format_version=1,
+        format_version=2,
         platform=evidence_pb2.PLATFORM_SIMULATED_SEV_SNP,
         cpu_report=cpu.report,
         cpu_cert_chain=cpu.cert_chain,
@@ -62,6 +62,7 @@ def _evidence(
         claims=ident.claims_bytes,
         nonce=nonce,
         simulated=True,
+        collateral=provider.collateral(),
     )
 
 
@@ -235,13 +236,13 @@ def test_time_is_injected(sim: tuple[SimulatedTeeProvider, Path], policy: Policy
 def test_garbage_and_unsupported(policy: Policy) -> None:
     result = verify_evidence(b"\xff\xff\xff", VerifyOptions(now=NOW), policy=policy, nonce=None)
     assert not result.ok and result.verdict.failed[0].name == "evidence.parse"
-    tdx = evidence_pb2.Evidence(format_version=1, platform=evidence_pb2.PLATFORM_TDX, nonce=bytes(32))
+    tdx = evidence_pb2.Evidence(format_version=2, platform=evidence_pb2.PLATFORM_TDX, nonce=bytes(32))
     failed = {
         c.name
         for c in verify_evidence(tdx, VerifyOptions(now=NOW), policy=Policy(), nonce=bytes(32)).verdict.failed
     }
     assert {"platform.verify", "binding.claims", "binding.report_data"} <= failed
-    wrong_version = evidence_pb2.Evidence(format_version=2)
+    wrong_version = evidence_pb2.Evidence(format_version=1)  # v1 (GPU kind not bound) is refused
     failed = {
         c.name
         for c in verify_evidence(
@@ -263,7 +264,7 @@ def test_real_snp_report_through_the_same_code(evidence_dir: Path) -> None:
     ident = _identity(simulated=False)
     nonce = secrets.token_bytes(32)
     ev = evidence_pb2.Evidence(
-        format_version=1,
+        format_version=2,
         platform=evidence_pb2.PLATFORM_SEV_SNP,
         cpu_report=raw,
         cpu_cert_chain=vcek.public_bytes(Encoding.PEM),
@@ -277,7 +278,17 @@ def test_real_snp_report_through_the_same_code(evidence_dir: Path) -> None:
     for name in ("snp.signature", "snp.chain.ark", "snp.chain.ask", "snp.chain.leaf", "snp.vcek.hwid"):
         assert _status(result, name) == "pass", name
     assert _status(result, "policy.simulated") == "pass"
-    assert {c.name for c in result.verdict.failed} == {"binding.report_data", "policy.report_data"}
+    # Issue #11: the default policy requires a stapled, ARK-signed CRL; this bundle staples none.
+    assert {c.name for c in result.verdict.failed} == {
+        "binding.report_data",
+        "policy.report_data",
+        "snp.chain.crl",
+    }
+    lax = verify_evidence(
+        ev, VerifyOptions(now=datetime(2026, 1, 1, tzinfo=UTC)), policy=Policy(require_crl=False), nonce=nonce
+    )
+    assert {c.name for c in lax.verdict.failed} == {"binding.report_data", "policy.report_data"}
+    assert _status(lax, "snp.chain.crl") == "skip"
     # simulated roots never verify real hardware evidence
     sim_only = dataclasses.replace(Policy(), platforms=frozenset(Policy().platforms))
     assert sim_only.trusted_roots.simulation == ()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import threading
 from collections.abc import Iterator
@@ -26,10 +27,17 @@ from veil.attestation.nvidia.rim import (
     verify_rim,
 )
 from veil.attestation.nvidia.validate import NVDEC0_DISABLED, GpuPolicy, compare_measurements
-from veil.attestation.nvidia.verify import verify_gpu
+from veil.attestation.nvidia.verify import verify_gpu as _verify_gpu
 from veil.attestation.options import VerifyOptions
 from veil.attestation.testing.nvidia import make_fake_ca
 from veil.attestation.verdict import CheckStatus
+
+# Issue #11: the default GpuPolicy fails a report without RIMs and OCSP. The tests here pin the
+# other checks, so they verify under the explicit opt-out unless they pass a policy themselves;
+# tests/attestation/test_gpu_defaults.py pins the strict default.
+EXPLORING = GpuPolicy.exploring()
+verify_gpu = functools.partial(_verify_gpu, policy=EXPLORING)
+
 
 # Every RIM signer here is valid inside 2023-09-06 .. 2025-06-22 (the narrowest windows overlap).
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
@@ -158,7 +166,7 @@ def test_no_shared_rim_matches_the_nvtrust_reports(evidence_dir: Path, all_rims:
     v = verify_gpu(data, chain, VerifyOptions(now=now), nonce=NVTRUST_NONCE, rims=all_rims)
     assert v.ok
     assert v.get("gpu.rim.driver").detail == "no driver RIM for version 590.12"  # type: ignore[union-attr]
-    assert v.get("gpu.rim.vbios").detail == "no vbios RIM for version 96.00.A5.00.01"  # type: ignore[union-attr]
+    assert v.get("gpu.rim.vbios").detail == "no VBIOS RIM for version 96.00.A5.00.01"  # type: ignore[union-attr]
     assert v.get("gpu.measurements").status is SKIP  # type: ignore[union-attr]
     strict = verify_gpu(
         data,
@@ -166,7 +174,7 @@ def test_no_shared_rim_matches_the_nvtrust_reports(evidence_dir: Path, all_rims:
         VerifyOptions(now=now),
         nonce=NVTRUST_NONCE,
         rims=all_rims,
-        policy=GpuPolicy(require_rims=True),
+        policy=GpuPolicy(require_rims=True, require_ocsp=False),
     )
     assert {c.name for c in strict.failed} == {"gpu.rim.driver", "gpu.rim.vbios", "gpu.measurements"}
 
@@ -201,7 +209,7 @@ def test_measurements_match_real_rims_end_to_end(driver_rim: Rim, vbios_rim: Rim
         data, ca.chain, VerifyOptions(now=NOW, trusted_roots=(ca.root,)), nonce=nonce, rims=all_rims
     )
     assert [c.name for c in ambiguous.failed] == ["gpu.rim.vbios"]
-    assert ambiguous.failed[0].detail.startswith("2 different vbios RIMs for version 96.00.5E.00.01")
+    assert ambiguous.failed[0].detail.startswith("2 different VBIOS RIMs for version 96.00.5E.00.01")
 
 
 def test_a_changed_measurement_fails_and_is_named(driver_rim: Rim, vbios_rim: Rim) -> None:

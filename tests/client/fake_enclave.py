@@ -54,7 +54,7 @@ class FakeEnclave:
         ident = self.identity
         parts = self.provider.evidence(nonce, ident.claims_bytes, ident.public_key.to_bytes())
         return evidence_pb2.Evidence(
-            format_version=1,
+            format_version=2,
             platform=parts.platform,
             cpu_report=parts.cpu.report,
             cpu_cert_chain=parts.cpu.cert_chain,
@@ -63,6 +63,7 @@ class FakeEnclave:
             claims=ident.claims_bytes,
             nonce=nonce,
             simulated=True,
+            collateral=parts.collateral,  # stapled, as the real servicer does (issue #11)
         ).SerializeToString()
 
     def payloads(self, sealed: service_pb2.EncryptedRequest) -> list[bytes]:

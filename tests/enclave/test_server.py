@@ -31,6 +31,7 @@ from veil.attestation.nvidia.verify import verify_gpu
 from veil.attestation.options import VerifyOptions
 from veil.attestation.snp.report import parse_snp_report
 from veil.attestation.snp.verify import verify_snp
+from veil.attestation.stapled import stapled_nvidia
 from veil.enclave.keys import build_digest, create_identity, measurement_from_build_digest
 from veil.enclave.local_server import LocalServer
 from veil.enclave.server import EnclaveServer, ServerOptions
@@ -195,7 +196,7 @@ def test_get_evidence_is_fresh_bound_and_verifies(harness: Harness, channel: grp
         assert claims.server_build_digest == harness.digest
         report = parse_snp_report(ev.cpu_report)
         assert report.measurement == measurement_from_build_digest(harness.digest)
-        assert report.report_data == report_data(nonce, ev.claims, [g.report for g in ev.gpus])
+        assert report.report_data == report_data(nonce, ev.claims, ev.gpus)
         snp = verify_snp(
             report,
             x509.load_pem_x509_certificates(ev.cpu_cert_chain),
@@ -207,8 +208,12 @@ def test_get_evidence_is_fresh_bound_and_verifies(harness: Harness, channel: grp
         gpu = ev.gpus[0]
         assert parse_gpu_report(gpu.report).nonce == gnonce
         chain = x509.load_pem_x509_certificates(gpu.cert_chain)
-        gv = verify_gpu(gpu.report, chain, VerifyOptions(now=now, trusted_roots=(roots[1],)), nonce=gnonce)
+        # Issue #11: GPUs need RIMs and OCSP by default: the evidence staples them.
+        stapled = stapled_nvidia(ev.collateral)
+        options = VerifyOptions(now=now, trusted_roots=(roots[1],), ocsp_post=stapled.ocsp_post)
+        gv = verify_gpu(gpu.report, chain, options, nonce=gnonce, rims=stapled.rims, rim_roots=(roots[2],))
         assert gv.ok, gv.table()
+        assert ev.collateral.amd.crl  # the AMD CRL is stapled too
 
 
 def test_get_evidence_is_rate_limited(harness: Harness) -> None:

@@ -18,6 +18,7 @@ from veil.attestation.options import VerifyOptions
 from veil.attestation.snp.certs import parse_amd_extensions
 from veil.attestation.snp.report import parse_snp_report
 from veil.attestation.snp.verify import verify_snp
+from veil.attestation.stapled import stapled_nvidia
 from veil.attestation.verdict import CheckStatus
 from veil.enclave.errors import AttestationProviderError
 from veil.enclave.tee.simulated import (
@@ -54,7 +55,7 @@ def _roots(state_dir: Path) -> list[x509.Certificate]:
 def test_state_dir_layout_and_reuse(state_dir: Path, provider: SimulatedTeeProvider) -> None:
     root_file = state_dir / SIMULATION_ROOT_FILE
     roots = _roots(state_dir)
-    assert len(roots) == 2
+    assert len(roots) == 3  # ARK, NVIDIA device root, NVIDIA RIM root (issue #11)
     assert "SIMULATED" in roots[0].subject.rfc4514_string()
     assert "SIMULATED" in roots[1].subject.rfc4514_string()
     for key in (state_dir / "simulation").glob("*.key.pem"):
@@ -134,8 +135,18 @@ def test_gpu_reports_verify_with_simulation_root_only(
         assert part.report[4:36] == gnonce
         chain = x509.load_pem_x509_certificates(part.cert_chain)
         assert report.opaque.fwid == leaf_fwid(chain[0])
-        good = verify_gpu(report, chain, VerifyOptions(now=_now(), trusted_roots=(gpu_root,)), nonce=gnonce)
+        # Issue #11: the default GpuPolicy needs RIMs and OCSP: the provider's stapled collateral.
+        stapled = stapled_nvidia(provider.collateral())
+        options = VerifyOptions(now=_now(), trusted_roots=(gpu_root,), ocsp_post=stapled.ocsp_post)
+        rim_root = _roots(state_dir)[2]
+        good = verify_gpu(report, chain, options, nonce=gnonce, rims=stapled.rims, rim_roots=(rim_root,))
         assert good.ok, good.table()
+        for name in ("gpu.rim.driver", "gpu.rim.vbios", "gpu.measurements", "gpu.ocsp"):
+            assert good.get(name).status.value == "pass", name  # type: ignore[union-attr]
+        bare = verify_gpu(report, chain, VerifyOptions(now=_now(), trusted_roots=(gpu_root,)), nonce=gnonce)
+        assert {"gpu.rim.driver", "gpu.rim.vbios", "gpu.measurements", "gpu.ocsp"} <= {
+            c.name for c in bare.failed
+        }
         real = verify_gpu(report, chain, VerifyOptions(now=_now()), nonce=gnonce)  # pinned NVIDIA root
         assert not real.ok
         assert "gpu.chain" in {c.name for c in real.failed}
@@ -149,7 +160,7 @@ def test_gpu_reports_verify_with_simulation_root_only(
 def test_evidence_binds_gpu_reports_into_report_data(provider: SimulatedTeeProvider) -> None:
     parts = provider.evidence(NONCE, CLAIMS, PUBKEY)
     assert parts.simulated
-    expected = report_data(NONCE, CLAIMS, [g.report for g in parts.gpus])
+    expected = report_data(NONCE, CLAIMS, parts.gpus)
     assert parse_snp_report(parts.cpu.report).report_data == expected
     for g in parts.gpus:
         assert parse_gpu_report(g.report).nonce == gpu_nonce(NONCE, PUBKEY)

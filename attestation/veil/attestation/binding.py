@@ -6,8 +6,12 @@ vectors in ``tests/attestation/test_binding.py`` break on any change here.
 * ``claims``: canonical bytes = sorted-key JSON, UTF-8, no insignificant white
   space; byte strings as lowercase hex.
 * ``report_data`` (64 bytes, signed by the hardware) =
-  ``SHA-512("veil/report-data/v1" ‖ lp(nonce) ‖ lp(SHA-256(claims)) ‖ lp(SHA-256(gpu_0)) ‖ …)``
-  with ``lp(x)`` = 4-byte big-endian length then ``x``.
+  ``SHA-512("veil/report-data/v2" ‖ lp(nonce) ‖ lp(SHA-256(claims)) ‖ lp(gpu_0) ‖ lp(gpu_1) ‖ …)``
+  with ``lp(x)`` = 4-byte big-endian length then ``x``, and for each GPU report, in the
+  order of ``Evidence.gpus``, ``gpu_i`` = ``kind (1 byte: 1 GPU, 2 NVSwitch, as the proto
+  enum) ‖ index (4 bytes big-endian, GpuEvidence.index) ‖ SHA-256(report)``. Version 1
+  hashed the report alone, so relabelling a GPU as an NVSwitch (which changes the GPU
+  count a policy checks) broke no signature; version 2 binds the label.
 * ``gpu_nonce`` = ``SHA-256("veil/gpu-nonce/v1" ‖ nonce ‖ enclave public key bytes)``.
 * ``key_id`` = first 16 bytes of ``SHA-256(enclave public key bytes)``.
 
@@ -22,13 +26,16 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from veil.attestation.errors import MalformedInputError
 
 __all__ = [
     "EVIDENCE_FORMAT_VERSION",
+    "GPU_KIND_GPU",
+    "GPU_KIND_NVSWITCH",
     "NONCE_SIZE",
+    "BoundGpu",
     "Claims",
     "gpu_nonce",
     "key_id",
@@ -36,10 +43,12 @@ __all__ = [
     "report_data",
 ]
 
-EVIDENCE_FORMAT_VERSION = 1
+EVIDENCE_FORMAT_VERSION = 2
 NONCE_SIZE = 32
 KEY_ID_SIZE = 16
-REPORT_DATA_DOMAIN = b"veil/report-data/v1"
+REPORT_DATA_DOMAIN = b"veil/report-data/v2"
+GPU_KIND_GPU = 1  # evidence_pb2.GpuEvidence.KIND_GPU
+GPU_KIND_NVSWITCH = 2  # evidence_pb2.GpuEvidence.KIND_NVSWITCH
 GPU_NONCE_DOMAIN = b"veil/gpu-nonce/v1"
 _MAX_CLAIMS_BYTES = 64 * 1024
 
@@ -71,14 +80,37 @@ def gpu_nonce(nonce: bytes, public_key_bytes: bytes) -> bytes:
     return hashlib.sha256(GPU_NONCE_DOMAIN + nonce + public_key_bytes).digest()
 
 
-def report_data(nonce: bytes, claims: bytes, gpu_reports: Sequence[bytes] = ()) -> bytes:
-    """The 64 bytes the CPU TEE signs, binding nonce, claims and every GPU report."""
+class BoundGpu(Protocol):
+    """What of one GPU's evidence ``report_data`` binds (``GpuEvidence`` and the enclave's
+    ``GpuEvidencePart`` both have these fields)."""
+
+    @property
+    def kind(self) -> int: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def report(self) -> bytes: ...
+
+
+def _gpu_item(gpu: BoundGpu) -> bytes:
+    kind, index = int(gpu.kind), int(gpu.index)
+    if kind not in (GPU_KIND_GPU, GPU_KIND_NVSWITCH):
+        raise MalformedInputError(f"GPU evidence kind {kind} is neither GPU (1) nor NVSwitch (2)")
+    if not 0 <= index < 1 << 32:
+        raise MalformedInputError(f"GPU evidence index {index} out of range")
+    return bytes([kind]) + index.to_bytes(4, "big") + hashlib.sha256(bytes(gpu.report)).digest()
+
+
+def report_data(nonce: bytes, claims: bytes, gpus: Sequence[BoundGpu] = ()) -> bytes:
+    """The 64 bytes the CPU TEE signs, binding nonce, claims and every GPU report with its
+    kind and index (see the module docstring); raises :class:`MalformedInputError` for a
+    nonce of the wrong size or a GPU of unknown kind."""
     _check_nonce(nonce)
     h = hashlib.sha512(REPORT_DATA_DOMAIN)
     h.update(length_prefixed(nonce))
     h.update(length_prefixed(hashlib.sha256(claims).digest()))
-    for report in gpu_reports:
-        h.update(length_prefixed(hashlib.sha256(report).digest()))
+    for gpu in gpus:
+        h.update(length_prefixed(_gpu_item(gpu)))
     return h.digest()
 
 

@@ -16,9 +16,12 @@ Every check is named; the bundle-level ones are:
 * ``binding.enclave_key`` — the claims name exactly the key in ``Evidence.enclave_key``
 * ``binding.simulated`` — platform, ``Evidence.simulated`` and the claims agree
 * ``binding.report_data`` — the CPU report's REPORT_DATA equals
-  ``binding.report_data(client nonce, claims bytes, GPU reports)``
+  ``binding.report_data(client nonce, claims bytes, GPUs)`` (each GPU's kind, index and report)
 * ``binding.gpu_nonce`` — every GPU report was requested with
   ``binding.gpu_nonce(client nonce, enclave public key)``
+* ``collateral.nvidia`` — the stapled RIMs parse (GPU evidence only)
+* ``snp.chain.crl`` — with ``policy.require_crl`` (default) the stapled ARK-signed CRL must be
+  there, verify and be current (:mod:`veil.attestation.stapled`); else it fails
 * ``policy.platform``, ``policy.simulated``, ``policy.model_digest``,
   ``policy.data_policy_digest``, ``policy.gpu_count``
 
@@ -47,7 +50,7 @@ from dataclasses import dataclass, replace
 from cryptography import x509
 from google.protobuf.message import DecodeError
 
-from veil.attestation.binding import NONCE_SIZE, Claims, gpu_nonce, report_data
+from veil.attestation.binding import EVIDENCE_FORMAT_VERSION, NONCE_SIZE, Claims, gpu_nonce, report_data
 from veil.attestation.channel.hpke import HpkeSuite, PublicKey
 from veil.attestation.errors import MalformedInputError
 from veil.attestation.nvidia.report import parse_gpu_report
@@ -58,12 +61,13 @@ from veil.attestation.snp.certs import load_certificates
 from veil.attestation.snp.report import SnpReport
 from veil.attestation.snp.validate import validate_snp
 from veil.attestation.snp.verify import verify_snp_bytes
+from veil.attestation.stapled import stapled_amd_crl, stapled_nvidia
 from veil.attestation.verdict import Verdict, VerdictBuilder
 from veil.proto.v1 import evidence_pb2
 
 __all__ = ["VerifiedEvidence", "parse_evidence", "verify_evidence"]
 
-SUPPORTED_FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSION = EVIDENCE_FORMAT_VERSION
 MAX_EVIDENCE_BYTES = 8 * 1024 * 1024
 _SNP_PLATFORMS = (PlatformName.SEV_SNP, PlatformName.SIMULATED_SEV_SNP)
 
@@ -121,7 +125,9 @@ def verify_evidence(
     ``nonce`` is the 32-byte nonce the client sent; ``None`` (offline audit of a
     saved bundle) recomputes the binding with the echoed nonce and marks freshness
     as skipped. The trust anchors are the policy's, so ``options.trusted_roots`` must
-    be empty; ``options.ocsp_post``, when set, checks the GPU chains online. Never
+    be empty. The collateral stapled in ``Evidence.collateral`` (AMD CRL, NVIDIA RIMs and
+    OCSP responses) is verified offline against the vendor roots; ``options.ocsp_post``,
+    when set (auditors' ``--online``), asks NVIDIA's responder instead of the stapled answers. Never
     raises for bad evidence: every problem is a failed check in the returned verdict.
     Raises :class:`MalformedInputError` only for unusable arguments (a nonce of the
     wrong size, roots in the options).
@@ -201,15 +207,19 @@ def verify_evidence(
     elif report is None:
         v.fail("binding.report_data", "no parsed CPU report to compare with")
     else:
-        expected = report_data(bound_nonce, bytes(msg.claims), [bytes(g.report) for g in msg.gpus])
-        ok = hmac.compare_digest(expected, report.report_data)
-        v.check(
-            "binding.report_data",
-            ok,
-            "H(nonce, claims, GPU reports) = signed REPORT_DATA"
-            if ok
-            else "signed REPORT_DATA does not match H(nonce, claims, GPU reports)",
-        )
+        try:
+            expected = report_data(bound_nonce, bytes(msg.claims), msg.gpus)
+        except MalformedInputError as exc:
+            v.fail("binding.report_data", str(exc))
+        else:
+            ok = hmac.compare_digest(expected, report.report_data)
+            v.check(
+                "binding.report_data",
+                ok,
+                "H(nonce, claims, GPU kinds, indices and reports) = signed REPORT_DATA"
+                if ok
+                else "signed REPORT_DATA does not match H(nonce, claims, GPU kinds, indices and reports)",
+            )
 
     if report is not None and claims is not None and platform is PlatformName.SIMULATED_SEV_SNP:
         expected_measurement = claims.server_build_digest.ljust(len(report.measurement), b"\0")
@@ -294,8 +304,29 @@ def _verify_cpu(
     except MalformedInputError as exc:
         v.fail("snp.chain.parse", str(exc))
         certs = []
-    report, verdict = verify_snp_bytes(bytes(msg.cpu_report), certs, replace(options, trusted_roots=roots))
-    v.extend(verdict.checks)
+    try:
+        crl = stapled_amd_crl(msg.collateral)
+    except MalformedInputError as exc:
+        v.fail("snp.chain.crl", str(exc))
+        crl, crl_problem = None, True
+    else:
+        crl_problem = False
+    report, verdict = verify_snp_bytes(
+        bytes(msg.cpu_report), certs, replace(options, trusted_roots=roots), crl=crl
+    )
+    for check in verdict.checks:
+        if check.name != "snp.chain.crl" or crl is not None:
+            v.extend([check])
+        elif crl_problem:
+            continue  # already failed above, naming why
+        elif policy.require_crl:
+            v.fail(
+                "snp.chain.crl",
+                "no AMD CRL stapled (Evidence.collateral.amd.crl): the policy requires the "
+                "ASK/ASVK checked against a current ARK-signed CRL",
+            )
+        else:
+            v.skip("snp.chain.crl", "no AMD CRL stapled, and the policy does not require one")
     return report
 
 
@@ -314,6 +345,15 @@ def _verify_gpus(
         return
     simulated = platform is not None and platform.simulated
     roots = policy.trusted_roots.simulation if simulated else policy.trusted_roots.nvidia
+    # RIMs chain to the NVIDIA RIM root pinned in the package (no rim_roots), or, for simulated
+    # evidence, to the simulation's RIM root; OCSP answers come stapled (or online for auditors).
+    rim_roots = policy.trusted_roots.simulation if simulated else ()
+    stapled = stapled_nvidia(msg.collateral)
+    if stapled.problems:
+        v.fail("collateral.nvidia", "; ".join(stapled.problems))
+    else:
+        v.passed("collateral.nvidia", stapled.describe())
+    gpu_options = replace(options, ocsp_post=options.ocsp_post or stapled.ocsp_post)
     expected = None
     if public_key is not None and len(bound_nonce) == NONCE_SIZE:
         expected = gpu_nonce(bound_nonce, public_key.to_bytes())
@@ -336,8 +376,18 @@ def _verify_gpus(
             mismatched.append(str(i))
         if roots:
             # verify_gpu anchors the chain at the trusted root it ends at (else the first).
-            anchored = replace(options, trusted_roots=roots)
-            verdict = verify_gpu(bytes(gpu.report), chain, anchored, nonce=expected, kind=kind, prefix=prefix)
+            anchored = replace(gpu_options, trusted_roots=roots)
+            verdict = verify_gpu(
+                bytes(gpu.report),
+                chain,
+                anchored,
+                nonce=expected,
+                kind=kind,
+                prefix=prefix,
+                rims=stapled.rims,
+                policy=policy.gpu,
+                rim_roots=rim_roots,
+            )
             v.extend(verdict.checks)
     if expected is None:
         v.fail("binding.gpu_nonce", "no usable enclave key to derive the GPU nonce from")

@@ -13,6 +13,8 @@
     ├── EngineStoppedError           the engine is draining or stopped
     ├── EngineInternalError          an internal invariant of the engine broke (a bug, never bad input)
     ├── AttestationProviderError     a TEE attestation provider failed to produce evidence
+    │   └── CollateralUnavailableError   no current vendor collateral to staple (fetch failed and
+    │                                    the cached set expired, or it does not parse)
     └── DataPolicyError              the data-handling policy file is malformed or promises
                                      something this server cannot enforce
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "AttestationProviderError",
+    "CollateralUnavailableError",
     "DataPolicyError",
     "EnclaveError",
     "EngineInternalError",
@@ -68,3 +71,7 @@ class AttestationProviderError(EnclaveError):
 
 class DataPolicyError(EnclaveError):
     """The data-handling policy is malformed or promises what this server cannot enforce."""
+
+
+class CollateralUnavailableError(AttestationProviderError):
+    """No current vendor collateral to staple into the evidence (see ``veil.enclave.collateral``)."""

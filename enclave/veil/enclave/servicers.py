@@ -171,6 +171,7 @@ class AttestationServicer(service_pb2_grpc.AttestationServiceServicer):
             claims=ident.claims_bytes,
             nonce=bytes(request.nonce),
             simulated=parts.simulated,
+            collateral=parts.collateral,
         )
 
 

@@ -1,10 +1,13 @@
-"""Online revocation checking (OCSP) of NVIDIA device certificate chains.
+"""Revocation checking (OCSP) of NVIDIA device and RIM signing certificate chains.
 
-Never part of offline verification: :func:`veil.attestation.nvidia.verify.verify_gpu` reports
-``{p}.ocsp`` as skipped unless the caller injects an
-:data:`~veil.attestation.options.OcspPost` in its
-:class:`~veil.attestation.options.VerifyOptions` (e.g. ``CollateralStore.nvidia_ocsp``).
-Responses are checked as strictly as the chain itself.
+:func:`check_ocsp` asks an :data:`~veil.attestation.options.OcspPost` (injected in the
+:class:`~veil.attestation.options.VerifyOptions`) about every certificate of a chain. The
+poster is either online (``CollateralStore.nvidia_ocsp``, auditors) or :func:`stapled_ocsp`:
+the responses the enclave fetched and stapled in ``Evidence.collateral``, served offline.
+Either way each response is checked as strictly as the chain itself: signed by the issuer
+(or a responder it delegated), about the right certificate, current at ``options.now`` by
+its own signed ``thisUpdate`` / ``nextUpdate``, and ``good``. A stapled response must carry
+a ``nextUpdate`` (otherwise its freshness is unknown and it is refused).
 """
 
 from __future__ import annotations
@@ -21,12 +24,49 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
-from veil.attestation.errors import MalformedInputError
+from veil.attestation.errors import CollateralError, MalformedInputError
 from veil.attestation.nvidia.certs import cert_name, find_extension
 from veil.attestation.options import OcspPost, VerifyOptions
 from veil.attestation.verdict import Verdict, VerdictBuilder
 
-__all__ = ["check_ocsp"]
+__all__ = ["check_ocsp", "stapled_ocsp"]
+
+
+def stapled_ocsp(responses: Sequence[bytes]) -> OcspPost:
+    """An offline :data:`OcspPost` answering from stapled DER responses, never the network.
+
+    For a request it returns the stapled response about the same certificate (serial number
+    and issuer key hash, when the hash algorithms agree); with none it raises
+    :class:`CollateralError`, which :func:`check_ocsp` reports as a failed check. Responses
+    that do not parse, were not SUCCESSFUL or carry no ``nextUpdate`` are never served.
+    """
+    parsed: list[ocsp.OCSPResponse] = []
+    for raw in responses:
+        try:
+            resp = ocsp.load_der_ocsp_response(bytes(raw))
+        except ValueError:
+            continue
+        if resp.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL:
+            parsed.append(resp)
+
+    def post(request_der: bytes) -> bytes:
+        req = ocsp.load_der_ocsp_request(request_der)
+        fallback = None
+        for resp in parsed:
+            for single in resp.responses:
+                if single.serial_number != req.serial_number:
+                    continue
+                if single.next_update_utc is None:
+                    raise CollateralError("the stapled OCSP response has no nextUpdate: freshness unknown")
+                same_hash = isinstance(single.hash_algorithm, type(req.hash_algorithm))
+                if same_hash and single.issuer_key_hash == req.issuer_key_hash:
+                    return resp.public_bytes(Encoding.DER)
+                fallback = fallback or resp  # another hash algorithm: check_ocsp checks the issuer
+        if fallback is not None:
+            return fallback.public_bytes(Encoding.DER)
+        raise CollateralError(f"no stapled OCSP response for serial {req.serial_number:x}")
+
+    return post
 
 
 def check_ocsp(
@@ -86,6 +126,8 @@ def _ocsp_one(
     request = builder.build().public_bytes(Encoding.DER)
     try:
         raw = post(request)
+    except CollateralError as exc:  # offline, or nothing stapled for this certificate
+        return f"OCSP request failed: {exc}"
     except Exception as exc:  # the injected transport may raise anything
         return f"OCSP request failed: {type(exc).__name__}"
     try:

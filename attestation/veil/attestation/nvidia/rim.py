@@ -198,9 +198,12 @@ def _signed_content(xml: bytes, signer: x509.Certificate) -> tuple[str, tuple[Ri
         return f"signed content malformed: {exc}"
 
 
-def verify_rim(rim: Rim, options: VerifyOptions, *, prefix: str = "rim") -> Verdict:
+def verify_rim(
+    rim: Rim, options: VerifyOptions, *, prefix: str = "rim", require_ocsp: bool = False
+) -> Verdict:
     """``{p}.signature``, ``{p}.chain`` and ``{p}.chain.validity`` of one RIM, plus ``{p}.ocsp``
-    (every certificate below the root, signer included) when ``options.ocsp_post`` is given.
+    (every certificate below the root, signer included) when ``options.ocsp_post`` is given
+    (online or stapled); without one ``{p}.ocsp`` fails when ``require_ocsp``.
 
     With no ``options.trusted_roots`` the chain must end at the pinned NVIDIA CoRIM signing Root CA.
     """
@@ -226,6 +229,8 @@ def verify_rim(rim: Rim, options: VerifyOptions, *, prefix: str = "rim") -> Verd
     if options.ocsp_post is not None:
         anchored = replace(options, trusted_roots=(root,))
         v.extend(check_ocsp(chain, anchored, prefix=prefix, skip_leaf=False).checks)
+    elif require_ocsp:
+        v.fail(f"{prefix}.ocsp", "no OCSP response for the RIM signing chain (none stapled, not online)")
     return v.build()
 
 

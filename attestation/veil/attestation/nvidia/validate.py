@@ -41,22 +41,33 @@ _NVDEC_INDEX = 35
 
 @dataclass(frozen=True, slots=True)
 class GpuPolicy:
-    """What a GPU report must state beyond being genuine.
+    """What a GPU report must state beyond being genuine. Strict by default (fail closed).
 
     ``driver_versions`` / ``vbios_versions``: allowed versions (empty: any; the check still
-    passes only when the version is reported, and names it). ``require_rims``: fail rather than
-    skip when no RIM for the reported driver / VBIOS is given.
+    passes only when the version is reported, and names it). ``require_rims`` (default True):
+    every GPU needs a verified driver and VBIOS RIM (an NVSwitch its BIOS RIM) and its
+    measurements compared with them; a missing RIM fails. ``require_ocsp`` (default True):
+    the device chain and every RIM signing chain need OCSP status ``good`` (stapled, or online
+    for auditors); none fails. Setting either to False is the opt-out for auditors exploring
+    evidence (:meth:`exploring`): the checks are then skipped, never passed.
     """
 
     driver_versions: frozenset[str] = frozenset()
     vbios_versions: frozenset[str] = frozenset()
-    require_rims: bool = False
+    require_rims: bool = True
+    require_ocsp: bool = True
+
+    @classmethod
+    def exploring(cls, **changes: Any) -> GpuPolicy:
+        """The LOUD opt-out: RIMs and OCSP skipped when absent (auditing unknown evidence only)."""
+        return cls(**{"require_rims": False, "require_ocsp": False, **changes})
 
     @staticmethod
     def from_mapping(data: Mapping[str, Any]) -> GpuPolicy:
         """A policy from a TOML-style table: ``driver_versions`` / ``vbios_versions`` as lists of
-        strings, ``require_rims`` as a boolean. Unknown keys and wrong types are an error."""
-        unknown = sorted(set(data) - {"driver_versions", "vbios_versions", "require_rims"})
+        strings, ``require_rims`` / ``require_ocsp`` as booleans. Unknown keys and wrong types
+        are an error."""
+        unknown = sorted(set(data) - {"driver_versions", "vbios_versions", "require_rims", "require_ocsp"})
         if unknown:
             raise MalformedInputError(f"unknown GPU policy key(s): {', '.join(unknown)}")
         kwargs: dict[str, Any] = {}
@@ -66,10 +77,11 @@ class GpuPolicy:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise MalformedInputError(f"{key} must be a list of strings")
                 kwargs[key] = frozenset(value)
-        if "require_rims" in data:
-            if not isinstance(data["require_rims"], bool):
-                raise MalformedInputError("require_rims must be true or false")
-            kwargs["require_rims"] = data["require_rims"]
+        for key in ("require_rims", "require_ocsp"):
+            if key in data:
+                if not isinstance(data[key], bool):
+                    raise MalformedInputError(f"{key} must be true or false")
+                kwargs[key] = data[key]
         return GpuPolicy(**kwargs)
 
 
@@ -116,8 +128,15 @@ def validate_measurements(
     *,
     driver: Rim | None,
     vbios: Rim | None,
+    missing: tuple[str, ...] = (),
+    require_all: bool = True,
 ) -> None:
-    """``{p}.measurements``: the report's blocks against the golden values of verified RIMs."""
+    """``{p}.measurements``: the report's blocks against the golden values of verified RIMs.
+
+    ``missing`` names the RIMs (``"driver"``, ``"VBIOS"``) that should have been given but
+    were not verified: what was given is still compared, index by index, and the check then
+    fails (``require_all``) or is skipped, naming the missing RIM; it never passes.
+    """
     nvdec = report.opaque.get(OpaqueFieldType.NVDEC0_STATUS)
     problems = compare_measurements(
         report.measurements,
@@ -125,10 +144,32 @@ def validate_measurements(
         vbios=vbios,
         nvdec0_status=nvdec[0] if nvdec and len(nvdec) == 1 else None,
     )
+    compared = ", ".join(
+        f"{name} indices {_ranges(sorted(rim.active))}"
+        for name, rim in (("driver", driver), ("VBIOS", vbios))
+        if rim is not None
+    )
     if problems:
-        v.fail(f"{p}.measurements", "; ".join(problems[:8]))
+        more = f"; … and {len(problems) - 8} more" if len(problems) > 8 else ""
+        v.fail(f"{p}.measurements", "; ".join(problems[:8]) + more)
+    elif missing:
+        done = f"{compared} match; " if compared else ""
+        (v.fail if require_all else v.skip)(
+            f"{p}.measurements", f"{done}not compared: no verified {' or '.join(missing)} RIM"
+        )
     else:
-        v.passed(f"{p}.measurements", f"{len(report.measurements)} blocks match the RIMs")
+        v.passed(f"{p}.measurements", f"{len(report.measurements)} blocks; {compared} match the RIMs")
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"0-2, 5"``."""
+    out: list[str] = []
+    for i in indices:
+        if out and out[-1].split("-")[-1] == str(i - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out) or "none"
 
 
 def compare_measurements(

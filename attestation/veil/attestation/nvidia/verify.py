@@ -17,7 +17,11 @@ one call appraises a report end to end:
 * ``{p}.nonce``, ``{p}.driver_version`` / ``{p}.vbios_version`` — see :mod:`.validate`.
 * ``{p}.rim.driver`` / ``{p}.rim.vbios`` — the RIM for the reported version verifies
   (:func:`~veil.attestation.nvidia.rim.verify_rim`); ``{p}.measurements`` — see :mod:`.validate`.
-* ``{p}.ocsp`` — online only, through the options' ``ocsp_post``; offline it is skipped.
+* ``{p}.ocsp`` — the device chain's revocation status through the options' ``ocsp_post``
+  (online, or stapled responses served by :func:`~veil.attestation.nvidia.ocsp.stapled_ocsp`);
+  without one it fails under the default :class:`GpuPolicy` (``require_ocsp``), else is skipped.
+  The RIM signing chains get ``{p}.rim.driver.ocsp`` / ``{p}.rim.vbios.ocsp`` inside the
+  ``{p}.rim.*`` checks the same way. A missing RIM fails (``require_rims``) and is named.
 
 Parsed certificates and chain results are cached, so verifying a report whose chain has been
 seen before costs one ECDSA verification.
@@ -206,6 +210,7 @@ def verify_gpu(
     rims: RimSet | None = None,
     policy: GpuPolicy | None = None,
     prefix: str | None = None,
+    rim_roots: Sequence[x509.Certificate] = (),
 ) -> Verdict:
     """Verify one GPU or NVSwitch report against its certificate chain (leaf first).
 
@@ -213,8 +218,11 @@ def verify_gpu(
     provider trusts its simulation root. ``nonce`` is the 32-byte nonce the report must carry
     (None: the check is skipped, which a policy must not accept). ``options.now`` is the
     verification time. ``rims`` (driver / VBIOS reference manifests) enable measurement
-    comparison (each RIM is verified against the pinned NVIDIA CoRIM signing Root CA);
-    ``options.ocsp_post`` enables the online revocation check. Every check is named
+    comparison (each RIM is verified against the pinned NVIDIA CoRIM signing Root CA, or
+    ``rim_roots`` when given); ``options.ocsp_post`` (online, or a poster serving stapled
+    responses) enables the revocation checks of the device chain and the RIM chains.
+    ``policy`` defaults to the strict :class:`GpuPolicy`: without RIMs or OCSP the report
+    fails. Every check is named
     ``{prefix}.…`` (default: kind). Raises only :class:`MalformedInputError` for unusable
     arguments; evidence problems are failed checks.
     """
@@ -245,12 +253,21 @@ def verify_gpu(
     _fwid_check(v, p, report, chain, kind)
     validate_nonce(v, p, report, nonce)
     validate_versions(v, p, report, kind, policy)
-    # RIMs chain to the pinned CoRIM root, not to the device roots.
+    # RIMs chain to the pinned CoRIM root (or the caller's rim_roots), not to the device roots.
     _rim_checks(
-        v, p=p, report=report, kind=kind, rims=rims, policy=policy, options=replace(options, trusted_roots=())
+        v,
+        p=p,
+        report=report,
+        kind=kind,
+        rims=rims,
+        policy=policy,
+        options=replace(options, trusted_roots=tuple(rim_roots)),
     )
     if options.ocsp_post is None:
-        v.skip(f"{p}.ocsp", "offline: revocation not checked")
+        if policy.require_ocsp:
+            v.fail(f"{p}.ocsp", "no OCSP response for the device chain (none stapled, not online)")
+        else:
+            v.skip(f"{p}.ocsp", "offline: revocation not checked (policy does not require OCSP)")
     else:
         v.extend(check_ocsp(chain, replace(options, trusted_roots=(root,)), prefix=p).checks)
     return v.build()
@@ -296,48 +313,51 @@ def _rim_checks(
     options: VerifyOptions,
 ) -> None:
     missing = v.fail if policy.require_rims else v.skip
-    if rims is None:
-        if kind == "nvswitch":
-            v.skip(f"{p}.rim.driver", "NVSwitches have no driver RIM")
-        else:
-            missing(f"{p}.rim.driver", "no RIMs given")
-        missing(f"{p}.rim.vbios", "no RIMs given")
-        missing(f"{p}.measurements", "no RIMs given")
-        return
     try:
         driver_version = report.opaque.driver_version
         vbios_version = report.opaque.vbios_version
     except MalformedInputError as exc:
         v.fail(f"{p}.measurements", f"versions unreadable: {exc}")
         return
+    rims = rims or RimSet()
     chosen: dict[str, Rim | None] = {}
+    absent: list[str] = []
     pairs: tuple[tuple[RimKind, str | None], ...] = (("driver", driver_version), ("vbios", vbios_version))
     for which, version in pairs:
         name = f"{p}.rim.{which}"
+        label = "driver" if which == "driver" else "VBIOS"
+        chosen[which] = None
         if which == "driver" and kind == "nvswitch":
             v.skip(name, "NVSwitches have no driver RIM")
-            chosen[which] = None
             continue
         found = () if version is None else rims.candidates(which, version)
-        chosen[which] = None
+        absent.append(label)
         if len(found) > 1:
-            v.fail(name, f"{len(found)} different {which} RIMs for version {version}: give exactly one")
+            v.fail(name, f"{len(found)} different {label} RIMs for version {version}: give exactly one")
             continue
         if not found:
-            missing(name, f"no {which} RIM for version {version}")
+            missing(
+                name, f"no {label} RIM for version {version}" if version else f"no {label} version reported"
+            )
             continue
-        rim = chosen[which] = found[0]
-        rim_verdict = verify_rim(rim, options, prefix=name)
+        rim = found[0]
+        rim_verdict = verify_rim(rim, options, prefix=name, require_ocsp=policy.require_ocsp)
         if rim_verdict.ok:
-            v.passed(name, f"{rim.tag_id[:16]}… version {rim.version}: signature, chain and validity good")
+            ocsp = ", OCSP" if options.ocsp_post is not None else ""
+            v.passed(name, f"{rim.tag_id[:16]}… version {rim.version}: signature, chain, validity{ocsp} good")
+            chosen[which] = rim
+            absent.remove(label)
         else:
             v.fail(name, "; ".join(f"{c.name}: {c.detail}" for c in rim_verdict.failed))
-            chosen[which] = None
-    driver_rim, vbios_rim = chosen.get("driver"), chosen.get("vbios")
-    if vbios_rim is None or (kind == "gpu" and driver_rim is None):
-        missing(f"{p}.measurements", "not compared: no verified RIM for this driver and VBIOS")
-        return
-    validate_measurements(v, p, report, driver=driver_rim, vbios=vbios_rim)
+    validate_measurements(
+        v,
+        p,
+        report,
+        driver=chosen.get("driver"),
+        vbios=chosen.get("vbios"),
+        missing=tuple(absent),
+        require_all=policy.require_rims,
+    )
 
 
 def gpu_rim_ids(report: GpuReport, kind: GpuKind = "gpu") -> dict[RimKind, str]:
@@ -407,6 +427,7 @@ def verify_gpus(
     nonce: bytes | None,
     rims: RimSet | None = None,
     policy: GpuPolicy | None = None,
+    rim_roots: Sequence[x509.Certificate] = (),
 ) -> Verdict:
     """Verify several GPUs and NVSwitches of one system; checks are named ``gpu[i].…`` and
     ``nvswitch[j].…`` (numbered per kind, in order)."""
@@ -416,7 +437,15 @@ def verify_gpus(
         prefix = f"{kind}[{counters[kind]}]"
         counters[kind] += 1
         verdict = verify_gpu(
-            report, chain, options, nonce=nonce, kind=kind, rims=rims, policy=policy, prefix=prefix
+            report,
+            chain,
+            options,
+            nonce=nonce,
+            kind=kind,
+            rims=rims,
+            policy=policy,
+            prefix=prefix,
+            rim_roots=rim_roots,
         )
         v.extend(verdict.checks)
     if not devices:

@@ -85,6 +85,7 @@ class EvidenceParts:
     cpu: CpuEvidencePart
     gpus: tuple[GpuEvidencePart, ...]
     simulated: bool
+    collateral: evidence_pb2.Collateral | None = None  # stapled vendor collateral
 
 
 class AttestationProvider(abc.ABC):
@@ -105,11 +106,16 @@ class AttestationProvider(abc.ABC):
     def cpu_evidence(self, report_data: bytes) -> CpuEvidencePart:
         """A fresh CPU TEE report whose REPORT_DATA is ``report_data`` (64 bytes)."""
 
+    def collateral(self) -> evidence_pb2.Collateral | None:
+        """The vendor collateral to staple (``veil.enclave.collateral``); None: none (the client's
+        default policy then refuses the evidence, which needs it)."""
+        return None
+
     def evidence(self, nonce: bytes, claims: bytes, public_key: bytes) -> EvidenceParts:
-        """Both phases for one client nonce, bound as DESIGN.md says."""
+        """Both phases for one client nonce, bound as DESIGN.md says, and the stapled collateral."""
         gpus = tuple(self.gpu_evidence(gpu_nonce(nonce, public_key)))
-        data = report_data(nonce, claims, [g.report for g in gpus])
+        data = report_data(nonce, claims, gpus)
         cpu = self.cpu_evidence(data)
         if not cpu.report:
             raise AttestationProviderError(f"{self.name}: empty CPU report")
-        return EvidenceParts(self.platform, cpu, gpus, self.simulated)
+        return EvidenceParts(self.platform, cpu, gpus, self.simulated, self.collateral())

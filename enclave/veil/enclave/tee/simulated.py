@@ -23,10 +23,21 @@ Simulation chains (generated into ``STATE_DIR/simulation/`` on first start, reus
   SubjectPublicKeyInfo, SEQUENCE { sha384, OCTET STRING fwid } }``) whose FWID (its last
   48 bytes) equals the FWID TLV in every report's opaque data.
 
+* RIMs, shaped like NVIDIA's RIM signing chain (EC P-384): ``Reference Value Root CA`` →
+  ``RIM Signing`` leaf, which XMLDSig-signs the RIMs of the simulated GPU's driver and VBIOS.
+
 ``STATE_DIR/simulation-root.pem`` is the trust anchor a client is told to trust
 (``veil chat --trust-simulated PEM``, ``Policy.simulated(PEM)``): a PEM bundle of
-exactly two certificates, first the simulated ARK (root of the SNP chain), then the
-simulated NVIDIA device root (root of the GPU chain). Private keys of the simulation
+exactly three certificates, first the simulated ARK (root of the SNP chain), then the
+simulated NVIDIA device root (root of the GPU chain), then the simulated NVIDIA RIM root
+(root of the RIM signing chain). A state dir holding an older two-certificate bundle is
+generated afresh.
+
+Collateral: the provider staples what a client needs to verify offline
+(:mod:`veil.enclave.tee.simulated_collateral`, cached in ``STATE_DIR/collateral/`` by
+:class:`veil.enclave.collateral.CollateralCache`): a CRL signed by the simulated ARK, the
+driver and VBIOS RIMs of the simulated GPU, and OCSP responses (signed by each issuer) for
+the GPU device chain and the RIM signing chain. Private keys of the simulation
 chains sit next to it (mode 0600): this is a simulation, and they are what makes it one.
 The enclave's HPKE key is never written anywhere.
 
@@ -56,9 +67,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from veil.attestation.nvidia.report import parse_gpu_report
 from veil.attestation.snp.report import Product, TcbVersion
 from veil.attestation.testing.nvidia import FakeGpuCa, make_fake_ca, nvidia_tcb_info
 from veil.attestation.testing.pki import PrivateKey, load_private_key, pem, private_key_pem, spki_der
+from veil.attestation.testing.rim import FakeRimCa, make_fake_rim_ca
 from veil.attestation.testing.snp import FakeAmd, make_fake_amd, signed_report
 from veil.enclave.errors import AttestationProviderError
 from veil.enclave.tee.provider import AttestationProvider, CpuEvidencePart, GpuEvidencePart
@@ -87,7 +100,7 @@ GPU_SUBJECTS = (
     "SIMULATED NVIDIA GH100 Identity",
     "SIMULATED GH100 A01 GSP FMC LF",
 )
-_KEY_NAMES = ("ark", "ask", "vcek", "gpu-root", "gpu-ica", "gpu-leaf")
+_KEY_NAMES = ("ark", "ask", "vcek", "gpu-root", "gpu-ica", "gpu-leaf", "rim-root", "rim-signer")
 _FOREVER = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
 _O_SIM = "Veil SIMULATED TEE (not AMD, not NVIDIA)"
 _PREFIX = "SIMULATED "
@@ -110,6 +123,7 @@ class SimulationAuthority:
     vcek_key: ec.EllipticCurvePrivateKey
     vcek_cert: x509.Certificate
     gpu: FakeGpuCa  # simulated device root, ICA and leaf (no BROM)
+    rim: FakeRimCa  # simulated RIM root and RIM signing certificate
     chip_id: bytes
     report_id: bytes
     fwid: bytes
@@ -133,8 +147,8 @@ class SimulationAuthority:
         return pem(*self.gpu.chain)
 
     def root_bundle_pem(self) -> bytes:
-        """The two trust anchors: simulated ARK, then simulated NVIDIA device root."""
-        return pem(self.amd.ark, self.gpu.root)
+        """The three trust anchors: simulated ARK, NVIDIA device root, NVIDIA RIM root."""
+        return pem(self.amd.ark, self.gpu.root, self.rim.root)
 
     def files(self) -> dict[str, tuple[PrivateKey, x509.Certificate]]:
         """Key and certificate per file name stem (``ark`` → ``ark.key.pem``, ``ark.crt.pem``)."""
@@ -145,6 +159,8 @@ class SimulationAuthority:
             "gpu-root": (self.gpu.root_key, self.gpu.root),
             "gpu-ica": (self.gpu.ica_key, self.gpu.ica),
             "gpu-leaf": (self.gpu.leaf_key, self.gpu.leaf),
+            "rim-root": (self.rim.root_key, self.rim.root),
+            "rim-signer": (self.rim.signer_key, self.rim.signer),
         }
 
 
@@ -188,8 +204,20 @@ def _generate(state: Path, now: dt.datetime) -> None:
         tcb_info=nvidia_tcb_info,
         key_ids=True,
     )
+    rim = make_fake_rim_ca(
+        not_before=nb, not_after=now + dt.timedelta(days=25 * 365), organization=_O_SIM, prefix=_PREFIX
+    )
     authority = SimulationAuthority(
-        amd, vcek_key, vcek, gpu, chip_id, secrets.token_bytes(32), fwid, tcb, state / SIMULATION_ROOT_FILE
+        amd,
+        vcek_key,
+        vcek,
+        gpu,
+        rim,
+        chip_id,
+        secrets.token_bytes(32),
+        fwid,
+        tcb,
+        state / SIMULATION_ROOT_FILE,
     )
     sim = state / _SIM_DIR
     for stem, (key, cert) in authority.files().items():
@@ -271,7 +299,7 @@ def _load(state: Path, now: dt.datetime) -> SimulationAuthority:
             raise AttestationProviderError(f"simulation {name} certificate is not valid now")
     root_path = state / SIMULATION_ROOT_FILE
     roots = x509.load_pem_x509_certificates(root_path.read_bytes())
-    if roots != [certs["ark"], certs["gpu-root"]]:
+    if roots != [certs["ark"], certs["gpu-root"], certs["rim-root"]]:
         raise AttestationProviderError("simulation-root.pem does not hold the simulation roots")
     ident = json.loads((sim / _IDENTITY_FILE).read_text())
     amd = FakeAmd(
@@ -296,11 +324,18 @@ def _load(state: Path, now: dt.datetime) -> SimulationAuthority:
         _ec(keys["gpu-leaf"], "gpu-leaf"),
         certs["gpu-leaf"],
     )
+    rim = FakeRimCa(
+        _ec(keys["rim-root"], "rim-root"),
+        certs["rim-root"],
+        _ec(keys["rim-signer"], "rim-signer"),
+        certs["rim-signer"],
+    )
     return SimulationAuthority(
         amd=amd,
         vcek_key=_ec(keys["vcek"], "vcek"),
         vcek_cert=certs["vcek"],
         gpu=gpu,
+        rim=rim,
         chip_id=bytes.fromhex(ident["chip_id"]),
         report_id=bytes.fromhex(ident["report_id"]),
         fwid=bytes.fromhex(ident["fwid"]),
@@ -326,6 +361,8 @@ class SimulatedTeeProvider(AttestationProvider):
         *,
         gpu_count: int = 1,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        clock: Clock = _utcnow,
+        collateral_dir: Path | None = None,
     ) -> None:
         if len(measurement) != 48:
             raise AttestationProviderError(f"SNP measurement must be 48 bytes, got {len(measurement)}")
@@ -341,10 +378,30 @@ class SimulatedTeeProvider(AttestationProvider):
             hashlib.sha384(b"veil/simulated-gpu/measurement/v1" + bytes([i])).digest()
             for i in range(1, GPU_MEASUREMENT_COUNT + 1)
         ]
+        # Stapled collateral, cached beside the simulation chains unless told otherwise.
+        from veil.enclave.collateral import CollateralCache
+        from veil.enclave.tee.simulated_collateral import SimulatedCollateralSource
+
+        sample = parse_gpu_report(self._gpu_report(bytes(32), 0).report).opaque
+        source = SimulatedCollateralSource(
+            authority,
+            golden=dict(enumerate(self._gpu_measurements)),
+            driver_version=GPU_DRIVER_VERSION,
+            vbios_version=sample.vbios_version or "",
+            clock=clock,
+        )
+        cache_dir = (
+            collateral_dir if collateral_dir is not None else authority.root_path.parent / "collateral"
+        )
+        self._collateral = CollateralCache(source, cache_dir, clock=clock)
 
     @property
     def authority(self) -> SimulationAuthority:
         return self._auth
+
+    def collateral(self) -> evidence_pb2.Collateral:
+        """The simulated collateral to staple (refreshed before it expires)."""
+        return self._collateral.current()
 
     def cpu_evidence(self, report_data: bytes) -> CpuEvidencePart:
         if len(report_data) != 64:

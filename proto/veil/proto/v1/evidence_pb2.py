@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cveil/proto/v1/evidence.proto\x12\x07veil.v1\"W\n\x10\x45nclavePublicKey\x12!\n\x05suite\x18\x01 \x01(\x0e\x32\x12.veil.v1.HpkeSuite\x12\x10\n\x08mlkem768\x18\x02 \x01(\x0c\x12\x0e\n\x06x25519\x18\x03 \x01(\x0c\"\xb6\x01\n\x0bGpuEvidence\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.veil.v1.GpuEvidence.Kind\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0e\n\x06report\x18\x03 \x01(\x0c\x12\x12\n\ncert_chain\x18\x04 \x01(\x0c\x12\r\n\x05index\x18\x05 \x01(\r\"=\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08KIND_GPU\x10\x01\x12\x11\n\rKIND_NVSWITCH\x10\x02\"m\n\x11\x41zureVtpmEvidence\x12\x12\n\nhcl_report\x18\x01 \x01(\x0c\x12\x19\n\x11tpm_quote_message\x18\x02 \x01(\x0c\x12\x1b\n\x13tpm_quote_signature\x18\x03 \x01(\x0c\x12\x0c\n\x04pcrs\x18\x04 \x03(\x0c\"\xa4\x02\n\x08\x45vidence\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12#\n\x08platform\x18\x02 \x01(\x0e\x32\x11.veil.v1.Platform\x12\x12\n\ncpu_report\x18\x03 \x01(\x0c\x12\x16\n\x0e\x63pu_cert_chain\x18\x04 \x01(\x0c\x12\"\n\x04gpus\x18\x05 \x03(\x0b\x32\x14.veil.v1.GpuEvidence\x12.\n\x0b\x65nclave_key\x18\x06 \x01(\x0b\x32\x19.veil.v1.EnclavePublicKey\x12\x0e\n\x06\x63laims\x18\x07 \x01(\x0c\x12\r\n\x05nonce\x18\x08 \x01(\x0c\x12\x11\n\tsimulated\x18\t \x01(\x08\x12)\n\x05\x61zure\x18\n \x01(\x0b\x32\x1a.veil.v1.AzureVtpmEvidence*\xa0\x01\n\x08Platform\x12\x18\n\x14PLATFORM_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPLATFORM_SIMULATED_SEV_SNP\x10\x01\x12\x14\n\x10PLATFORM_SEV_SNP\x10\x02\x12\x1a\n\x16PLATFORM_AZURE_SEV_SNP\x10\x03\x12\x10\n\x0cPLATFORM_TDX\x10\x04\x12\x16\n\x12PLATFORM_AZURE_TDX\x10\x05*\x98\x01\n\tHpkeSuite\x12\x1a\n\x16HPKE_SUITE_UNSPECIFIED\x10\x00\x12;\n7HPKE_SUITE_MLKEM768_X25519_HKDF_SHA256_CHACHA20POLY1305\x10\x01\x12\x32\n.HPKE_SUITE_X25519_HKDF_SHA256_CHACHA20POLY1305\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cveil/proto/v1/evidence.proto\x12\x07veil.v1\"W\n\x10\x45nclavePublicKey\x12!\n\x05suite\x18\x01 \x01(\x0e\x32\x12.veil.v1.HpkeSuite\x12\x10\n\x08mlkem768\x18\x02 \x01(\x0c\x12\x0e\n\x06x25519\x18\x03 \x01(\x0c\"\xb6\x01\n\x0bGpuEvidence\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.veil.v1.GpuEvidence.Kind\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0e\n\x06report\x18\x03 \x01(\x0c\x12\x12\n\ncert_chain\x18\x04 \x01(\x0c\x12\r\n\x05index\x18\x05 \x01(\r\"=\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08KIND_GPU\x10\x01\x12\x11\n\rKIND_NVSWITCH\x10\x02\"m\n\x11\x41zureVtpmEvidence\x12\x12\n\nhcl_report\x18\x01 \x01(\x0c\x12\x19\n\x11tpm_quote_message\x18\x02 \x01(\x0c\x12\x1b\n\x13tpm_quote_signature\x18\x03 \x01(\x0c\x12\x0c\n\x04pcrs\x18\x04 \x03(\x0c\"\x1c\n\rAmdCollateral\x12\x0b\n\x03\x63rl\x18\x01 \x01(\x0c\"\xbd\x01\n\x0fIntelCollateral\x12\x10\n\x08tcb_info\x18\x01 \x01(\x0c\x12\x1d\n\x15tcb_info_issuer_chain\x18\x02 \x01(\x0c\x12\x13\n\x0bqe_identity\x18\x03 \x01(\x0c\x12 \n\x18qe_identity_issuer_chain\x18\x04 \x01(\x0c\x12\x0f\n\x07pck_crl\x18\x05 \x01(\x0c\x12\x1c\n\x14pck_crl_issuer_chain\x18\x06 \x01(\x0c\x12\x13\n\x0broot_ca_crl\x18\x07 \x01(\x0c\"8\n\x10NvidiaCollateral\x12\x0c\n\x04rims\x18\x01 \x03(\x0c\x12\x16\n\x0eocsp_responses\x18\x02 \x03(\x0c\"\x85\x01\n\nCollateral\x12#\n\x03\x61md\x18\x01 \x01(\x0b\x32\x16.veil.v1.AmdCollateral\x12\'\n\x05intel\x18\x02 \x01(\x0b\x32\x18.veil.v1.IntelCollateral\x12)\n\x06nvidia\x18\x03 \x01(\x0b\x32\x19.veil.v1.NvidiaCollateral\"\xcd\x02\n\x08\x45vidence\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12#\n\x08platform\x18\x02 \x01(\x0e\x32\x11.veil.v1.Platform\x12\x12\n\ncpu_report\x18\x03 \x01(\x0c\x12\x16\n\x0e\x63pu_cert_chain\x18\x04 \x01(\x0c\x12\"\n\x04gpus\x18\x05 \x03(\x0b\x32\x14.veil.v1.GpuEvidence\x12.\n\x0b\x65nclave_key\x18\x06 \x01(\x0b\x32\x19.veil.v1.EnclavePublicKey\x12\x0e\n\x06\x63laims\x18\x07 \x01(\x0c\x12\r\n\x05nonce\x18\x08 \x01(\x0c\x12\x11\n\tsimulated\x18\t \x01(\x08\x12)\n\x05\x61zure\x18\n \x01(\x0b\x32\x1a.veil.v1.AzureVtpmEvidence\x12\'\n\ncollateral\x18\x0b \x01(\x0b\x32\x13.veil.v1.Collateral*\xa0\x01\n\x08Platform\x12\x18\n\x14PLATFORM_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPLATFORM_SIMULATED_SEV_SNP\x10\x01\x12\x14\n\x10PLATFORM_SEV_SNP\x10\x02\x12\x1a\n\x16PLATFORM_AZURE_SEV_SNP\x10\x03\x12\x10\n\x0cPLATFORM_TDX\x10\x04\x12\x16\n\x12PLATFORM_AZURE_TDX\x10\x05*\x98\x01\n\tHpkeSuite\x12\x1a\n\x16HPKE_SUITE_UNSPECIFIED\x10\x00\x12;\n7HPKE_SUITE_MLKEM768_X25519_HKDF_SHA256_CHACHA20POLY1305\x10\x01\x12\x32\n.HPKE_SUITE_X25519_HKDF_SHA256_CHACHA20POLY1305\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'veil.proto.v1.evidence_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLATFORM']._serialized_start=722
-  _globals['_PLATFORM']._serialized_end=882
-  _globals['_HPKESUITE']._serialized_start=885
-  _globals['_HPKESUITE']._serialized_end=1037
+  _globals['_PLATFORM']._serialized_start=1179
+  _globals['_PLATFORM']._serialized_end=1339
+  _globals['_HPKESUITE']._serialized_start=1342
+  _globals['_HPKESUITE']._serialized_end=1494
   _globals['_ENCLAVEPUBLICKEY']._serialized_start=41
   _globals['_ENCLAVEPUBLICKEY']._serialized_end=128
   _globals['_GPUEVIDENCE']._serialized_start=131
@@ -43,6 +43,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GPUEVIDENCE_KIND']._serialized_end=313
   _globals['_AZUREVTPMEVIDENCE']._serialized_start=315
   _globals['_AZUREVTPMEVIDENCE']._serialized_end=424
-  _globals['_EVIDENCE']._serialized_start=427
-  _globals['_EVIDENCE']._serialized_end=719
+  _globals['_AMDCOLLATERAL']._serialized_start=426
+  _globals['_AMDCOLLATERAL']._serialized_end=454
+  _globals['_INTELCOLLATERAL']._serialized_start=457
+  _globals['_INTELCOLLATERAL']._serialized_end=646
+  _globals['_NVIDIACOLLATERAL']._serialized_start=648
+  _globals['_NVIDIACOLLATERAL']._serialized_end=704
+  _globals['_COLLATERAL']._serialized_start=707
+  _globals['_COLLATERAL']._serialized_end=840
+  _globals['_EVIDENCE']._serialized_start=843
+  _globals['_EVIDENCE']._serialized_end=1176
 # @@protoc_insertion_point(module_scope)

@@ -75,8 +75,50 @@ class AzureVtpmEvidence(_message.Message):
     pcrs: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, hcl_report: _Optional[bytes] = ..., tpm_quote_message: _Optional[bytes] = ..., tpm_quote_signature: _Optional[bytes] = ..., pcrs: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
+class AmdCollateral(_message.Message):
+    __slots__ = ("crl",)
+    CRL_FIELD_NUMBER: _ClassVar[int]
+    crl: bytes
+    def __init__(self, crl: _Optional[bytes] = ...) -> None: ...
+
+class IntelCollateral(_message.Message):
+    __slots__ = ("tcb_info", "tcb_info_issuer_chain", "qe_identity", "qe_identity_issuer_chain", "pck_crl", "pck_crl_issuer_chain", "root_ca_crl")
+    TCB_INFO_FIELD_NUMBER: _ClassVar[int]
+    TCB_INFO_ISSUER_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    QE_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    QE_IDENTITY_ISSUER_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    PCK_CRL_FIELD_NUMBER: _ClassVar[int]
+    PCK_CRL_ISSUER_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    ROOT_CA_CRL_FIELD_NUMBER: _ClassVar[int]
+    tcb_info: bytes
+    tcb_info_issuer_chain: bytes
+    qe_identity: bytes
+    qe_identity_issuer_chain: bytes
+    pck_crl: bytes
+    pck_crl_issuer_chain: bytes
+    root_ca_crl: bytes
+    def __init__(self, tcb_info: _Optional[bytes] = ..., tcb_info_issuer_chain: _Optional[bytes] = ..., qe_identity: _Optional[bytes] = ..., qe_identity_issuer_chain: _Optional[bytes] = ..., pck_crl: _Optional[bytes] = ..., pck_crl_issuer_chain: _Optional[bytes] = ..., root_ca_crl: _Optional[bytes] = ...) -> None: ...
+
+class NvidiaCollateral(_message.Message):
+    __slots__ = ("rims", "ocsp_responses")
+    RIMS_FIELD_NUMBER: _ClassVar[int]
+    OCSP_RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    rims: _containers.RepeatedScalarFieldContainer[bytes]
+    ocsp_responses: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, rims: _Optional[_Iterable[bytes]] = ..., ocsp_responses: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class Collateral(_message.Message):
+    __slots__ = ("amd", "intel", "nvidia")
+    AMD_FIELD_NUMBER: _ClassVar[int]
+    INTEL_FIELD_NUMBER: _ClassVar[int]
+    NVIDIA_FIELD_NUMBER: _ClassVar[int]
+    amd: AmdCollateral
+    intel: IntelCollateral
+    nvidia: NvidiaCollateral
+    def __init__(self, amd: _Optional[_Union[AmdCollateral, _Mapping]] = ..., intel: _Optional[_Union[IntelCollateral, _Mapping]] = ..., nvidia: _Optional[_Union[NvidiaCollateral, _Mapping]] = ...) -> None: ...
+
 class Evidence(_message.Message):
-    __slots__ = ("format_version", "platform", "cpu_report", "cpu_cert_chain", "gpus", "enclave_key", "claims", "nonce", "simulated", "azure")
+    __slots__ = ("format_version", "platform", "cpu_report", "cpu_cert_chain", "gpus", "enclave_key", "claims", "nonce", "simulated", "azure", "collateral")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     CPU_REPORT_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +129,7 @@ class Evidence(_message.Message):
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SIMULATED_FIELD_NUMBER: _ClassVar[int]
     AZURE_FIELD_NUMBER: _ClassVar[int]
+    COLLATERAL_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     platform: Platform
     cpu_report: bytes
@@ -97,4 +140,5 @@ class Evidence(_message.Message):
     nonce: bytes
     simulated: bool
     azure: AzureVtpmEvidence
-    def __init__(self, format_version: _Optional[int] = ..., platform: _Optional[_Union[Platform, str]] = ..., cpu_report: _Optional[bytes] = ..., cpu_cert_chain: _Optional[bytes] = ..., gpus: _Optional[_Iterable[_Union[GpuEvidence, _Mapping]]] = ..., enclave_key: _Optional[_Union[EnclavePublicKey, _Mapping]] = ..., claims: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., simulated: _Optional[bool] = ..., azure: _Optional[_Union[AzureVtpmEvidence, _Mapping]] = ...) -> None: ...
+    collateral: Collateral
+    def __init__(self, format_version: _Optional[int] = ..., platform: _Optional[_Union[Platform, str]] = ..., cpu_report: _Optional[bytes] = ..., cpu_cert_chain: _Optional[bytes] = ..., gpus: _Optional[_Iterable[_Union[GpuEvidence, _Mapping]]] = ..., enclave_key: _Optional[_Union[EnclavePublicKey, _Mapping]] = ..., claims: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., simulated: _Optional[bool] = ..., azure: _Optional[_Union[AzureVtpmEvidence, _Mapping]] = ..., collateral: _Optional[_Union[Collateral, _Mapping]] = ...) -> None: ...
