@@ -287,9 +287,15 @@ def test_cli_chat(server: LocalServer) -> None:
     assert down.returncode == 5 and "UNAVAILABLE" in down.stderr and "Traceback" not in down.stderr
 
     policy_file = server.log_dir / "policy.toml"
-    policy_file.write_text(
+    sim_policy = (
         f'platforms = ["SIMULATED_SEV_SNP"]\ngpu_count = 1\n[roots]\nsimulation = "{server.root_pem}"\n'
     )
+    policy_file.write_text(sim_policy)
+    # Issue #11: a policy file that pins no code identity is refused (was: accepted) ...
+    unpinned = _veil("chat", server.address, "Say hi.", "--policy", str(policy_file), "--max-tokens", "4")
+    assert unpinned.returncode == 3 and "policy.measurement" in unpinned.stderr
+    # ... and accepted with the loud opt-out (pinning the simulator: --trust-simulated, above).
+    policy_file.write_text("allow_any_measurement = true\n" + sim_policy)
     from_file = _veil("chat", server.address, "Say hi.", "--policy", str(policy_file), "--max-tokens", "4")
     assert from_file.returncode == 0, from_file.stderr
     policy_file.write_text("gpu_count = 2\n")  # hardware only, and 2 GPUs: refused
