@@ -80,7 +80,7 @@ def snp_cases(cache: Path) -> dict[str, Callable[[], object]]:
     from veil.attestation.options import VerifyOptions
     from veil.attestation.policy import Policy
     from veil.attestation.snp.certs import load_certificates
-    from veil.attestation.snp.report import Product
+    from veil.attestation.snp.report import Product, parse_snp_report
     from veil.attestation.snp.validate import validate_snp
     from veil.attestation.snp.verify import verify_snp_bytes
 
@@ -94,7 +94,12 @@ def snp_cases(cache: Path) -> dict[str, Callable[[], object]]:
     seeder.client = httpx.Client(
         transport=httpx.MockTransport(lambda _req: httpx.Response(200, content=vcek))
     )
-    policy = Policy()
+    # The report's own identity and TCB, pinned explicitly: the default policy (issue #11) pins
+    # nothing, and this 2023 report predates the shipped TCB floor.
+    policy = Policy(
+        measurements=[parse_snp_report(raw).measurement],
+        min_tcb={"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115},
+    )
     _good(verify_snp_artifact(raw, AuditRequest(SNP_AT, policy, seeder, product=Product.MILAN)))
     seeder.client.close()
 
@@ -159,13 +164,15 @@ def tdx_cases() -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
     from veil.attestation.policy import Policy
     from veil.attestation.tdx.collateral import load_collateral
     from veil.attestation.tdx.quote import parse_tdx_quote
-    from veil.attestation.tdx.validate import validate_tdx
+    from veil.attestation.tdx.validate import TdxPolicy, validate_tdx
     from veil.attestation.tdx.verify import tcb_advisories_of, tcb_status_of, verify_tdx
 
     d = EVIDENCE / "tdx/dcap-qvl"
     raw = (d / "tdx_quote").read_bytes()
     coll_json = (d / "tdx_quote_collateral.json").read_bytes()
-    policy = Policy()
+    q = parse_tdx_quote(raw).td_report
+    r0, r1, r2, r3 = (frozenset({r}) for r in q.rtmrs)
+    policy = Policy(measurements=[q.mr_td], tdx=TdxPolicy(rtmr=(r0, r1, r2, r3)))  # pinned (issue #11)
     with tempfile.TemporaryDirectory() as tmp:
         store = collateral_store(offline=True, environ={"VEIL_CACHE_DIR": tmp})
     request = AuditRequest(TDX_AT, policy, store, collateral=[("collateral.json", coll_json)])

@@ -13,6 +13,7 @@ from veil.attestation.errors import PolicyError
 from veil.attestation.policy import HARDWARE_PLATFORMS, PlatformName, Policy, TrustedRoots
 from veil.attestation.snp.report import TcbVersion, build_snp_report
 from veil.client import Policy as ClientPolicy
+from veil.enclave.sim_release import write_simulation_release
 from veil.enclave.tee.simulated import load_or_create_simulation
 
 ROOTS = Path(__file__).resolve().parents[2] / "attestation" / "veil" / "attestation" / "roots"
@@ -21,7 +22,16 @@ ROOTS = Path(__file__).resolve().parents[2] / "attestation" / "veil" / "attestat
 @pytest.fixture(scope="module")
 def sim_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     state = tmp_path_factory.mktemp("sim")
-    load_or_create_simulation(state)
+    authority = load_or_create_simulation(state)
+    digest = hashlib.sha256(b"x").digest()
+    write_simulation_release(
+        state,
+        build_digest=digest,
+        model_digest=digest,
+        data_policy_digest=digest,
+        gpu_count=1,
+        tcb=authority.tcb,
+    )
     return state / "simulation-root.pem"
 
 
@@ -69,6 +79,43 @@ def test_simulated_is_explicit_and_loud(sim_root: Path, caplog: pytest.LogCaptur
         Policy(trusted_roots=TrustedRoots(simulation=p.trusted_roots.simulation))
     with pytest.raises(PolicyError, match="cannot read"):
         Policy.simulated(sim_root.parent / "missing.pem")
+
+
+def test_simulated_reads_the_signed_manifest_beside_the_root(sim_root: Path, tmp_path: Path) -> None:
+    """Issue #11: Policy.simulated pins what the simulated enclave's signed manifest names."""
+    p = Policy.simulated(sim_root)
+    digest = hashlib.sha256(b"x").digest()
+    assert p.release is not None and PlatformName.SIMULATED_SEV_SNP in p.release.platforms
+    assert p.build_digests == {digest} and p.model_digests == {digest} and p.data_policy_digest == digest
+    assert p.measurements == {digest + bytes(16)} and p.gpu_count == 1
+    assert set(p.tcb_floor) == {"Milan"} and p.gpu.driver_versions
+    # a root without its manifest is refused, not trusted with nothing pinned
+    (tmp_path / "simulation-root.pem").write_bytes(sim_root.read_bytes())
+    with pytest.raises(PolicyError, match="release manifest"):
+        Policy.simulated(tmp_path / "simulation-root.pem")
+    # a manifest signed by another key than the publisher key beside it is refused
+    (tmp_path / "simulation-release.json").write_bytes(
+        (sim_root.parent / "simulation-release.json").read_bytes()
+    )
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from veil.attestation.errors import ReleaseError
+    from veil.attestation.release import public_key_pem
+
+    (tmp_path / "simulation-publisher.pub").write_bytes(
+        public_key_pem(Ed25519PrivateKey.generate().public_key())
+    )
+    with pytest.raises(ReleaseError, match="unknown publisher key"):
+        Policy.simulated(tmp_path / "simulation-root.pem")
+
+
+def test_default_describes_what_fails_unpinned() -> None:
+    text = "\n".join(Policy().describe())
+    assert "measurements: none pinned: fails" in text and "release: none" in text
+    toml = Policy.from_toml(f'build_digests = ["{"ab" * 32}"]\ntcb_floor = {{ Milan = {{ snp = 1 }} }}')
+    assert toml.build_digests == {bytes.fromhex("ab" * 32)} and toml.tcb_floor == {"Milan": {"snp": 1}}
+    with pytest.raises(PolicyError, match="unknown SEV-SNP product"):
+        Policy.from_toml("tcb_floor = { Rome = { snp = 1 } }")
 
 
 def test_from_file_full(tmp_path: Path, sim_root: Path) -> None:

@@ -16,11 +16,13 @@ from veil.attestation.errors import MalformedInputError
 from veil.attestation.options import VerifyOptions
 from veil.attestation.policy import Policy
 from veil.enclave.keys import EnclaveIdentity, create_identity, measurement_from_build_digest
+from veil.enclave.sim_release import write_simulation_release
 from veil.enclave.tee.simulated import SimulatedTeeProvider, load_or_create_simulation
 from veil.proto.v1 import evidence_pb2
 
 BUILD = hashlib.sha256(b"build").digest()
 MODEL = hashlib.sha256(b"model").digest()
+DATA_POLICY = hashlib.sha256(b"dp").digest()
 NOW = datetime.now(UTC)
 
 
@@ -28,6 +30,15 @@ NOW = datetime.now(UTC)
 def sim(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimulatedTeeProvider, Path]:
     state = tmp_path_factory.mktemp("sim")
     authority = load_or_create_simulation(state)
+    # The release manifest Policy.simulated reads: what this simulated enclave reports.
+    write_simulation_release(
+        state,
+        build_digest=BUILD,
+        model_digest=MODEL,
+        data_policy_digest=DATA_POLICY,
+        gpu_count=2,
+        tcb=authority.tcb,
+    )
     return SimulatedTeeProvider(authority, measurement_from_build_digest(BUILD), gpu_count=2), state
 
 
@@ -40,7 +51,7 @@ def _identity(simulated: bool = True) -> EnclaveIdentity:
     return create_identity(
         model_digest=MODEL,
         engine_version="test",
-        data_policy_digest=hashlib.sha256(b"dp").digest(),
+        data_policy_digest=DATA_POLICY,
         server_build_digest=BUILD,
         simulated=simulated,
     )
@@ -81,7 +92,9 @@ def test_good_simulated_bundle(sim: tuple[SimulatedTeeProvider, Path], policy: P
     for name in (
         "evidence.parse", "binding.nonce", "binding.claims", "binding.enclave_key", "binding.simulated",
         "binding.report_data", "binding.gpu_nonce", "snp.signature", "snp.chain.ark", "gpu[0].signature",
-        "gpu[1].nonce", "policy.platform", "policy.simulated", "policy.debug",
+        "gpu[1].nonce", "policy.platform", "policy.simulated", "policy.debug", "policy.release",
+        "policy.measurement", "policy.build_digest", "policy.model_digest", "policy.data_policy_digest",
+        "policy.min_tcb", "policy.vmpl", "policy.gpu_count",
     ):  # fmt: skip
         assert _status(result, name) == "pass", name
     assert result.public_key == ident.public_key
@@ -187,7 +200,7 @@ def test_policy_checks(sim: tuple[SimulatedTeeProvider, Path], policy: Policy) -
     right = policy.replace(
         gpu_count=2,
         model_digests=[MODEL],
-        data_policy_digest=hashlib.sha256(b"dp").digest(),
+        data_policy_digest=DATA_POLICY,
         measurements=[measurement_from_build_digest(BUILD)],
         min_tcb={"bootloader": 1, "snp": 1},
     )
@@ -258,6 +271,7 @@ def test_real_snp_report_through_the_same_code(evidence_dir: Path) -> None:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from veil.attestation.snp.certs import load_certificates
+    from veil.attestation.snp.report import parse_snp_report
 
     raw = bytes.fromhex((evidence_dir / "snp" / "virtee-sev" / "report_milan.hex").read_text().strip())
     vcek = load_certificates((evidence_dir / "snp" / "virtee-sev" / "vcek_milan.der").read_bytes())[0]
@@ -272,9 +286,20 @@ def test_real_snp_report_through_the_same_code(evidence_dir: Path) -> None:
         claims=ident.claims_bytes,
         nonce=nonce,
     )
-    result = verify_evidence(
-        ev, VerifyOptions(now=datetime(2026, 1, 1, tzinfo=UTC)), policy=Policy(), nonce=nonce
+    at = VerifyOptions(now=datetime(2026, 1, 1, tzinfo=UTC))
+    # Issue #11: the default policy pins nothing, so the code identity fails, and this 2023
+    # report is below the shipped TCB floor.
+    unpinned = {c.name for c in verify_evidence(ev, at, policy=Policy(), nonce=nonce).verdict.failed}
+    assert {"policy.measurement", "policy.min_tcb", "policy.build_digest", "policy.model_digest"} <= unpinned
+    report = parse_snp_report(raw)
+    pinned = Policy(
+        measurements=[report.measurement],
+        min_tcb={"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115},
+        build_digests=[BUILD],
+        model_digests=[MODEL],
+        data_policy_digest=DATA_POLICY,
     )
+    result = verify_evidence(ev, at, policy=pinned, nonce=nonce)
     for name in ("snp.signature", "snp.chain.ark", "snp.chain.ask", "snp.chain.leaf", "snp.vcek.hwid"):
         assert _status(result, name) == "pass", name
     assert _status(result, "policy.simulated") == "pass"
@@ -284,9 +309,7 @@ def test_real_snp_report_through_the_same_code(evidence_dir: Path) -> None:
         "policy.report_data",
         "snp.chain.crl",
     }
-    lax = verify_evidence(
-        ev, VerifyOptions(now=datetime(2026, 1, 1, tzinfo=UTC)), policy=Policy(require_crl=False), nonce=nonce
-    )
+    lax = verify_evidence(ev, at, policy=pinned.replace(require_crl=False), nonce=nonce)
     assert {c.name for c in lax.verdict.failed} == {"binding.report_data", "policy.report_data"}
     assert _status(lax, "snp.chain.crl") == "skip"
     # simulated roots never verify real hardware evidence
@@ -306,11 +329,12 @@ def test_simulated_measurement_is_the_claimed_build(
     other_build = create_identity(
         model_digest=MODEL,
         engine_version="test",
-        data_policy_digest=hashlib.sha256(b"dp").digest(),
+        data_policy_digest=DATA_POLICY,
         server_build_digest=hashlib.sha256(b"another build").digest(),
         simulated=True,
     )
     result = verify_evidence(
         _evidence(sim[0], nonce, other_build), VerifyOptions(now=NOW), policy=policy, nonce=nonce
     )
-    assert {c.name for c in result.verdict.failed} == {"simulated.measurement"}
+    # The build the claims name is also not the one the manifest pins (issue #11).
+    assert {c.name for c in result.verdict.failed} == {"simulated.measurement", "policy.build_digest"}

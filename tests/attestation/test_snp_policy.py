@@ -37,6 +37,13 @@ def load(evidence: Path, which: str) -> SnpReport:
     return parse_snp_report(hcl[32 : 32 + 0x4A0])
 
 
+def explore(**fields: object) -> SnpPolicy:
+    """The production defaults with the measurement unpinned (the loud opt-out): these tests are
+    about the other fields. Since issue #11 an unpinned measurement fails the default policy
+    (test_default_policy_fails_closed_on_the_measurement)."""
+    return SnpPolicy(allow_any_measurement=True, **fields)  # type: ignore[arg-type]
+
+
 def failed(verdict: Verdict) -> set[str]:
     return {c.name for c in verdict.failed}
 
@@ -53,24 +60,54 @@ def test_go_sev_guest_report_fails_production_policy_only_on_debug(evidence_dir:
     verified = verify_snp(
         report, vcek, VerifyOptions(now=datetime(2022, 9, 24, 1, tzinfo=UTC)), product="Milan"
     )
-    validated = validate_snp(report, SnpPolicy(), product=Product.MILAN)
+    validated = validate_snp(report, explore(), product=Product.MILAN)
     combined = verified + validated
     assert failed(combined) == {"policy.debug"}, combined.table()
     assert "DEBUG=1" in (combined.get("policy.debug") or pytest.fail()).detail
     # Allowing debug (never the default) makes it pass.
-    assert validate_snp(report, SnpPolicy(allow_debug=True)).ok
+    assert validate_snp(report, explore(allow_debug=True)).ok
 
 
 def test_virtee_report_passes_production_policy(evidence_dir: Path) -> None:
-    verdict = validate_snp(load(evidence_dir, "virtee"), SnpPolicy())
+    verdict = validate_snp(load(evidence_dir, "virtee"), explore())
     assert verdict.ok, verdict.table()
     assert status(verdict, "policy.measurement") is CheckStatus.SKIP
-    assert verdict.get("policy.measurement").detail == "no allow-list"  # type: ignore[union-attr]
+    assert "UNPINNED" in verdict.get("policy.measurement").detail  # type: ignore[union-attr]
+
+
+def test_default_policy_fails_closed_on_the_measurement(evidence_dir: Path) -> None:
+    """Issue #11: no allow-list is a failing check that says how to pin, never a skip; VMPL 0 by default."""
+    report = load(evidence_dir, "virtee")
+    verdict = validate_snp(report, SnpPolicy())
+    assert failed(verdict) == {"policy.measurement"}
+    detail = verdict.get("policy.measurement").detail  # type: ignore[union-attr]
+    assert "release manifest" in detail and "allow_any_measurement" in detail
+    assert validate_snp(report, SnpPolicy(measurements=frozenset({report.measurement}))).ok
+    assert SnpPolicy().vmpls == {0}
+    assert failed(
+        validate_snp(
+            dataclasses.replace(report, vmpl=1), SnpPolicy(measurements=frozenset({report.measurement}))
+        )
+    ) == {"policy.vmpl"}
+
+
+def test_tcb_floor_per_product(evidence_dir: Path) -> None:
+    report = load(evidence_dir, "virtee")  # Milan, reported bl3 tee0 snp8 ucode115
+    floors = {
+        Product.MILAN: TcbVersion.from_parts(bootloader=4, tee=0, snp=22, microcode=213),
+        Product.GENOA: TcbVersion.from_parts(bootloader=0, tee=0, snp=0, microcode=0),
+    }
+    policy = explore(minimum_tcbs=floors)
+    assert failed(validate_snp(report, policy, product=Product.MILAN)) == {"policy.min_tcb"}
+    assert "no TCB floor" in validate_snp(report, policy).get("policy.min_tcb").detail  # type: ignore[union-attr]
+    assert failed(validate_snp(report, policy)) == {"policy.min_tcb"}  # v2 report: product unknown
+    low = {Product.MILAN: TcbVersion.from_parts(bootloader=3, tee=0, snp=8, microcode=115)}
+    assert validate_snp(report, explore(minimum_tcbs=low), product=Product.MILAN).ok
 
 
 def test_exact_matches(evidence_dir: Path) -> None:
     report = load(evidence_dir, "virtee")
-    good = SnpPolicy(
+    good = explore(
         report_data=report.report_data,
         host_data=report.host_data,
         measurements=frozenset({b"\0" * 48, report.measurement}),
@@ -118,7 +155,7 @@ def test_exact_matches(evidence_dir: Path) -> None:
 def test_policy_bits(evidence_dir: Path, bit: int, check: str) -> None:
     report = load(evidence_dir, "virtee")
     flipped = dataclasses.replace(report, policy=report.policy | 1 << bit)
-    assert failed(validate_snp(flipped, SnpPolicy())) == {check}
+    assert failed(validate_snp(flipped, explore())) == {check}
     # The same bit set in the raw report's bytes is what the signature covers.
     assert struct.unpack_from("<Q", flipped.raw, 8)[0] >> bit & 1
 
@@ -126,17 +163,17 @@ def test_policy_bits(evidence_dir: Path, bit: int, check: str) -> None:
 def test_smt(evidence_dir: Path) -> None:
     milan = load(evidence_dir, "v0")  # platform SMT enabled
     genoa = load(evidence_dir, "genoa")  # platform SMT disabled
-    strict = SnpPolicy(require_smt_disabled=True)
+    strict = explore(require_smt_disabled=True)
     assert failed(validate_snp(milan, strict)) == {"policy.smt"}
     assert status(validate_snp(genoa, strict), "policy.smt") is CheckStatus.PASS
-    assert status(validate_snp(milan, SnpPolicy()), "policy.smt") is CheckStatus.SKIP
+    assert status(validate_snp(milan, explore()), "policy.smt") is CheckStatus.SKIP
 
 
 def test_minimum_tcb_and_tcb_rule(evidence_dir: Path) -> None:
     report = load(evidence_dir, "trustee")  # reported = committed = ucode 115, current ucode 206
     at = TcbVersion.from_parts(bootloader=3, tee=0, snp=8, microcode=115)
     above = TcbVersion.from_parts(bootloader=3, tee=0, snp=8, microcode=150)
-    base = SnpPolicy(permit_provisional_firmware=True)
+    base = explore(permit_provisional_firmware=True)
     assert validate_snp(report, dataclasses.replace(base, minimum_tcb=at)).ok
     for rule in TcbRule:
         verdict = validate_snp(report, dataclasses.replace(base, minimum_tcb=above, tcb_rule=rule))
@@ -150,32 +187,32 @@ def test_minimum_tcb_and_tcb_rule(evidence_dir: Path) -> None:
 
 def test_provisional_firmware(evidence_dir: Path) -> None:
     report = load(evidence_dir, "trustee")
-    verdict = validate_snp(report, SnpPolicy())
+    verdict = validate_snp(report, explore())
     assert failed(verdict) == {"policy.provisional_firmware"}
-    assert validate_snp(report, SnpPolicy(permit_provisional_firmware=True)).ok
+    assert validate_snp(report, explore(permit_provisional_firmware=True)).ok
     # committed above current is never consistent
     backwards = dataclasses.replace(
         report, current_tcb=TcbVersion.from_parts(bootloader=3, tee=0, snp=7, microcode=115)
     )
-    assert "policy.tcb_order" in failed(validate_snp(backwards, SnpPolicy(permit_provisional_firmware=True)))
+    assert "policy.tcb_order" in failed(validate_snp(backwards, explore(permit_provisional_firmware=True)))
     newer_fw = dataclasses.replace(
         report, current_tcb=report.committed_tcb, current_build=report.committed_build + 1
     )
-    assert failed(validate_snp(newer_fw, SnpPolicy())) == {"policy.provisional_firmware"}
+    assert failed(validate_snp(newer_fw, explore())) == {"policy.provisional_firmware"}
     assert (
         status(
-            validate_snp(report, SnpPolicy(minimum_firmware=(1, 52, 4), permit_provisional_firmware=True)),
+            validate_snp(report, explore(minimum_firmware=(1, 52, 4), permit_provisional_firmware=True)),
             "policy.min_firmware",
         )
         is CheckStatus.PASS
     )
-    assert "policy.min_firmware" in failed(validate_snp(report, SnpPolicy(minimum_firmware=(1, 55, 0))))
+    assert "policy.min_firmware" in failed(validate_snp(report, explore(minimum_firmware=(1, 55, 0))))
 
 
 def test_id_block_and_author_key(evidence_dir: Path) -> None:
     with_id = load(evidence_dir, "trustee")
     without = load(evidence_dir, "virtee")
-    base = SnpPolicy(permit_provisional_firmware=True)
+    base = explore(permit_provisional_firmware=True)
     assert (
         status(validate_snp(with_id, dataclasses.replace(base, require_id_block=True)), "policy.id_key")
         is CheckStatus.PASS
@@ -204,13 +241,13 @@ def test_id_block_and_author_key(evidence_dir: Path) -> None:
 
 def test_guest_svn_and_signing_keys() -> None:
     report = build_snp_report(guest_svn=3, signing_key=SigningKey.VLEK)
-    assert failed(validate_snp(report, SnpPolicy(minimum_guest_svn=4))) == {"policy.guest_svn"}
-    assert validate_snp(report, SnpPolicy(minimum_guest_svn=3)).ok
-    assert failed(validate_snp(report, SnpPolicy(signing_keys=frozenset({SigningKey.VCEK})))) == {
+    assert failed(validate_snp(report, explore(minimum_guest_svn=4))) == {"policy.guest_svn"}
+    assert validate_snp(report, explore(minimum_guest_svn=3)).ok
+    assert failed(validate_snp(report, explore(signing_keys=frozenset({SigningKey.VCEK})))) == {
         "policy.signing_key"
     }
     unsigned = build_snp_report(signing_key=SigningKey.NONE)
-    assert "policy.signing_key" in failed(validate_snp(unsigned, SnpPolicy()))
+    assert "policy.signing_key" in failed(validate_snp(unsigned, explore()))
 
 
 def test_policy_field_sizes_are_checked() -> None:

@@ -23,23 +23,31 @@ from veil.attestation.collateral import CollateralStore
 from veil.attestation.nvidia.validate import GpuPolicy
 from veil.attestation.nvidia.verify import verify_gpu
 from veil.attestation.options import VerifyOptions
-from veil.attestation.policy import Policy
+from veil.attestation.policy import Policy, TrustedRoots
 from veil.attestation.testing.nvidia import make_fake_ca
 from veil.attestation.testing.ocsp import amd_crl, ocsp_response, ocsp_responses
 from veil.attestation.testing.rim import make_fake_rim_ca
 from veil.attestation.testing.snp import rsa_key
 from veil.enclave.keys import create_identity, measurement_from_build_digest
+from veil.enclave.sim_release import write_simulation_release
 from veil.enclave.tee.simulated import SimulatedTeeProvider, load_or_create_simulation
 from veil.proto.v1 import evidence_pb2
 
 BUILD = hashlib.sha256(b"build").digest()
 T = dt.datetime.now(dt.UTC).replace(microsecond=0)
+MODEL = hashlib.sha256(b"m").digest()
+DATA_POLICY = hashlib.sha256(b"dp").digest()
 
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sim")
-    load_or_create_simulation(path)
+    authority = load_or_create_simulation(path)
+    # the release manifest `veil serve --tee simulated` would write for this build
+    write_simulation_release(
+        path, build_digest=BUILD, model_digest=MODEL, data_policy_digest=DATA_POLICY, gpu_count=2,
+        tcb=authority.tcb,
+    )  # fmt: skip
     return path
 
 
@@ -61,9 +69,9 @@ def policy(state: Path) -> Policy:
 
 def _evidence(provider: SimulatedTeeProvider) -> tuple[evidence_pb2.Evidence, bytes]:
     ident = create_identity(
-        model_digest=hashlib.sha256(b"m").digest(),
+        model_digest=MODEL,
         engine_version="test",
-        data_policy_digest=hashlib.sha256(b"dp").digest(),
+        data_policy_digest=DATA_POLICY,
         server_build_digest=BUILD,
         simulated=True,
     )
@@ -291,3 +299,20 @@ def test_report_data_changes_with_the_gpu_label(provider: SimulatedTeeProvider) 
     base = report_data(bytes(32), b"{}", protos)
     protos[0].kind = evidence_pb2.GpuEvidence.KIND_NVSWITCH
     assert report_data(bytes(32), b"{}", protos) != base
+
+
+def test_each_simulated_chain_is_anchored_at_its_own_root(
+    provider: SimulatedTeeProvider, policy: Policy
+) -> None:
+    """simulation-root.pem is (ARK, GPU device root, RIM root): swapping two roles breaks both chains."""
+    ark, device, rim = policy.trusted_roots.simulation
+    assert policy.trusted_roots.simulation_roles() == ((ark,), (device,), (rim,))
+    swapped = policy.replace(trusted_roots=TrustedRoots(simulation=(device, ark, rim)))
+    ev, nonce = _evidence(provider)
+    failed = _failed(_verify(ev, nonce, swapped))
+    assert "snp.chain.ark" in failed
+    assert {"gpu[0].chain", "gpu[1].chain"} <= failed
+    swapped = policy.replace(trusted_roots=TrustedRoots(simulation=(ark, rim, device)))
+    failed = _failed(_verify(ev, nonce, swapped))
+    assert "snp.chain.ark" not in failed
+    assert {"gpu[0].chain", "gpu[0].rim.driver"} <= failed

@@ -61,13 +61,27 @@ def test_verify_then_validate_the_real_quote(evidence_dir: Path, quote: TdxQuote
     assert all(c.status is CheckStatus.PASS for c in v.checks), v.table()
 
 
-def test_default_policy_skips_empty_allow_lists(quote: TdxQuote) -> None:
+def test_default_policy_fails_closed_on_the_code_identity(quote: TdxQuote) -> None:
+    """Issue #11: an empty MRTD or RTMR allow-list fails (was: skip); MRSEAM stays optional."""
     v = validate_tdx(quote, TdxPolicy(), tcb_status="UpToDate")
-    assert v.ok
-    for name in ("policy.mrtd", "policy.rtmr", "policy.mrseam"):
-        check = v.get(name)
-        assert check is not None and check.status is CheckStatus.SKIP and check.detail == "no allow-list"
+    assert {c.name for c in v.failed} == {
+        "policy.mrtd",
+        "policy.rtmr0",
+        "policy.rtmr1",
+        "policy.rtmr2",
+        "policy.rtmr3",
+    }
+    assert "release manifest" in (v.get("policy.mrtd") or pytest.fail()).detail
+    check = v.get("policy.mrseam")
+    assert check is not None and check.status is CheckStatus.SKIP and check.detail == "no allow-list"
     assert status(v, "policy.report_data") is CheckStatus.SKIP
+    explore = validate_tdx(quote, TdxPolicy(allow_any_measurement=True), tcb_status="UpToDate")
+    assert explore.ok
+    for name in ("policy.mrtd", "policy.rtmr0", "policy.rtmr3"):
+        assert (
+            status(explore, name) is CheckStatus.SKIP
+            and "UNPINNED" in (explore.get(name) or pytest.fail()).detail
+        )
 
 
 def test_tcb_status_default_is_up_to_date_only(quote: TdxQuote) -> None:
@@ -110,7 +124,7 @@ def _tamper(raw: bytes, offset: int, value: int) -> TdxQuote:
     [
         (REPORT_DATA_OFFSET + 5, "policy.report_data"),
         (MRTD_OFFSET + 3, "policy.mrtd"),
-        (48 + 330, "policy.rtmr"),
+        (48 + 330, "policy.rtmr0"),  # one check per RTMR since issue #11
     ],
 )
 def test_changed_field_fails_named_check_and_signature(
@@ -136,11 +150,15 @@ def test_debug_attribute_fails_policy_debug(raw: bytes, quote: TdxQuote) -> None
     ) is (CheckStatus.FAIL)
 
 
-def test_rtmr_detail_names_unconstrained(quote: TdxQuote) -> None:
+def test_rtmr_checks_name_each_unpinned_rtmr(quote: TdxQuote) -> None:
+    """Was: one policy.rtmr check naming the unconstrained RTMRs; since issue #11 each RTMR has its
+    own check and an unconstrained one fails."""
     p = TdxPolicy(rtmr=(frozenset({quote.td_report.rtmr0}), frozenset(), frozenset(), frozenset()))
-    check = validate_tdx(quote, p, tcb_status="UpToDate").get("policy.rtmr")
-    assert check is not None and check.status is CheckStatus.PASS
-    assert "unconstrained: RTMR1, RTMR2, RTMR3" in check.detail
+    v = validate_tdx(quote, p, tcb_status="UpToDate")
+    assert status(v, "policy.rtmr0") is CheckStatus.PASS
+    for i in (1, 2, 3):
+        check = v.get(f"policy.rtmr{i}")
+        assert check is not None and check.status is CheckStatus.FAIL and f"no RTMR{i} pinned" in check.detail
 
 
 def test_bad_policy_values_are_typed() -> None:

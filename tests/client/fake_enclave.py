@@ -17,6 +17,7 @@ from veil.attestation.channel.stream import StreamEncryptor
 from veil.attestation.errors import StaleKeyError
 from veil.client.errors import ServerError
 from veil.enclave.keys import create_identity, measurement_from_build_digest
+from veil.enclave.sim_release import write_simulation_release
 from veil.enclave.tee.simulated import SimulatedTeeProvider, load_or_create_simulation
 from veil.proto.v1 import evidence_pb2, generate_pb2, service_pb2
 
@@ -28,6 +29,11 @@ DATA_POLICY = hashlib.sha256(b"fake data policy").digest()
 class FakeEnclave:
     def __init__(self, state_dir: Path, answer: tuple[str, ...] = ("Hello", ", ", "world", ".")) -> None:
         self.authority = load_or_create_simulation(state_dir)
+        # Its signed release manifest, as `veil serve --tee simulated` writes it (Policy.simulated reads it).
+        write_simulation_release(
+            state_dir, build_digest=BUILD, model_digest=MODEL, data_policy_digest=DATA_POLICY, gpu_count=1,
+            tcb=self.authority.tcb,
+        )  # fmt: skip
         self.root_pem = state_dir / "simulation-root.pem"
         self.answer = answer
         self.restart()

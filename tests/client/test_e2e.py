@@ -289,9 +289,15 @@ def test_cli_chat(server: LocalServer) -> None:
     assert down.returncode == 5 and "UNAVAILABLE" in down.stderr and "Traceback" not in down.stderr
 
     policy_file = server.log_dir / "policy.toml"
-    policy_file.write_text(
+    sim_policy = (
         f'platforms = ["SIMULATED_SEV_SNP"]\ngpu_count = 1\n[roots]\nsimulation = "{server.root_pem}"\n'
     )
+    policy_file.write_text(sim_policy)
+    # Issue #11: a policy file that pins no code identity is refused (was: accepted) ...
+    unpinned = _veil("chat", server.address, "Say hi.", "--policy", str(policy_file), "--max-tokens", "4")
+    assert unpinned.returncode == 3 and "policy.measurement" in unpinned.stderr
+    # ... and accepted with the loud opt-out (pinning the simulator: --trust-simulated, above).
+    policy_file.write_text("allow_any_measurement = true\n" + sim_policy)
     from_file = _veil("chat", server.address, "Say hi.", "--policy", str(policy_file), "--max-tokens", "4")
     assert from_file.returncode == 0, from_file.stderr
     policy_file.write_text("gpu_count = 2\n")  # hardware only, and 2 GPUs: refused
@@ -384,13 +390,15 @@ def test_restart_under_another_data_policy_is_refused(
 ) -> None:
     """The enclave comes back with another data-handling policy: the re-attestation is refused.
 
-    The policy here does not pin the data-policy digest, so only key pinning refuses the switch.
+    The policy here leaves the data-policy digest unpinned (the loud explorer's opt-out; the
+    release manifest would refuse the switch on its own), so only key pinning refuses it.
     Runs after ``test_server_restart_mid_session``: it restarts the module's server (and puts it back).
     """
     changed = tmp_path / "data_policy.toml"
     default = resources.files("veil.enclave").joinpath("data_policy.toml").read_bytes()
     changed.write_bytes(default + b"\n# another release\n")
-    client = Client(relay.address, policy=policy)
+    unpinned = policy.replace(data_policy_digest=None, allow_any_measurement=True)
+    client = Client(relay.address, policy=unpinned)
     extra = list(server.extra_args)
     try:
         _ask(client)

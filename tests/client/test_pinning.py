@@ -14,6 +14,7 @@ import pytest
 from fake_enclave import BUILD, DATA_POLICY, MODEL, FakeAsyncTransport, FakeEnclave, FakeTransport
 
 from veil.client import AsyncClient, AttestationError, Client, ConfigurationError, EnclaveIdentity, Policy
+from veil.enclave.keys import measurement_from_build_digest
 
 USER = [{"role": "user", "content": "Say hello"}]
 OTHER_MODEL = hashlib.sha256(b"another model").digest()
@@ -32,9 +33,14 @@ def enclave(state_dir: Path) -> FakeEnclave:
 
 @pytest.fixture
 def policy(enclave: FakeEnclave) -> Policy:
-    """A policy that accepts both models: pinning, not the policy, must refuse the switch."""
+    """A policy that accepts both models and both builds: pinning, not the policy, must refuse
+    the switch (the simulator's launch measurement is the build digest, zero-padded)."""
     return Policy.simulated(
-        enclave.root_pem, model_digests=[MODEL, OTHER_MODEL], data_policy_digest=DATA_POLICY
+        enclave.root_pem,
+        model_digests=[MODEL, OTHER_MODEL],
+        build_digests=[BUILD, OTHER_BUILD],
+        measurements=[measurement_from_build_digest(BUILD), measurement_from_build_digest(OTHER_BUILD)],
+        data_policy_digest=DATA_POLICY,
     )
 
 

@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "veil.attestation.audit.measure",
         "compute an expected launch measurement from published artifacts",
     ),
+    "release": (
+        "veil.attestation.audit.release",
+        "make, sign, verify and show a signed release manifest (the identity clients pin)",
+    ),
     "serve": ("veil.enclave.cli", "run the enclave: attested, end-to-end encrypted inference over gRPC"),
 }
 

@@ -22,8 +22,12 @@ Every check is named; the bundle-level ones are:
 * ``collateral.nvidia`` — the stapled RIMs parse (GPU evidence only)
 * ``snp.chain.crl`` — with ``policy.require_crl`` (default) the stapled ARK-signed CRL must be
   there, verify and be current (:mod:`veil.attestation.stapled`); else it fails
-* ``policy.platform``, ``policy.simulated``, ``policy.model_digest``,
-  ``policy.data_policy_digest``, ``policy.gpu_count``
+* ``policy.release`` — the policy's signed release manifest names this platform (skip when
+  the pins come from an allow-list rather than a manifest)
+* ``policy.platform``, ``policy.simulated``, ``policy.build_digest``, ``policy.model_digest``,
+  ``policy.data_policy_digest``, ``policy.gpu_count`` — the digests in the claims must be
+  pinned (a release manifest or an allow-list) and equal a pinned value; unpinned fails
+  unless the policy's loud ``allow_any_measurement`` opt-out skips them
 
 * ``simulated.measurement`` — simulated evidence only: the simulator reports the server
   build digest (zero-padded to 48 bytes) as its launch measurement, so it must equal
@@ -59,7 +63,7 @@ from veil.attestation.options import VerifyOptions
 from veil.attestation.policy import PlatformName, Policy, vendor_amd_roots
 from veil.attestation.snp.certs import load_certificates
 from veil.attestation.snp.report import SnpReport
-from veil.attestation.snp.validate import validate_snp
+from veil.attestation.snp.validate import ANY_MEASUREMENT, validate_snp
 from veil.attestation.snp.verify import verify_snp_bytes
 from veil.attestation.stapled import stapled_amd_crl, stapled_nvidia
 from veil.attestation.verdict import Verdict, VerdictBuilder
@@ -288,7 +292,7 @@ def _verify_cpu(
         return None
     roots: tuple[x509.Certificate, ...]
     if platform is PlatformName.SIMULATED_SEV_SNP:
-        roots = policy.trusted_roots.simulation
+        roots = policy.trusted_roots.simulation_roles()[0]
         if not roots:
             v.fail("snp.chain.ark", "simulated evidence, and the policy trusts no simulation root")
             return None
@@ -344,10 +348,11 @@ def _verify_gpus(
         v.skip("binding.gpu_nonce", "no GPU reports")
         return
     simulated = platform is not None and platform.simulated
-    roots = policy.trusted_roots.simulation if simulated else policy.trusted_roots.nvidia
+    _, sim_device, sim_rim = policy.trusted_roots.simulation_roles()
+    roots = sim_device if simulated else policy.trusted_roots.nvidia
     # RIMs chain to the NVIDIA RIM root pinned in the package (no rim_roots), or, for simulated
     # evidence, to the simulation's RIM root; OCSP answers come stapled (or online for auditors).
-    rim_roots = policy.trusted_roots.simulation if simulated else ()
+    rim_roots = sim_rim if simulated else ()
     stapled = stapled_nvidia(msg.collateral)
     if stapled.problems:
         v.fail("collateral.nvidia", "; ".join(stapled.problems))
@@ -411,6 +416,7 @@ def _appraise(
     claims: Claims | None,
     expected_report_data: bytes | None,
 ) -> None:
+    _appraise_release(v, platform, policy)
     allowed = ", ".join(sorted(p.value for p in policy.platforms))
     if platform is None:
         v.fail("policy.platform", f"unknown platform {msg.platform}")
@@ -438,31 +444,28 @@ def _appraise(
         _appraise_snp(v, report, policy, expected_report_data)
 
     if claims is None:
-        v.fail("policy.model_digest", "no claims")
-        v.fail("policy.data_policy_digest", "no claims")
+        for name in ("policy.build_digest", "policy.model_digest", "policy.data_policy_digest"):
+            v.fail(name, "no claims")
     else:
-        if policy.model_digests:
-            ok = claims.model_digest in policy.model_digests
-            v.check(
-                "policy.model_digest",
-                ok,
-                f"model sha256:{claims.model_digest.hex()}" + ("" if ok else " not allowed"),
-            )
-        else:
-            v.skip("policy.model_digest", f"no allow-list (model sha256:{claims.model_digest.hex()})")
-        if policy.data_policy_digest is not None:
-            ok = hmac.compare_digest(claims.data_policy_digest, policy.data_policy_digest)
-            v.check(
+        required = frozenset({policy.data_policy_digest}) if policy.data_policy_digest else frozenset()
+        for name, what, value, pinned, key in (
+            (
+                "policy.build_digest",
+                "server build",
+                claims.server_build_digest,
+                policy.build_digests,
+                "build_digests",
+            ),
+            ("policy.model_digest", "model", claims.model_digest, policy.model_digests, "model_digests"),
+            (
                 "policy.data_policy_digest",
-                ok,
-                f"data policy sha256:{claims.data_policy_digest.hex()}"
-                + ("" if ok else " is not the required one"),
-            )
-        else:
-            v.skip(
-                "policy.data_policy_digest",
-                f"none required (enclave states {claims.data_policy_digest.hex()})",
-            )
+                "data policy",
+                claims.data_policy_digest,
+                required,
+                "data_policy_digest",
+            ),
+        ):
+            _pinned_digest(v, name, what, value, pinned, key=key, any_ok=policy.allow_any_measurement)
 
     gpus = sum(1 for g in msg.gpus if g.kind != evidence_pb2.GpuEvidence.KIND_NVSWITCH)
     if policy.gpu_count is None:
@@ -472,6 +475,39 @@ def _appraise(
             "policy.gpu_count",
             gpus == policy.gpu_count,
             f"{gpus} GPU report(s), policy requires {policy.gpu_count}",
+        )
+
+
+def _pinned_digest(
+    v: VerdictBuilder, name: str, what: str, value: bytes, pinned: frozenset[bytes], *, key: str, any_ok: bool
+) -> None:
+    if pinned:
+        ok = any(hmac.compare_digest(value, p) for p in pinned)
+        v.check(name, ok, f"{what} sha256:{value.hex()} " + ("is pinned" if ok else "is not the pinned one"))
+    elif any_ok:
+        v.skip(name, f"{ANY_MEASUREMENT}; {what} sha256:{value.hex()}")
+    else:
+        v.fail(
+            name,
+            f"no {what} digest pinned: pin it with a signed release manifest (Policy.from_release, "
+            f"--release) or {key} in the policy; opt out only to explore evidence "
+            f"(allow_any_measurement) — enclave states sha256:{value.hex()}",
+        )
+
+
+def _appraise_release(v: VerdictBuilder, platform: PlatformName | None, policy: Policy) -> None:
+    release = policy.release
+    if release is None:
+        v.skip("policy.release", "no release manifest: pins come from the policy's allow-lists")
+    elif platform is None:
+        v.fail("policy.release", f"unknown platform: release {release.name} cannot name it")
+    else:
+        named = platform in release.platforms
+        v.check(
+            "policy.release",
+            named,
+            f"release {release.name} (publisher key id {str(release.publisher_key_id)[:16]}…) "
+            + (f"names {platform.value}" if named else f"does not name platform {platform.value}"),
         )
 
 

@@ -10,6 +10,8 @@
     ├── VerificationError                evidence parsed, but a named check failed
     ├── CollateralError                  certificates / TCB info / RIMs missing or unfetchable
     ├── PolicyError                      a verification policy (file or value) is invalid
+    │   └── ReleaseError                 a signed release manifest is refused (bad signature,
+    │                                    unknown publisher key, platform it does not name)
     └── ChannelError                     the encrypted request/response channel
         ├── StaleKeyError                a request names an enclave key this enclave does
         │                                not hold (it restarted): re-attest
@@ -33,6 +35,7 @@ __all__ = [
     "MalformedInputError",
     "MessageTooLargeError",
     "PolicyError",
+    "ReleaseError",
     "StaleKeyError",
     "StreamError",
     "TruncatedStreamError",
@@ -72,6 +75,15 @@ class CollateralError(VeilAttestationError):
 
 class PolicyError(VeilAttestationError):
     """A verification policy is invalid: unknown key, wrong type, unreadable root file."""
+
+
+class ReleaseError(PolicyError):
+    """A signed release manifest is refused; ``check`` is the verdict's name for it (``policy.release``)."""
+
+    def __init__(self, detail: str, check: str = "policy.release") -> None:
+        super().__init__(detail)
+        self.check = check
+        self.detail = detail
 
 
 class ChannelError(VeilAttestationError):

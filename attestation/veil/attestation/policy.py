@@ -1,24 +1,34 @@
 """The client's appraisal policy: which enclaves it is willing to talk to.
 
-A :class:`Policy` is a frozen value. The default trusts hardware TEEs only, under
-the vendor roots shipped in ``roots/`` (AMD ARKs, NVIDIA device root), never
-allows debug guests and never accepts the software simulator. Trusting the
-simulator takes an explicit :meth:`Policy.simulated` (or a policy file naming a
-simulation root), and says so loudly on stderr.
+A :class:`Policy` is a frozen value, and the default **fails closed**. It trusts hardware
+TEEs only, under the vendor roots shipped in ``roots/`` (AMD ARKs, NVIDIA device root),
+never allows debug guests, never accepts the software simulator, requires VMPL 0, the
+dated TCB floor shipped in ``data/tcb_floor.toml`` (per SNP product; TDX ``UpToDate``),
+and a **pinned code identity**: an SNP measurement, TDX MRTD and RTMR0–3, Azure vTPM PCRs,
+the server build, model and data-policy digests. Whatever is not pinned is a *failing*
+check whose message says how to pin it. Pins come from a signed release manifest
+(:meth:`Policy.from_release`, ``--release``; see :mod:`veil.attestation.release`) or from
+explicit allow-lists; exploring unknown evidence takes the loudly named opt-out
+``allow_any_measurement`` (``--any-measurement``), which logs a warning. Trusting the
+simulator takes an explicit :meth:`Policy.simulated` (which reads the manifest the
+simulated enclave signed beside its root) or a policy file naming a simulation root, and
+says so loudly on stderr.
 
 Policy files are TOML (every key optional)::
 
     platforms = ["SEV_SNP"]           # allowed: SEV_SNP, AZURE_SEV_SNP, TDX, AZURE_TDX, SIMULATED_SEV_SNP
     allow_debug = false               # never true in production
-    min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }   # SNP; fmc on Turin
-    measurements = ["<96 hex>"]       # launch measurement allow-list; empty = any (shown as skip)
+    min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }   # SNP, every product; fmc on Turin
+    tcb_floor = { Milan = { bootloader = 4, tee = 0, snp = 22, microcode = 213 } }  # default: shipped
+    measurements = ["<96 hex>"]       # SNP launch measurement / TDX MRTD allow-list; empty FAILS
     gpu_count = 1                     # exact number of GPU reports required; absent = any
-    model_digests = ["<64 hex>"]      # SHA-256 of the weights file; empty = any (skip)
-    data_policy_digest = "<64 hex>"   # the data-handling policy the enclave must enforce
+    model_digests = ["<64 hex>"]      # SHA-256 of the weights file; empty FAILS
+    data_policy_digest = "<64 hex>"   # the data-handling policy the enclave must enforce; absent FAILS
+    build_digests = ["<64 hex>"]      # the server build (claims.server_build_digest); empty FAILS
     host_data = "<64 hex>"            # SNP HOST_DATA the launch must carry
-    azure_pcrs = { 4 = "<64 hex>" }   # Azure CVM vTPM PCRs that measure the guest
+    azure_pcrs = { 4 = "<64 hex>" }   # Azure CVM vTPM PCRs that measure the guest; empty FAILS on Azure
     require_crl = true                # the AMD chain is checked against its CRL
-    allow_any_measurement = false     # LOUD opt-out: accept an unpinned code identity
+    allow_any_measurement = false     # LOUD opt-out: accept an unpinned code identity (skips, warns)
 
     [snp]                             # more SEV-SNP options (veil.attestation.snp.validate.SnpPolicy)
     vmpls = [0]
@@ -51,7 +61,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -62,7 +72,13 @@ from veil.attestation.nvidia.verify import nvidia_device_root
 from veil.attestation.snp.certs import load_certificates, pinned_ark
 from veil.attestation.snp.report import Product, SnpReport, TcbVersion
 from veil.attestation.snp.validate import SnpPolicy
+from veil.attestation.tcb_floor import parse_snp_floor, shipped_tcb_floor, snp_floor_version
 from veil.attestation.tdx.validate import TdxPolicy
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from veil.attestation.release import Release
 
 __all__ = ["PlatformName", "Policy", "TrustedRoots", "load_roots", "vendor_amd_roots"]
 
@@ -72,8 +88,20 @@ TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")
 MEASUREMENT_SIZES = (48,)  # SNP launch measurement, TDX MRTD
 DIGEST_SIZE = 32
 # SnpPolicy fields the top-level policy owns (so a policy file states each once).
-_SNP_TOP_LEVEL = frozenset({"allow_debug", "minimum_tcb", "measurements", "report_data"})
+_SNP_TOP_LEVEL = frozenset(
+    {"allow_debug", "minimum_tcb", "measurements", "report_data", "host_data", "allow_any_measurement"}
+)
 _DEFAULT_SNP = SnpPolicy()
+SIMULATION_RELEASE_FILE = "simulation-release.json"  # beside simulation-root.pem
+SIMULATION_PUBLISHER_FILE = "simulation-publisher.pub"
+
+
+def shipped_floor() -> dict[str, Mapping[str, int]]:
+    return dict(shipped_tcb_floor().snp)
+
+
+def default_tdx() -> TdxPolicy:
+    return TdxPolicy(allowed_tcb_statuses=shipped_tcb_floor().tdx_statuses)
 
 
 class PlatformName(enum.Enum):
@@ -133,6 +161,19 @@ class TrustedRoots:
         except (VeilAttestationError, OSError) as exc:
             raise PolicyError(f"shipped vendor roots unusable: {exc}") from exc
 
+    def simulation_roles(self) -> tuple[tuple[x509.Certificate, ...], ...]:
+        """The simulation roots by role: (AMD ARK, NVIDIA device root, NVIDIA RIM root).
+
+        ``simulation-root.pem`` holds exactly these three, in this order, so each chain is
+        anchored at its own root only (a RIM signed under the GPU device root is refused).
+        A bundle of another size (a hand-made policy file) anchors every chain at any of its
+        certificates.
+        """
+        sim = self.simulation
+        if len(sim) == 3:
+            return (sim[0],), (sim[1],), (sim[2],)
+        return sim, sim, sim
+
     def describe(self) -> dict[str, list[str]]:
         """SHA-256 fingerprints of every root, per vendor."""
         return {
@@ -172,8 +213,11 @@ def _hex_set(values: Iterable[bytes | str], what: str, sizes: tuple[int, ...]) -
 class Policy:
     """What evidence must show before the client sends anything (see the module docstring).
 
-    Empty allow-lists mean "any" and show up in the verdict as skipped checks.
-    ``min_tcb`` maps SNP TCB component names to minimum security patch levels.
+    Empty identity allow-lists (``measurements``, ``model_digests``, ``build_digests``, no
+    ``data_policy_digest``, TDX RTMRs, Azure PCRs) are failing checks unless
+    ``allow_any_measurement``. ``min_tcb`` maps SNP TCB component names to minimum security
+    patch levels for every product; without it ``tcb_floor`` (per product name, default the
+    shipped floor) applies. ``release`` is the verified manifest the pins came from, if any.
     """
 
     platforms: frozenset[PlatformName] = HARDWARE_PLATFORMS
@@ -185,7 +229,7 @@ class Policy:
     data_policy_digest: bytes | None = None
     trusted_roots: TrustedRoots = field(default_factory=TrustedRoots.vendor)
     snp: SnpPolicy = field(default_factory=SnpPolicy)
-    tdx: TdxPolicy = field(default_factory=TdxPolicy)
+    tdx: TdxPolicy = field(default_factory=default_tdx)
     gpu: GpuPolicy = field(default_factory=GpuPolicy)
     # Fail-closed identity pinning (issue #11): an unpinned code identity fails unless this
     # explicit, loudly named opt-out is set (exploring unknown evidence only).
@@ -193,6 +237,9 @@ class Policy:
     host_data: bytes | None = None  # SNP HOST_DATA (32 bytes) a release names
     azure_pcrs: Mapping[int, bytes] = field(default_factory=dict)  # Azure CVM vTPM PCR pins
     require_crl: bool = True  # the AMD chain must be checked against a (stapled) CRL
+    build_digests: frozenset[bytes] = frozenset()  # claims.server_build_digest allow-list
+    tcb_floor: Mapping[str, Mapping[str, int]] = field(default_factory=shipped_floor)
+    release: Release | None = None
 
     def __post_init__(self) -> None:
         platforms = frozenset(
@@ -216,6 +263,10 @@ class Policy:
         object.__setattr__(
             self, "model_digests", _hex_set(self.model_digests, "model_digests", (DIGEST_SIZE,))
         )
+        object.__setattr__(
+            self, "build_digests", _hex_set(self.build_digests, "build_digests", (DIGEST_SIZE,))
+        )
+        object.__setattr__(self, "tcb_floor", parse_snp_floor(self.tcb_floor))
         if self.data_policy_digest is not None:
             (digest,) = _hex_set([self.data_policy_digest], "data_policy_digest", (DIGEST_SIZE,))
             object.__setattr__(self, "data_policy_digest", digest)
@@ -242,7 +293,12 @@ class Policy:
         object.__setattr__(self, "azure_pcrs", pcrs)
         if not isinstance(self.tdx, TdxPolicy) or not isinstance(self.gpu, GpuPolicy):
             raise PolicyError("tdx must be a TdxPolicy and gpu a GpuPolicy")
-        if self.tdx.allow_debug or self.tdx.mrtd or self.tdx.report_data is not None:
+        if (
+            self.tdx.allow_debug
+            or self.tdx.mrtd
+            or self.tdx.report_data is not None
+            or self.tdx.allow_any_measurement
+        ):
             raise PolicyError(
                 "set allow_debug and measurements with the top-level keys, not in the TDX policy"
             )
@@ -253,6 +309,16 @@ class Policy:
             raise PolicyError("SIMULATED_SEV_SNP is allowed but no simulation root is given")
         if self.trusted_roots.simulation and not simulated:
             raise PolicyError("a simulation root is given but SIMULATED_SEV_SNP is not an allowed platform")
+        if self.release is not None:
+            from veil.attestation.release import Release
+
+            if not isinstance(self.release, Release):
+                raise PolicyError("release must be a verified Release")
+        if self.allow_any_measurement:
+            _log.warning(
+                "ACCEPTING ANY CODE IDENTITY (allow_any_measurement): measurements, build, model and "
+                "data-policy digests are not pinned; for exploring evidence only, never in production"
+            )
 
     def __hash__(self) -> int:
         return hash(
@@ -260,27 +326,38 @@ class Policy:
         )
 
     def snp_policy(self, report: SnpReport, report_data: bytes | None) -> SnpPolicy:
-        """The SEV-SNP field policy for ``report``: the ``snp`` options plus debug, TCB and measurements.
+        """The SEV-SNP field policy for ``report``: the ``snp`` options plus debug, TCB floor,
+        measurements, ``host_data`` and the opt-out.
 
-        ``min_tcb`` becomes a TCB_VERSION in the report's layout (Turin's includes ``fmc``).
+        ``min_tcb`` becomes a TCB_VERSION in the report's layout (Turin's includes ``fmc``) for
+        every product; without it the per-product ``tcb_floor`` applies (the product is the
+        report's CPUID, or the one :func:`validate_snp` is told).
         """
         minimum = None
         if self.min_tcb:
             parts = {k: self.min_tcb.get(k, 0) for k in ("bootloader", "tee", "snp", "microcode")}
             fmc = self.min_tcb.get("fmc", 0) if report.reported_tcb.turin else None
             minimum = TcbVersion.from_parts(**parts, fmc=fmc)
+        floors = {Product(name): snp_floor_version(Product(name), lv) for name, lv in self.tcb_floor.items()}
         return dataclasses.replace(
             self.snp,
             allow_debug=self.allow_debug,
             minimum_tcb=minimum,
+            minimum_tcbs=floors,
             measurements=self.measurements,
             report_data=report_data,
+            host_data=self.host_data,
+            allow_any_measurement=self.allow_any_measurement,
         )
 
     def tdx_policy(self, report_data: bytes | None) -> TdxPolicy:
-        """The TDX field policy: the ``tdx`` options plus debug and MRTD (``measurements``)."""
+        """The TDX field policy: the ``tdx`` options plus debug, MRTD (``measurements``) and the opt-out."""
         return dataclasses.replace(
-            self.tdx, allow_debug=self.allow_debug, mrtd=self.measurements, report_data=report_data
+            self.tdx,
+            allow_debug=self.allow_debug,
+            mrtd=self.measurements,
+            report_data=report_data,
+            allow_any_measurement=self.allow_any_measurement,
         )
 
     @property
@@ -298,11 +375,15 @@ class Policy:
     def simulated(cls, root_pem_path: str | Path, **changes: Any) -> Policy:
         """Trust *only* the software simulator whose root is in ``root_pem_path``.
 
-        For development and CI. The evidence it accepts proves nothing about
-        hardware; a warning saying so is logged (and printed to stderr when
-        logging is not configured).
+        For development and CI. The identity comes from the release manifest the simulated
+        enclave signed beside its root (``simulation-release.json``, verified with
+        ``simulation-publisher.pub`` from the same folder), so simulated evidence goes through
+        the same fail-closed pinning as hardware. The evidence it accepts proves nothing about
+        hardware; a warning saying so is logged (and printed to stderr when logging is not
+        configured). Raises :class:`PolicyError` (:class:`ReleaseError` for the manifest).
         """
-        roots = load_roots(root_pem_path)
+        root = Path(root_pem_path)
+        roots = load_roots(root)
         fingerprints = ", ".join(hashlib.sha256(_der(c)).hexdigest()[:16] for c in roots)
         _log.warning(
             "TRUSTING A SIMULATED TEE: evidence signed by the simulation root %s (sha256 %s…) "
@@ -310,11 +391,48 @@ class Policy:
             root_pem_path,
             fingerprints,
         )
-        base = cls(
-            platforms=frozenset({PlatformName.SIMULATED_SEV_SNP}),
+        manifest, publisher = root.parent / SIMULATION_RELEASE_FILE, root.parent / SIMULATION_PUBLISHER_FILE
+        try:
+            manifest_bytes, publisher_key = manifest.read_bytes(), publisher.read_bytes()
+        except OSError as exc:
+            raise PolicyError(
+                f"cannot read the simulated enclave's release manifest {exc.filename}: {exc.strerror} "
+                "(`veil serve --tee simulated` writes it beside the simulation root)"
+            ) from None
+        base = cls.from_release(
+            manifest_bytes,
+            publisher_key=publisher_key,
+            platform=PlatformName.SIMULATED_SEV_SNP,
             trusted_roots=TrustedRoots(simulation=roots),
         )
         return base.replace(**changes) if changes else base
+
+    @classmethod
+    def from_release(
+        cls,
+        manifest: bytes,
+        *,
+        publisher_key: bytes | str | Ed25519PublicKey,
+        platform: PlatformName | str | None = None,
+        trusted_roots: TrustedRoots | None = None,
+    ) -> Policy:
+        """A policy pinning exactly what a signed release manifest names.
+
+        ``manifest`` is the DSSE envelope (:mod:`veil.attestation.release`); ``publisher_key``
+        the Ed25519 public key that must have signed it (PEM, 32 raw bytes or hex). The policy
+        allows the platforms the manifest names (only ``platform`` when given; the simulated
+        one only with a simulation root in ``trusted_roots``) and pins, as the union over them,
+        measurements, ``host_data``, TDX RTMRs, Azure PCRs, the build, model and data-policy
+        digests, the GPU count and firmware versions and the TCB floor. Pass ``platform`` to
+        pin exactly one platform's values. Raises :class:`ReleaseError` (a
+        :class:`PolicyError`) for a bad signature, an unknown publisher key, or a platform the
+        manifest does not name.
+        """
+        from veil.attestation.release import policy_from_release
+
+        return policy_from_release(
+            manifest, publisher_key=publisher_key, platform=platform, trusted_roots=trusted_roots
+        )
 
     @classmethod
     def from_toml(cls, text: str, *, base_dir: str | Path | None = None) -> Policy:
@@ -344,7 +462,7 @@ class Policy:
         known = {
             "platforms", "allow_debug", "min_tcb", "measurements", "gpu_count", "model_digests",
             "data_policy_digest", "roots", "snp", "tdx", "gpu", "allow_any_measurement", "host_data",
-            "azure_pcrs", "require_crl",
+            "azure_pcrs", "require_crl", "build_digests", "tcb_floor",
         }  # fmt: skip
         unknown = sorted(set(doc) - known)
         if unknown:
@@ -356,9 +474,11 @@ class Policy:
             kwargs["allow_debug"] = _typed(doc, "allow_debug", bool)
         if "min_tcb" in doc:
             kwargs["min_tcb"] = dict(_typed(doc, "min_tcb", dict))
-        for key in ("measurements", "model_digests"):
+        for key in ("measurements", "model_digests", "build_digests"):
             if key in doc:
                 kwargs[key] = _list(doc, key, str)
+        if "tcb_floor" in doc:
+            kwargs["tcb_floor"] = _typed(doc, "tcb_floor", dict)
         if "gpu_count" in doc:
             kwargs["gpu_count"] = _typed(doc, "gpu_count", int)
         if "data_policy_digest" in doc:
@@ -402,14 +522,19 @@ class Policy:
     def describe(self) -> list[str]:
         """One line per setting, for CLI summaries."""
         roots = self.trusted_roots.describe()
+        unpinned = "ANY (opt-out)" if self.allow_any_measurement else "none pinned: fails"
+        release = self.release
         return [
             f"platforms: {', '.join(sorted(p.value for p in self.platforms))}",
+            "release: "
+            + (f"{release.name} (publisher key id {release.publisher_key_id})" if release else "none"),
             f"debug guests: {'ALLOWED' if self.allow_debug else 'rejected'}",
-            f"minimum TCB: {self.min_tcb or 'any'}",
-            f"measurements: {len(self.measurements) or 'any'}",
+            f"minimum TCB: {self.min_tcb or f'floor per product {dict(self.tcb_floor)}'}",
+            f"measurements: {len(self.measurements) or unpinned}",
+            f"builds: {len(self.build_digests) or unpinned}",
             f"GPUs required: {'any' if self.gpu_count is None else self.gpu_count}",
-            f"models: {len(self.model_digests) or 'any'}",
-            f"data policy: {self.data_policy_digest.hex() if self.data_policy_digest else 'any'}",
+            f"models: {len(self.model_digests) or unpinned}",
+            f"data policy: {self.data_policy_digest.hex() if self.data_policy_digest else unpinned}",
             "roots: " + ", ".join(f"{k} {len(v)}" for k, v in roots.items() if v),
         ]
 

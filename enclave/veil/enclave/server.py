@@ -6,9 +6,10 @@ Services: ``veil.v1.AttestationService``, ``veil.v1.InferenceService``,
 Start-up order matters for the data-handling policy: the process is hardened (no core
 dumps, non-dumpable), logging goes through the metadata filter, temp and cache files are
 confined to ``STATE_DIR/tmp`` *before* torch is imported; then the simulation chain is
-loaded or generated, the model loaded, the HPKE key generated (memory only) and the
-claims built. stdout carries a few lines for people and parent processes; the last one,
-once the server accepts calls, is exactly ``listening on HOST:PORT``.
+loaded or generated, the model loaded, the HPKE key generated (memory only), the
+claims built and, for the simulated TEE, its signed release manifest written beside the
+simulation root (:mod:`veil.enclave.sim_release`). stdout carries a few lines for people
+and parent processes; the last one, once the server accepts calls, is exactly ``listening on HOST:PORT``.
 
 Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING, new Generate calls get
 UNAVAILABLE, in-flight streams get ``--grace`` seconds to finish, then they are
@@ -58,6 +59,7 @@ SERVICE_NAMES = (
 # A sealed request is at most MAX_REQUEST_BYTES of plaintext plus HPKE overhead and framing.
 MAX_RECEIVE_BYTES = MAX_REQUEST_BYTES + 16 * 1024
 MAX_SEND_BYTES = 4 * 1024 * 1024
+_SIM_GPUS = 1  # GPUs the simulated TEE reports (and its release manifest names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +193,7 @@ async def serve(args: Any) -> int:
 async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpable: bool | None) -> int:
     from veil.enclave.engine.async_engine import AsyncEngine
     from veil.enclave.keys import build_digest, create_identity, measurement_from_build_digest
+    from veil.enclave.sim_release import write_simulation_release
     from veil.enclave.tee.simulated import SimulatedTeeProvider, load_or_create_simulation, root_fingerprints
 
     stop = asyncio.Event()  # SIGTERM / SIGINT from here on drain instead of killing
@@ -222,7 +225,16 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
             server_build_digest=digest,
             simulated=simulated,
         )
-        provider = SimulatedTeeProvider(authority, measurement_from_build_digest(digest))
+        provider = SimulatedTeeProvider(authority, measurement_from_build_digest(digest), gpu_count=_SIM_GPUS)
+        manifest = write_simulation_release(
+            state_dir,
+            build_digest=digest,
+            model_digest=identity.claims.model_digest,
+            data_policy_digest=policy.digest,
+            gpu_count=_SIM_GPUS,
+            tcb=authority.tcb,
+        )
+        _say(f"SIMULATED TEE: release manifest (signed by the simulation publisher key): {manifest}")
         options = ServerOptions(
             host=args.host,
             port=args.port,

@@ -186,13 +186,14 @@ def verify_snp_artifact(raw: bytes, req: AuditRequest) -> Verdict:
 
 
 def verify_azure_artifact(evidence: Any, req: AuditRequest) -> Verdict:
-    """Azure SNP CVM evidence (``AzureSnpEvidence``): HCL binding, vTPM quote, SNP report, policy.
+    """Azure SNP CVM evidence (``AzureSnpEvidence``): HCL binding, vTPM quote, SNP report, policy
+    (the SNP fields and ``policy.azure_pcrs``: the vTPM PCRs that measure the guest, pinned).
 
     ``--nonce`` is the vTPM quote's nonce (extraData); ``--report-data`` the HCL user-data.
     """
     from veil.attestation.policy import vendor_amd_roots
     from veil.attestation.snp.azure_verify import verify_azure_snp
-    from veil.attestation.snp.validate import validate_snp
+    from veil.attestation.snp.validate import validate_azure_pcrs, validate_snp
 
     certs = req.certs if req.certs is not None else list(evidence.certs)
     roots = _custom(req.policy.trusted_roots.amd, vendor_amd_roots())
@@ -210,7 +211,10 @@ def verify_azure_artifact(evidence: Any, req: AuditRequest) -> Verdict:
     if report is None:
         return verdict
     product = report.product or req.product or _leaf_product(certs)
-    return verdict + validate_snp(report, req.policy.snp_policy(report, None), product=product)
+    pcrs = validate_azure_pcrs(
+        evidence.quote, req.policy.azure_pcrs, allow_any=req.policy.allow_any_measurement
+    )
+    return verdict + validate_snp(report, req.policy.snp_policy(report, None), product=product) + pcrs
 
 
 # ---------------------------------------------------------------------------------- TDX

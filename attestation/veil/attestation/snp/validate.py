@@ -2,15 +2,22 @@
 
 Run :func:`veil.attestation.snp.verify.verify_snp` first: these checks only mean
 something once the signature and chain hold. The default :class:`SnpPolicy` is
-production-strict: debug and migration agents refused, provisional (uncommitted)
-firmware refused, committed ≤ current TCB enforced. Allow-lists that are left
-empty show as a skipped check ("no allow-list"), never as a pass.
+production-strict and fails closed: debug and migration agents refused, provisional
+(uncommitted) firmware refused, committed ≤ current TCB enforced, VMPL 0 required, and
+an empty measurement allow-list is a **failing** ``policy.measurement`` (the code identity
+must be pinned) unless the loud opt-out ``allow_any_measurement`` is set. Optional
+allow-lists (ID key, author key, ``host_data`` when none is pinned) show as a skipped
+check ("no allow-list"), never as a pass.
 
 TCB rule. The minimum TCB is always compared with ``reported_tcb``: that is the
 level the VCEK/VLEK certifies, and firmware below it cannot derive that key, so it
 is the cryptographically meaningful one. ``tcb_rule`` adds stricter comparisons:
 ``COMMITTED`` also requires the committed TCB (the anti-rollback floor) to meet the
 minimum; ``CURRENT`` requires the committed and the running (current) TCB to.
+``minimum_tcbs`` holds a floor per product (the client policy fills it from the dated
+floor shipped in ``veil/attestation/data/tcb_floor.toml``); ``minimum_tcb``, when set,
+applies to every product instead. With per-product floors and a product that has none
+(or is unknown), ``policy.min_tcb`` fails.
 """
 
 from __future__ import annotations
@@ -21,10 +28,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from veil.attestation.errors import MalformedInputError, UnsupportedError
+from veil.attestation.snp.azure import TpmQuote, parse_tpms_attest
 from veil.attestation.snp.report import Product, SigningKey, SnpReport, TcbVersion
 from veil.attestation.verdict import Verdict, VerdictBuilder
 
-__all__ = ["SnpPolicy", "TcbRule", "validate_snp"]
+__all__ = ["UNPINNED_MEASUREMENT", "SnpPolicy", "TcbRule", "validate_azure_pcrs", "validate_snp"]
+
+UNPINNED_MEASUREMENT = (
+    "no measurement pinned: pin one with a signed release manifest (Policy.from_release, "
+    "--release/--publisher-key) or an allow-list (measurements = [...]); to explore unknown "
+    "evidence only, opt out with allow_any_measurement = true (--any-measurement)"
+)
+ANY_MEASUREMENT = "UNPINNED: any code identity accepted (allow_any_measurement opt-out; never in production)"
 
 
 class TcbRule(enum.Enum):
@@ -48,14 +63,17 @@ class SnpPolicy:
 
     Byte-valued fields are exact sizes: ``report_data`` 64, ``host_data`` 32,
     measurements 48, ID/author key digests 48, ``family_id``/``image_id`` 16.
-    ``None`` / empty means "not checked" and is reported as a skip.
+    ``None`` / empty means "not checked" and is reported as a skip, except ``measurements``:
+    empty fails ``policy.measurement`` unless ``allow_any_measurement``. ``vmpls`` None
+    allows any VMPL (the default is VMPL 0 only).
     """
 
     allow_debug: bool = False
     allow_migration_agent: bool = False
     require_smt_disabled: bool = False
-    vmpls: frozenset[int] | None = None
+    vmpls: frozenset[int] | None = frozenset({0})
     minimum_tcb: TcbVersion | None = None
+    minimum_tcbs: Mapping[Product, TcbVersion] = field(default_factory=dict, hash=False)
     tcb_rule: TcbRule = TcbRule.REPORTED
     permit_provisional_firmware: bool = False
     minimum_firmware: tuple[int, int, int] | None = None
@@ -70,6 +88,7 @@ class SnpPolicy:
     image_id: bytes | None = None
     products: frozenset[Product] | None = None
     signing_keys: frozenset[SigningKey] = frozenset({SigningKey.VCEK, SigningKey.VLEK})
+    allow_any_measurement: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -86,6 +105,10 @@ class SnpPolicy:
                 raise MalformedInputError("VMPLs are 0..3")
         if self.products is not None:
             set_(self, "products", frozenset(self.products))
+        floors = dict(self.minimum_tcbs)
+        if any(not isinstance(p, Product) or not isinstance(t, TcbVersion) for p, t in floors.items()):
+            raise MalformedInputError("minimum_tcbs maps a Product to a TcbVersion")
+        set_(self, "minimum_tcbs", floors)
 
     @staticmethod
     def from_mapping(data: Mapping[str, Any]) -> SnpPolicy:
@@ -94,7 +117,7 @@ class SnpPolicy:
         ``tcb_rule`` as ``"reported" | "committed" | "current"``, ``products`` as names,
         ``signing_keys`` as ``"VCEK"``/``"VLEK"``. Unknown keys are an error.
         """
-        known = set(SnpPolicy.__dataclass_fields__)
+        known = set(SnpPolicy.__dataclass_fields__) - {"minimum_tcbs"}
         unknown = set(data) - known
         if unknown:
             raise MalformedInputError(f"unknown SNP policy key(s): {', '.join(sorted(unknown))}")
@@ -140,7 +163,7 @@ def _hex(b: bytes, n: int = 16) -> str:
     return h if len(h) <= n else h[:n] + "…"
 
 
-def _tcb_checks(b: VerdictBuilder, report: SnpReport, policy: SnpPolicy) -> None:
+def _tcb_checks(b: VerdictBuilder, report: SnpReport, policy: SnpPolicy, product: Product | None) -> None:
     # Internal consistency, always: committed <= current, reported <= current.
     problems = [
         f"{name} {tcb} exceeds current {report.current_tcb}"
@@ -180,23 +203,41 @@ def _tcb_checks(b: VerdictBuilder, report: SnpReport, policy: SnpPolicy) -> None
             f"running uncommitted firmware: {'; '.join(differs)}" if provisional else "committed = current",
         )
 
-    if policy.minimum_tcb is None:
-        b.skip("policy.min_tcb", "no minimum TCB in policy")
-    else:
-        compared = [("reported", report.reported_tcb)]
-        if policy.tcb_rule in (TcbRule.COMMITTED, TcbRule.CURRENT):
-            compared.append(("committed", report.committed_tcb))
-        if policy.tcb_rule is TcbRule.CURRENT:
-            compared.append(("current", report.current_tcb))
-        low = [f"{name} {tcb}" for name, tcb in compared if not tcb.at_least(policy.minimum_tcb)]
-        b.check(
-            "policy.min_tcb",
-            not low,
-            (f"below minimum {policy.minimum_tcb}: " + "; ".join(low))
-            if low
-            else f"{', '.join(n for n, _ in compared)} >= {policy.minimum_tcb}",
-        )
+    _min_tcb_check(b, report, policy, product)
+    _firmware_check(b, report, policy)
 
+
+def _min_tcb_check(b: VerdictBuilder, report: SnpReport, policy: SnpPolicy, product: Product | None) -> None:
+    minimum = policy.minimum_tcb
+    if minimum is None and policy.minimum_tcbs:
+        minimum = policy.minimum_tcbs.get(product) if product is not None else None
+        if minimum is None:
+            known = ", ".join(sorted(p.value for p in policy.minimum_tcbs))
+            b.fail(
+                "policy.min_tcb",
+                f"no TCB floor for {product.value if product else 'an unknown product'} "
+                f"(floors for {known}): name the product (--product) or set min_tcb",
+            )
+            return
+    if minimum is None:
+        b.skip("policy.min_tcb", "no minimum TCB in policy")
+        return
+    compared = [("reported", report.reported_tcb)]
+    if policy.tcb_rule in (TcbRule.COMMITTED, TcbRule.CURRENT):
+        compared.append(("committed", report.committed_tcb))
+    if policy.tcb_rule is TcbRule.CURRENT:
+        compared.append(("current", report.current_tcb))
+    low = [f"{name} {tcb}" for name, tcb in compared if not tcb.at_least(minimum)]
+    b.check(
+        "policy.min_tcb",
+        not low,
+        (f"below minimum {minimum}: " + "; ".join(low))
+        if low
+        else f"{', '.join(n for n, _ in compared)} >= {minimum}",
+    )
+
+
+def _firmware_check(b: VerdictBuilder, report: SnpReport, policy: SnpPolicy) -> None:
     if policy.minimum_firmware is None:
         b.skip("policy.min_firmware", "no minimum firmware version in policy")
     else:
@@ -282,7 +323,7 @@ def validate_snp(report: SnpReport, policy: SnpPolicy, *, product: Product | str
         report.signing_key in policy.signing_keys,
         f"signed by {key_name}, allowed {sorted(k.name for k in policy.signing_keys)}",
     )
-    _tcb_checks(b, report, policy)
+    _tcb_checks(b, report, policy, prod)
     if policy.minimum_guest_svn is None:
         b.skip("policy.guest_svn", "no minimum guest SVN in policy")
     else:
@@ -293,7 +334,10 @@ def validate_snp(report: SnpReport, policy: SnpPolicy, *, product: Product | str
         )
 
     if not policy.measurements:
-        b.skip("policy.measurement", "no allow-list")
+        if policy.allow_any_measurement:
+            b.skip("policy.measurement", f"{ANY_MEASUREMENT}; measurement {_hex(report.measurement)}")
+        else:
+            b.fail("policy.measurement", f"{UNPINNED_MEASUREMENT} (report: {report.measurement.hex()})")
     else:
         ok = report.measurement in policy.measurements
         b.check(
@@ -334,3 +378,41 @@ def _id_block_checks(b: VerdictBuilder, report: SnpReport, policy: SnpPolicy) ->
         b.skip("policy.author_key", "no allow-list")
     _exact(b, "policy.family_id", report.family_id, policy.family_id, "family_id")
     _exact(b, "policy.image_id", report.image_id, policy.image_id, "image_id")
+
+
+def validate_azure_pcrs(quote: TpmQuote, pins: Mapping[int, bytes], *, allow_any: bool = False) -> Verdict:
+    """``policy.azure_pcrs``: an Azure CVM's vTPM PCRs that measure the guest equal the pinned values.
+
+    Run after :func:`~veil.attestation.snp.azure_verify.verify_azure_snp`, whose
+    ``azure.tpm.pcr_digest`` proves the PCR values are the ones the quote signs. A pinned
+    PCR the quote does not select fails; no pins fail unless ``allow_any`` (the loud opt-out).
+    """
+    b = VerdictBuilder()
+    if not pins:
+        if allow_any:
+            b.skip("policy.azure_pcrs", ANY_MEASUREMENT)
+        else:
+            b.fail(
+                "policy.azure_pcrs",
+                "no vTPM PCR pinned: pin them with a signed release manifest (Policy.from_release) "
+                'or azure_pcrs = { 4 = "<64 hex>", ... }; opt out with allow_any_measurement = true',
+            )
+        return b.build()
+    try:
+        attest = parse_tpms_attest(quote.message)
+        selected = set(attest.pcr_select[0].pcrs) if len(attest.pcr_select) == 1 else set()
+    except MalformedInputError as exc:
+        b.fail("policy.azure_pcrs", f"quote did not parse: {exc}")
+        return b.build()
+    bad = []
+    for index, value in sorted(pins.items()):
+        if index not in selected or index >= len(quote.pcrs):
+            bad.append(f"PCR{index} is not in the quote")
+        elif quote.pcrs[index] != value:
+            bad.append(f"PCR{index} {quote.pcrs[index].hex()} != pinned {value.hex()}")
+    b.check(
+        "policy.azure_pcrs",
+        not bad,
+        "; ".join(bad) or f"PCRs {', '.join(map(str, sorted(pins)))} equal the pinned values",
+    )
+    return b.build()

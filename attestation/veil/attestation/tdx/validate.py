@@ -1,8 +1,12 @@
 """Validate a verified TDX quote against a policy (*validate*; *verify* is :mod:`.verify`).
 
-The defaults are production-strict: debug TDs are refused, only ``UpToDate`` is an
-acceptable TCB status, and a missing TCB status (no collateral) fails. Measurement
-allow-lists that are empty are reported as ``skip: no allow-list`` — never as a pass.
+The defaults are production-strict and fail closed: debug TDs are refused, only
+``UpToDate`` is an acceptable TCB status, a missing TCB status (no collateral) fails, and
+the code identity must be pinned: an empty MRTD allow-list fails ``policy.mrtd`` and an
+empty RTMR*i* allow-list fails ``policy.rtmr<i>`` (RTMR0–3 measure the firmware
+configuration, kernel and command line, and the OS), unless the loud opt-out
+``allow_any_measurement`` is set. An empty MRSEAM list is ``skip: no allow-list`` (the TDX
+module is Intel's, appraised through the TCB status).
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ def _digests(values: Iterable[bytes], size: int, what: str) -> frozenset[bytes]:
 class TdxPolicy:
     """What a TD must look like to be trusted.
 
-    ``rtmr`` holds one allow-list per RTMR (0–3); an empty list leaves that RTMR
-    unconstrained. ``report_data`` None skips the check (the caller binds the nonce
-    elsewhere, e.g. through :mod:`veil.attestation.binding`).
+    ``rtmr`` holds one allow-list per RTMR (0–3); an empty list (like an empty ``mrtd``)
+    fails its check unless ``allow_any_measurement``. ``report_data`` None skips the check
+    (the caller binds the nonce elsewhere, e.g. through :mod:`veil.attestation.binding`).
     """
 
     allow_debug: bool = False
@@ -52,6 +56,7 @@ class TdxPolicy:
     allow_missing_tcb_status: bool = False
     rejected_advisories: frozenset[str] = frozenset()
     report_data: bytes | None = None
+    allow_any_measurement: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mrtd", _digests(self.mrtd, 48, "MRTD"))
@@ -110,6 +115,33 @@ def _hex_list(data: Mapping[str, Any], key: str) -> frozenset[bytes]:
         raise MalformedInputError(f"{key}: entries must be hex") from None
 
 
+ANY_MEASUREMENT = "UNPINNED: any code identity accepted (allow_any_measurement opt-out; never in production)"
+_UNPINNED = (
+    "no {what} pinned: pin it with a signed release manifest (Policy.from_release, "
+    "--release/--publisher-key) or an allow-list ({key} = [...]); to explore unknown evidence "
+    "only, opt out with allow_any_measurement = true (--any-measurement)"
+)
+
+
+def _pinned(
+    b: VerdictBuilder,
+    name: str,
+    value: bytes,
+    allowed: frozenset[bytes],
+    *,
+    what: str,
+    key: str,
+    any_ok: bool,
+) -> None:
+    """An identity allow-list: empty fails (or, with the opt-out, skips loudly)."""
+    if allowed:
+        _in_list(b, name, value, allowed, what)
+    elif any_ok:
+        b.skip(name, f"{ANY_MEASUREMENT}; {what} {value.hex()}")
+    else:
+        b.fail(name, _UNPINNED.format(what=what, key=key) + f" ({what} {value.hex()})")
+
+
 def _in_list(b: VerdictBuilder, name: str, value: bytes, allowed: frozenset[bytes], what: str) -> None:
     if not allowed:
         b.skip(name, _NO_ALLOW_LIST)
@@ -145,20 +177,18 @@ def validate_tdx(
         )
     else:
         b.passed("policy.debug", "TD DEBUG attribute is off")
-    _in_list(b, "policy.mrtd", td.mr_td, policy.mrtd, "MRTD")
-    constrained = [i for i in range(4) if policy.rtmr[i]]
-    if not constrained:
-        b.skip("policy.rtmr", _NO_ALLOW_LIST)
-    else:
-        bad = [i for i in constrained if td.rtmrs[i] not in policy.rtmr[i]]
-        free = [f"RTMR{i}" for i in range(4) if i not in constrained]
-        note = f"; unconstrained: {', '.join(free)}" if free else ""
-        if bad:
-            b.fail(
-                "policy.rtmr", ", ".join(f"RTMR{i} {td.rtmrs[i].hex()} is not allowed" for i in bad) + note
-            )
-        else:
-            b.passed("policy.rtmr", ", ".join(f"RTMR{i}" for i in constrained) + " allowed" + note)
+    any_ok = policy.allow_any_measurement
+    _pinned(b, "policy.mrtd", td.mr_td, policy.mrtd, what="MRTD", key="measurements", any_ok=any_ok)
+    for i in range(4):
+        _pinned(
+            b,
+            f"policy.rtmr{i}",
+            td.rtmrs[i],
+            policy.rtmr[i],
+            what=f"RTMR{i}",
+            key=f"[tdx] rtmr{i}",
+            any_ok=any_ok,
+        )
     _in_list(b, "policy.mrseam", td.mr_seam, policy.mrseam, "MRSEAM")
 
     if tcb_status is None:
