@@ -37,6 +37,7 @@ from veil.client._types import (
 from veil.client.errors import (
     AttestationError,
     ChannelError,
+    ClientClosedError,
     ConfigurationError,
     RequestRejectedError,
     ServerError,
@@ -60,6 +61,7 @@ __all__ = [
     "ChoiceDelta",
     "ChunkChoice",
     "Client",
+    "ClientClosedError",
     "CompletionUsage",
     "ConfigurationError",
     "EnclaveIdentity",

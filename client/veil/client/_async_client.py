@@ -1,12 +1,17 @@
 """``AsyncClient``: the asyncio (``grpc.aio``) twin of :class:`~veil.client.Client`.
 
-Same configuration, same sans-I/O core (so the same key-pinning rule); only the I/O is async.
+Same configuration, same sans-I/O core (so the same key-pinning rule), same reliability:
+gRPC statuses keep their names (``grpc.aio`` errors included), a restarted server
+(``FAILED_PRECONDITION``) is re-attested once, transparently, an evidence request refused
+with ``RESOURCE_EXHAUSTED`` is retried once, and closing the client ends its open streams
+with :class:`~veil.client.errors.ClientClosedError`, never a bare ``CancelledError``.
+Only the I/O is async.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -14,7 +19,7 @@ from typing import Literal, overload
 
 from veil.attestation.policy import Policy
 from veil.attestation.verdict import Verdict
-from veil.client._base import DEFAULT_TIMEOUT, Messages, _BaseClient
+from veil.client._base import CLOSED_MESSAGE, DEFAULT_TIMEOUT, Messages, _BaseClient, evidence_backoff
 from veil.client._core import (
     DEFAULT_KEY_TTL,
     STALE_KEY_CODE,
@@ -25,21 +30,30 @@ from veil.client._core import (
 )
 from veil.client._transport import AsyncGrpcTransport, AsyncResponseStream, AsyncTransport
 from veil.client._types import ChatCompletion, ChatCompletionChunk, CompletionUsage
-from veil.client.errors import ChannelError, ConfigurationError, ServerError
+from veil.client.errors import ChannelError, ClientClosedError, ConfigurationError, ServerError
 from veil.proto.v1 import generate_pb2
 
 __all__ = ["AsyncClient", "AsyncStream"]
 
 
 class AsyncStream:
-    """A streamed completion: ``async for`` it for :class:`ChatCompletionChunk` s."""
+    """A streamed completion: ``async for`` it for :class:`ChatCompletionChunk` s.
+
+    Raises :class:`ChannelError` if the stream ends without its FINAL chunk, and
+    :class:`ClientClosedError` once its client was closed.
+    """
 
     def __init__(
-        self, call: AsyncResponseStream, payloads: AsyncIterator[bytes], reader: ResponseReader
+        self,
+        call: AsyncResponseStream,
+        payloads: AsyncIterator[bytes],
+        reader: ResponseReader,
+        client: AsyncClient,
     ) -> None:
         self._call = call
         self._payloads = payloads
         self._reader = reader
+        self._client = client
         self._done = False
 
     @property
@@ -57,10 +71,16 @@ class AsyncStream:
             return
         try:
             async for payload in self._payloads:
+                self._client._check_open()
                 chunk = self._reader.feed(payload)
                 if chunk is not None:
                     yield chunk
             self._reader.close()
+        except (Exception, asyncio.CancelledError) as exc:
+            self._call.cancel()
+            if _closed_under(self._client) and not isinstance(exc, ClientClosedError):
+                raise ClientClosedError(CLOSED_MESSAGE) from exc
+            raise
         except BaseException:
             self._call.cancel()
             raise
@@ -83,6 +103,12 @@ class AsyncStream:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def _closed_under(client: AsyncClient) -> bool:
+    """True when an error came from closing ``client``, not from cancelling the running task."""
+    task = asyncio.current_task()
+    return client.closed and (task is None or task.cancelling() == 0)
 
 
 class AsyncCompletions:
@@ -177,6 +203,7 @@ class AsyncClient(_BaseClient):
             transport = AsyncGrpcTransport(target)
         self._transport = transport
         self._lock: asyncio.Lock | None = None
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.chat = AsyncChat(self)
 
     def _get_lock(self) -> asyncio.Lock:
@@ -194,7 +221,8 @@ class AsyncClient(_BaseClient):
         return self._write_evidence(path, await self._ensure())
 
     async def close(self) -> None:
-        """Close the transport."""
+        """Close the transport; open streams and later calls raise :class:`ClientClosedError`."""
+        self._closed = True
         await self._transport.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -206,11 +234,22 @@ class AsyncClient(_BaseClient):
         await self.close()
 
     async def _attest_locked(self) -> Attestation:
+        self._check_open()
         nonce = self._core.new_nonce()
-        evidence = await self._transport.get_evidence(nonce, self.timeout)
+        try:
+            evidence = await self._transport.get_evidence(nonce, self.timeout)
+        except ServerError as exc:
+            delay = evidence_backoff(exc)
+            if delay is None:
+                raise
+            await self._sleep(delay)
+            self._check_open()
+            nonce = self._core.new_nonce()
+            evidence = await self._transport.get_evidence(nonce, self.timeout)
         return self._install(self._core.accept(evidence, nonce))
 
     async def _ensure(self) -> Attestation:
+        self._check_open()
         current = self._fresh()
         if current is not None:
             return current
@@ -235,8 +274,10 @@ class AsyncClient(_BaseClient):
                 payloads = aiter(call)
                 header = await anext(payloads)
             except StopAsyncIteration:
+                self._check_open()
                 raise ChannelError("response stream ended before its header") from None
             except ServerError as exc:
+                self._check_open()
                 if exc.code == STALE_KEY_CODE and attempt == 0:
                     attestation = await self._reattest(attestation)
                     continue
@@ -246,5 +287,5 @@ class AsyncClient(_BaseClient):
             except BaseException:
                 call.cancel()
                 raise
-            return AsyncStream(call, payloads, reader)
+            return AsyncStream(call, payloads, reader, self)
         raise ServerError(STALE_KEY_CODE, "enclave key still stale after re-attesting")  # pragma: no cover

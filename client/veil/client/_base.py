@@ -2,11 +2,14 @@
 
 :class:`_BaseClient` holds the configuration, the pinned attestation and the
 sans-I/O :class:`~veil.client._core.ClientCore`; the two clients differ only in
-how they do I/O.
+how they do I/O. What both do the same way lives here too: refusing text that
+cannot be encoded before anything is sent, the one evidence retry after
+``RESOURCE_EXHAUSTED`` (:func:`evidence_backoff`), and the closed state.
 """
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -25,13 +28,57 @@ from veil.client._core import (
     check_params,
 )
 from veil.client._identity import EnclaveIdentity
-from veil.client.errors import ConfigurationError
+from veil.client.errors import ClientClosedError, ConfigurationError, ServerError
 from veil.proto.v1 import generate_pb2
 
-__all__ = ["DEFAULT_TIMEOUT", "Messages"]
+__all__ = ["DEFAULT_TIMEOUT", "EVIDENCE_RETRY_MAX", "Messages", "evidence_backoff"]
 
 DEFAULT_TIMEOUT = 120.0
 Messages = Iterable[Mapping[str, Any] | Any]
+OVERLOADED_CODE = "RESOURCE_EXHAUSTED"
+EVIDENCE_RETRY_MAX = 2.0  # seconds: the longest the SDK waits, whatever the server's hint says
+EVIDENCE_RETRY_DEFAULT = (0.25, 0.75)  # seconds, jittered, when the server gave no hint
+CLOSED_MESSAGE = "the client was closed"
+
+
+def evidence_backoff(
+    exc: ServerError, jitter: Callable[[float, float], float] = random.uniform
+) -> float | None:
+    """Seconds to wait before the one ``GetEvidence`` retry, or None when ``exc`` is not worth one.
+
+    Only ``RESOURCE_EXHAUSTED`` (the evidence rate limit) is retried: after the server's
+    ``retry-after-ms`` hint when it gave one, else a short jittered pause; never longer than
+    :data:`EVIDENCE_RETRY_MAX`. Anything else (a wrong answer, an unreachable server) fails at once.
+    """
+    if exc.code != OVERLOADED_CODE:
+        return None
+    hint = exc.retry_after
+    delay = jitter(*EVIDENCE_RETRY_DEFAULT) if hint is None else hint
+    return min(EVIDENCE_RETRY_MAX, max(0.0, delay))
+
+
+def check_encodable(messages: list[Any], stop: str | Sequence[str] | None) -> None:
+    """Refuse text protobuf cannot encode (a lone surrogate) with a typed error naming where it is.
+
+    Without this the SDK raised a raw ``UnicodeEncodeError`` from protobuf while sealing.
+    """
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, Mapping) else getattr(m, "content", None)
+        _encodable(content, f"messages[{i}].content")
+    stops = [stop] if isinstance(stop, str) else list(stop) if stop is not None else []
+    for j, text in enumerate(stops):
+        _encodable(text, f"stop[{j}]")
+
+
+def _encodable(text: object, where: str) -> None:
+    if not isinstance(text, str):
+        return  # not text: the argument checks name it
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"{where} is not valid Unicode text (a lone surrogate at offset {exc.start}); nothing was sent"
+        ) from None
 
 
 def _utc_now() -> datetime:
@@ -65,6 +112,16 @@ class _BaseClient:
         )
         self.timeout = timeout
         self._attestation: Attestation | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called; the client then sends nothing more."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError(CLOSED_MESSAGE)
 
     @property
     def policy(self) -> Policy:
@@ -122,6 +179,9 @@ class _BaseClient:
         seed: int | None,
         stop: str | Sequence[str] | None,
     ) -> tuple[list[generate_pb2.ChatMessage], GenerateParams]:
+        if not isinstance(messages, str | bytes | Mapping):  # those: check_messages names the mistake
+            messages = list(messages)
+        check_encodable(messages if isinstance(messages, list) else [], stop)
         return check_messages(messages), check_params(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop
         )

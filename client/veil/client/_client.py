@@ -7,7 +7,11 @@ I/O. On first use a client fetches evidence for a fresh 32-byte nonce, verifies
 it against its :class:`~veil.attestation.policy.Policy` and pins the enclave key;
 every request is then HPKE-sealed to that key and its answer decrypted chunk by
 chunk. A server that restarted (new key) answers ``FAILED_PRECONDITION``: the
-client re-attests once, transparently, and resends the request sealed afresh.
+client re-attests once, transparently, and resends the request sealed afresh. An
+evidence request refused with ``RESOURCE_EXHAUSTED`` is retried once, after the
+server's ``retry-after-ms`` hint (at most two seconds). Every other gRPC status is
+a :class:`~veil.client.errors.ServerError` carrying its status name; a closed
+client raises :class:`~veil.client.errors.ClientClosedError`.
 
 Pinning cannot wander: the first attestation pins the enclave's identity (launch
 measurement, server build, model and data-policy digests, platform), and any
@@ -19,6 +23,7 @@ request fails with :class:`~veil.client.errors.AttestationError` naming each cha
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,7 +32,7 @@ from typing import Literal, overload
 
 from veil.attestation.policy import Policy
 from veil.attestation.verdict import Verdict
-from veil.client._base import DEFAULT_TIMEOUT, Messages, _BaseClient
+from veil.client._base import CLOSED_MESSAGE, DEFAULT_TIMEOUT, Messages, _BaseClient, evidence_backoff
 from veil.client._core import (
     DEFAULT_KEY_TTL,
     STALE_KEY_CODE,
@@ -38,7 +43,7 @@ from veil.client._core import (
 )
 from veil.client._transport import GrpcTransport, ResponseStream, Transport
 from veil.client._types import ChatCompletion, ChatCompletionChunk, CompletionUsage
-from veil.client.errors import ChannelError, ConfigurationError, ServerError
+from veil.client.errors import ChannelError, ClientClosedError, ConfigurationError, ServerError
 from veil.proto.v1 import generate_pb2
 
 __all__ = ["Client", "Stream"]
@@ -49,14 +54,17 @@ class Stream:
 
     The request was accepted and its stream header authenticated before this
     object was returned. Iteration raises :class:`ChannelError` if the stream
-    ends without its FINAL chunk. ``close()`` (or leaving a ``with`` block)
-    cancels the request on the server.
+    ends without its FINAL chunk, and :class:`ClientClosedError` once its client
+    was closed. ``close()`` (or leaving a ``with`` block) cancels the request on the server.
     """
 
-    def __init__(self, call: ResponseStream, payloads: Iterator[bytes], reader: ResponseReader) -> None:
+    def __init__(
+        self, call: ResponseStream, payloads: Iterator[bytes], reader: ResponseReader, client: Client
+    ) -> None:
         self._call = call
         self._payloads = payloads
         self._reader = reader
+        self._client = client
         self._done = False
 
     @property
@@ -74,10 +82,16 @@ class Stream:
             return
         try:
             for payload in self._payloads:
+                self._client._check_open()
                 chunk = self._reader.feed(payload)
                 if chunk is not None:
                     yield chunk
             self._reader.close()
+        except Exception as exc:
+            self._call.cancel()
+            if self._client.closed and not isinstance(exc, ClientClosedError):
+                raise ClientClosedError(CLOSED_MESSAGE) from exc
+            raise
         except BaseException:
             self._call.cancel()
             raise
@@ -209,6 +223,7 @@ class Client(_BaseClient):
             transport = GrpcTransport(target)
         self._transport = transport
         self._lock = threading.Lock()
+        self._sleep: Callable[[float], None] = time.sleep
         self.chat = Chat(self)
 
     def attest(self) -> Verdict:
@@ -221,7 +236,8 @@ class Client(_BaseClient):
         return self._write_evidence(path, self._ensure())
 
     def close(self) -> None:
-        """Close the transport."""
+        """Close the transport; open streams and later calls raise :class:`ClientClosedError`."""
+        self._closed = True
         self._transport.close()
 
     def __enter__(self) -> Client:
@@ -233,11 +249,22 @@ class Client(_BaseClient):
         self.close()
 
     def _attest_locked(self) -> Attestation:
+        self._check_open()
         nonce = self._core.new_nonce()
-        evidence = self._transport.get_evidence(nonce, self.timeout)
+        try:
+            evidence = self._transport.get_evidence(nonce, self.timeout)
+        except ServerError as exc:
+            delay = evidence_backoff(exc)
+            if delay is None:
+                raise
+            self._sleep(delay)
+            self._check_open()
+            nonce = self._core.new_nonce()
+            evidence = self._transport.get_evidence(nonce, self.timeout)
         return self._install(self._core.accept(evidence, nonce))
 
     def _ensure(self) -> Attestation:
+        self._check_open()
         current = self._fresh()
         if current is not None:
             return current
@@ -262,8 +289,10 @@ class Client(_BaseClient):
                 payloads = iter(call)
                 header = next(payloads)
             except StopIteration:
+                self._check_open()
                 raise ChannelError("response stream ended before its header") from None
             except ServerError as exc:
+                self._check_open()
                 if exc.code == STALE_KEY_CODE and attempt == 0:
                     attestation = self._reattest(attestation)
                     continue
@@ -273,5 +302,5 @@ class Client(_BaseClient):
             except BaseException:
                 call.cancel()
                 raise
-            return Stream(call, payloads, reader)
+            return Stream(call, payloads, reader, self)
         raise ServerError(STALE_KEY_CODE, "enclave key still stale after re-attesting")  # pragma: no cover

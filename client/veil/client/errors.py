@@ -4,12 +4,17 @@
 
     VeilClientError                  base: catch this to catch everything below
     ├── ConfigurationError           bad arguments or policy file (nothing was sent)
+    │   └── ClientClosedError        the client was closed: a new request is refused,
+    │                                a stream still open is abandoned (never a bare
+    │                                ``CancelledError`` or a transport error)
     ├── AttestationError             the enclave's evidence failed verification;
     │                                ``.failed_checks`` names every failed check
     ├── ChannelError                 the encrypted channel failed: tampered, truncated,
     │                                reordered or replayed data (never a short answer)
     └── ServerError                  the server answered with a gRPC status;
-        │                            ``.code`` is the status name
+        │                            ``.code`` is the status name (``DEADLINE_EXCEEDED``,
+        │                            ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, ...);
+        │                            ``.retry_after`` the server's hint in seconds
         └── RequestRejectedError     the enclave rejected the request's content
                                      (sent back inside the encrypted stream)
 
@@ -26,6 +31,7 @@ from veil.attestation.verdict import Verdict
 __all__ = [
     "AttestationError",
     "ChannelError",
+    "ClientClosedError",
     "ConfigurationError",
     "RequestRejectedError",
     "ServerError",
@@ -39,6 +45,10 @@ class VeilClientError(Exception):
 
 class ConfigurationError(VeilClientError):
     """Bad arguments or policy; raised before anything is sent."""
+
+
+class ClientClosedError(ConfigurationError):
+    """The client was closed: it sends nothing more, and its open streams end with this error."""
 
 
 class AttestationError(VeilClientError):
@@ -62,12 +72,17 @@ class ChannelError(VeilClientError):
 
 
 class ServerError(VeilClientError):
-    """The server returned a gRPC error status."""
+    """The server returned a gRPC error status.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``code`` is the status name (e.g. ``"RESOURCE_EXHAUSTED"``); ``retry_after`` is the
+    server's back-off hint in seconds (trailing metadata ``retry-after-ms``), or None.
+    """
+
+    def __init__(self, code: str, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 class RequestRejectedError(ServerError):
