@@ -3,7 +3,7 @@
 Only the model is fake: it answers with canned text. It implements the client's
 ``Transport`` and ``AsyncTransport`` interfaces, so the SDK runs exactly as it does
 over gRPC, and it can misbehave on request (restart with a new key, tamper with or
-drop chunks, reject a request inside the encrypted stream).
+drop chunks, reject a request inside the encrypted stream, refuse evidence with a gRPC status).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class FakeEnclave:
         self.tamper_chunk: int | None = None
         self.drop_final = False
         self.reject: tuple[int, str] | None = None
+        self.evidence_errors: list[ServerError] = []  # raised by the next GetEvidence calls, in order
         self.closed = False
 
     def restart(self, model_digest: bytes = MODEL, build_digest: bytes = BUILD) -> None:
@@ -147,6 +148,8 @@ class FakeTransport:
 
     def get_evidence(self, nonce: bytes, timeout: float | None) -> bytes:
         self.enclave.evidence_calls.append(nonce)
+        if self.enclave.evidence_errors:
+            raise self.enclave.evidence_errors.pop(0)
         return self.enclave.evidence_bytes(nonce)
 
     def generate(self, request: service_pb2.EncryptedRequest, timeout: float | None) -> _Stream:
