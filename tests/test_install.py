@@ -33,6 +33,7 @@ NOT_IN_CLIENT = (
     "dcap_qvl",
     "sevsnpmeasure",
     "grpc_health",
+    "prometheus_client",
 )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from veil.enclave.data_policy import (
+    EXACT_COUNT_FIELDS,
     METADATA_FIELDS,
     MetadataLogFilter,
     load_data_policy,
@@ -69,11 +70,14 @@ def test_unenforceable_or_malformed_policies_are_refused(old: bytes, new: bytes)
         parse_data_policy(DEFAULT.replace(old, new, 1))
 
 
-def _capture(fields: frozenset[str] | None = None) -> tuple[logging.Logger, io.StringIO]:
+def _capture(
+    fields: frozenset[str] | None = None, *, exact_counts: bool = False
+) -> tuple[logging.Logger, io.StringIO]:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(veil_tag)s|%(message)s|%(veil_kv)s"))
-    handler.addFilter(MetadataLogFilter(fields or load_data_policy().allowed_log_fields, simulated=True))
+    allowed = fields or load_data_policy().allowed_log_fields
+    handler.addFilter(MetadataLogFilter(allowed, simulated=True, exact_counts=exact_counts))
     logger = logging.getLogger(f"veil.test.{secrets.token_hex(4)}")
     logger.propagate = False
     logger.addHandler(handler)
@@ -83,13 +87,59 @@ def _capture(fields: frozenset[str] | None = None) -> tuple[logging.Logger, io.S
 
 def test_filter_keeps_allowed_metadata_only() -> None:
     canary = f"CANARY-{secrets.token_hex(8)}"
-    logger, out = _capture()
+    # Issue #12 changed the default: exact counts are dropped and timings coarsened unless the
+    # policy says log_exact_counts = true; this filter is that opt-in, with the old assertion.
+    fields = load_data_policy().allowed_log_fields | {"prompt_tokens"}
+    logger, out = _capture(fields, exact_counts=True)
     log_event(logger, "request.done", request="ab12", prompt_tokens=7, duration_ms=1.5, prompt=canary)
     log_event(logger, "request.done", status=f"free text {canary}")  # not a safe token → dropped
     text = out.getvalue()
     assert "SIMULATED TEE|request.done|duration_ms=1.5 prompt_tokens=7 request=ab12" in text
     assert canary not in text
     assert "prompt=" not in text
+
+
+def test_default_filter_drops_exact_counts_and_coarsens_timings() -> None:
+    every = METADATA_FIELDS | EXACT_COUNT_FIELDS  # even a filter that allowed them
+    logger, out = _capture(every)
+    log_event(
+        logger,
+        "request.done",
+        request="ab12",
+        prompt_tokens=1234,
+        completion_tokens=57,
+        free_kv_blocks=311,
+        ttft_ms=123.4,
+        queue_ms=0.0,
+        duration_ms=1001,
+        request_bucket=2048,
+        response_bucket=1000,  # not a bucket size: dropped
+    )
+    text = out.getvalue().strip()
+    kv = "duration_ms=1100 queue_ms=0 request=ab12 request_bucket=2048 ttft_ms=200"
+    assert text == f"SIMULATED TEE|request.done|{kv}"
+    for exact in ("1234", "57", "311", "123.4", "1001"):
+        assert exact not in text
+
+
+def test_exact_counts_are_an_explicit_attested_opt_in() -> None:
+    assert load_data_policy().log_exact_counts is False
+    assert b"log_exact_counts = false" in DEFAULT
+    opted = DEFAULT.replace(b"log_exact_counts = false", b"log_exact_counts = true").replace(
+        b'    "port",', b'    "port",\n    "prompt_tokens",\n    "completion_tokens",'
+    )
+    policy = parse_data_policy(opted)
+    assert policy.log_exact_counts is True and "prompt_tokens" in policy.allowed_log_fields
+    assert policy.digest != load_data_policy().digest  # a client pinning the default refuses it
+    # omitted: the safe default
+    assert parse_data_policy(DEFAULT.replace(b"log_exact_counts = false", b"")).log_exact_counts is False
+    for bad in (
+        DEFAULT.replace(b'    "port",', b'    "port",\n    "prompt_tokens",'),  # counts without opt-in
+        DEFAULT.replace(b"log_exact_counts = false", b"log_exact_counts = 0"),
+        DEFAULT.replace(b"log_exact_counts = false", b'log_exact_counts = "no"'),
+    ):
+        with pytest.raises(DataPolicyError):
+            parse_data_policy(bad)
 
 
 def test_filter_redacts_free_text_arguments_and_tracebacks() -> None:

@@ -115,3 +115,35 @@ def test_measurement_is_the_padded_build_digest() -> None:
 def test_missing_package_is_a_typed_error() -> None:
     with pytest.raises(EnclaveError):
         build_digest(("veil.no_such_package",))
+
+
+def test_build_digest_covers_native_sources_and_binaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pkg = tmp_path / "veil_fake_native_pkg"
+    (pkg / "cpu").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cpu" / "k.cpp").write_text("int f() { return 1; }\n")
+    (pkg / "cpu" / "k.h").write_text("int f();\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = ("veil_fake_native_pkg",)
+    before = build_digest(names)
+    (pkg / "cpu" / "k.h").write_text("int f(); // changed\n")
+    after_header = build_digest(names)
+    assert after_header != before  # a header is part of what runs
+    # a compiled module dropped beside the sources is imported before the .py: it changes the digest
+    (pkg / "servicers.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    assert build_digest(names) != after_header
+    assert [n for n, _ in build_manifest(names)] == [
+        "veil_fake_native_pkg/__init__.py",
+        "veil_fake_native_pkg/cpu/k.cpp",
+        "veil_fake_native_pkg/cpu/k.h",
+        "veil_fake_native_pkg/servicers.cpython-311-x86_64-linux-gnu.so",
+    ]
+    assert BUILD_DIGEST_DOMAIN == b"veil/build/v2"
+    names_now = {n for n, _ in build_manifest()}
+    assert {
+        "veil/kernels/cpu/qmm.cpp",
+        "veil/kernels/cpu/fused.cpp",
+        "veil/kernels/cpu/common.h",
+    } <= names_now

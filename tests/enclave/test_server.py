@@ -109,7 +109,8 @@ def harness(loaded_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture(scope="module")
 def server(harness: Harness) -> Iterator[EnclaveServer]:
-    srv = harness.start_server()
+    # A short metrics period so the tests that wait on a counter need not wait 10 s.
+    srv = harness.start_server(metrics_period_s=0.05)
     yield srv
     harness.stop_server(srv)
 
@@ -364,13 +365,114 @@ def harness_server_metrics(channel: grpc.Channel) -> service_pb2.Metrics:
     return service_pb2_grpc.MetricsServiceStub(channel).GetMetrics(service_pb2.GetMetricsRequest(), timeout=5)
 
 
+# Issue #12: the published metrics carry no token counts and no live KV occupancy.
+PUBLISHED_METRICS = {
+    "simulated",
+    "draining",
+    "uptime_s",
+    "requests_started",
+    "requests_completed",
+    "requests_rejected",
+    "requests_cancelled",
+    "requests_active",
+    "evidence_served",
+    "evidence_rate_limited",
+    "total_kv_blocks",
+    "period_s",
+}
+
+
 def test_metrics_are_metadata_only(channel: grpc.Channel) -> None:
     m = harness_server_metrics(channel)
     assert m.simulated and not m.draining
-    assert m.total_kv_blocks > 0 and m.free_kv_blocks <= m.total_kv_blocks
+    assert m.total_kv_blocks > 0
     assert m.requests_started >= m.requests_completed
     fields = {f.name for f in m.DESCRIPTOR.fields}
     assert all(f.type not in (f.TYPE_STRING, f.TYPE_BYTES) for f in m.DESCRIPTOR.fields), fields
+    assert fields == PUBLISHED_METRICS  # no token totals, no free_kv_blocks, no engine queue gauges
+
+
+def _metrics_after_the_period(channel: grpc.Channel) -> service_pb2.Metrics:
+    time.sleep(0.1)  # two periods of the fixture's server
+    return harness_server_metrics(channel)
+
+
+def _counts(m: service_pb2.Metrics) -> dict[str, float]:
+    return {f.name: v for f, v in m.ListFields() if f.name != "uptime_s"}
+
+
+def test_metrics_before_and_after_one_request_do_not_reveal_its_length(
+    harness: Harness, channel: grpc.Channel
+) -> None:
+    stub = service_pb2_grpc.InferenceServiceStub(channel)
+    deltas = []
+    for words in (1, 300):  # prompts of ~5 and ~1500 tokens
+        assert _wait_for(lambda: _idle(harness.engine))
+        before = _counts(_metrics_after_the_period(channel))
+        req = _request(prompt=" ".join(["sea"] * words), max_tokens=2, temperature=0.0)
+        list(stub.Generate(seal_request(req, harness.identity.public_key), timeout=60))
+        assert _wait_for(lambda: _idle(harness.engine))
+        after = _counts(_metrics_after_the_period(channel))
+        deltas.append({k: after.get(k, 0) - before.get(k, 0) for k in after.keys() | before.keys()})
+    assert deltas[0] == deltas[1]  # the same one-request step, whatever the prompt's length
+    assert deltas[0]["requests_started"] == deltas[0]["requests_completed"] == 1
+
+
+def test_metrics_are_a_snapshot_taken_once_per_period(harness: Harness) -> None:
+    srv = harness.start_server(metrics_period_s=3600)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            first = harness_server_metrics(ch)
+            err = _status(
+                lambda: list(
+                    service_pb2_grpc.InferenceServiceStub(ch).Generate(
+                        service_pb2.EncryptedRequest(key_id=bytes(16), ciphertext=b"x"), timeout=5
+                    )
+                )
+            )
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert srv.metrics.requests_rejected == 1  # counted inside the enclave ...
+            assert harness_server_metrics(ch) == first  # ... published at the next period
+            assert first.period_s == 3600
+    finally:
+        harness.stop_server(srv)
+
+
+def test_prometheus_exposes_the_same_safe_aggregates(harness: Harness) -> None:
+    import urllib.request
+
+    srv = harness.start_server(metrics_period_s=0.05, metrics_port=0)
+    try:
+        assert srv.prometheus is not None and srv.prometheus.host == "127.0.0.1"  # loopback by default
+        url = f"http://127.0.0.1:{srv.prometheus.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        samples = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            m = harness_server_metrics(ch)
+        assert samples['veil_requests_total{outcome="started"}'] == m.requests_started
+        assert samples["veil_kv_cache_blocks"] == m.total_kv_blocks > 0
+        assert samples["veil_metrics_period_seconds"] == 0.05
+        names = {name.split("{")[0] for name in samples}
+        assert names == {
+            "veil_requests_total",
+            "veil_evidence_total",
+            "veil_requests_active",
+            "veil_kv_cache_blocks",
+            "veil_uptime_seconds",
+            "veil_draining",
+            "veil_simulated_tee",
+            "veil_metrics_period_seconds",
+        }, names  # only Veil's own registry: no process collector, nothing about tokens
+    finally:
+        harness.stop_server(srv)
+    assert srv.prometheus is not None
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=2)
 
 
 # --- graceful drain (a real `veil serve` process) ----------------------------------------------------

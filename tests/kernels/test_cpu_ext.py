@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -220,3 +222,94 @@ def test_fallback_without_the_kernels() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().isdigit()
+
+
+# --- which compiled library may be loaded (issue #12) -------------------------------------------
+
+
+def _fake_entry(directory: Any, ident: Any, library: bytes = b"\x7fELF not really") -> Any:
+    from veil.kernels.kernel_cache import sidecar_bytes
+
+    entry = directory / ident.name
+    entry.mkdir(parents=True)
+    (entry / f"{ident.name}.so").write_bytes(library)
+    (entry / f"{ident.name}.json").write_bytes(sidecar_bytes(ident, library))
+    return entry
+
+
+def test_a_library_loads_only_if_its_sidecar_names_these_sources_and_its_bytes(tmp_path: Any) -> None:
+    from veil.kernels.errors import KernelCacheError
+    from veil.kernels.kernel_cache import identify, verify_cached
+
+    ident, sources = cpu_ext.identity()
+    assert set(sources) == {"qmm.cpp", "fused.cpp", "common.h"}
+    entry = _fake_entry(tmp_path, ident)
+    assert verify_cached(entry, ident) == b"\x7fELF not really"
+    # the .so swapped: refused before load
+    (entry / f"{ident.name}.so").write_bytes(b"\x7fELF swapped")
+    with pytest.raises(KernelCacheError, match="library bytes"):
+        verify_cached(entry, ident)
+    # a header changed, another torch, another Python: a different identity, the old entry refused
+    for changed in (
+        identify(
+            {**sources, "common.h": sources["common.h"] + b"\n"}, torch.__version__, sys.version, ident.flags
+        ),
+        identify(sources, "9.9.9", sys.version, ident.flags),
+        identify(sources, torch.__version__, "3.99", ident.flags),
+    ):
+        assert changed.name != ident.name
+        fresh = _fake_entry(tmp_path / changed.name, ident)  # an entry built from the old identity ...
+        (fresh / f"{ident.name}.so").rename(fresh / f"{changed.name}.so")
+        (fresh / f"{ident.name}.json").rename(fresh / f"{changed.name}.json")
+        with pytest.raises(KernelCacheError):
+            verify_cached(fresh, changed)  # ... does not pass as a build of the new one
+    with pytest.raises(KernelCacheError):
+        verify_cached(tmp_path / "missing", ident)
+
+
+def test_the_build_digest_covers_every_kernel_source() -> None:
+    from veil.enclave.keys import build_manifest
+
+    names = {name for name, _ in build_manifest()}
+    _ident, sources = cpu_ext.identity()
+    assert {f"veil/kernels/cpu/{n}" for n in sources} <= names
+
+
+@pytest.mark.slow  # a subprocess imports torch
+def test_a_swapped_prebuilt_library_is_refused_and_a_good_one_copied(tmp_path: Any) -> None:
+    ident, _ = cpu_ext.identity()
+    real = cpu_ext.default_cache_dir() / ident.name
+    prebuilt = tmp_path / "prebuilt"
+    shutil.copytree(real, prebuilt / ident.name)
+    code = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from veil.kernels import cpu_ext
+        from veil.kernels.errors import KernelCacheError
+        cpu_ext.configure(Path({str(tmp_path / "state")!r}), prebuilt=[Path({str(prebuilt)!r})])
+        try:
+            print(cpu_ext.build(compile=False))
+        except KernelCacheError as exc:
+            print("refused:", exc)
+        """
+    )
+
+    def run() -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    so = prebuilt / ident.name / f"{ident.name}.so"
+    good = so.read_bytes()
+    so.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one bit of native code changed
+    assert run().startswith("refused:")
+    assert not (tmp_path / "state" / ident.name).exists()  # nothing copied
+    so.write_bytes(good)
+    assert run() == str(tmp_path / "state" / ident.name / f"{ident.name}.so")  # verified, copied
+    # the state copy swapped: refused; the prebuilt copy verifies and replaces it
+    state_so = tmp_path / "state" / ident.name / f"{ident.name}.so"
+    state_so.write_bytes(b"\x7fELF swapped")
+    assert run() == str(state_so)
+    assert state_so.read_bytes() == good

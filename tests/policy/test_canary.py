@@ -8,11 +8,20 @@ to carry it too). Afterwards the marker, and pieces of the decrypted completion,
 searched for in: every gRPC frame in both directions (raw and decoded headers), the
 server's stdout / stderr / log files, every file under the state dir and the server's
 temp dir, the metrics and health responses, and every error status the client got.
+
+Issue #12: the server runs with a fresh, empty ``HOME`` (the prebuilt kernels are named through
+``VEIL_KERNEL_CACHE``, read only): nothing may appear there or in its ``TMPDIR``; every file
+modified during the run anywhere under the real home (``~/.cache`` included) or ``/tmp`` is
+searched for the canary; and stderr, log files and metrics must not reveal the exact token counts
+of the requests (the client learns them from the encrypted usage).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +59,9 @@ class Run:
     encrypted_errors: list[generate_pb2.ChunkError] = field(default_factory=list)
     files_while_running: dict[str, bytes] = field(default_factory=dict)
     control_wire: bytes = b""
+    home: Path = Path()
+    started: float = 0.0
+    usages: list[tuple[int, int]] = field(default_factory=list)  # (prompt, completion) tokens
 
 
 def _snapshot(*roots: Path) -> dict[str, bytes]:
@@ -105,10 +117,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     base = tmp_path_factory.mktemp("canary")
     tmpdir = base / "server-tmp"
     tmpdir.mkdir()
+    home = base / "home"
+    home.mkdir()
+    kernels = os.environ.get("VEIL_KERNEL_CACHE") or str(Path.home() / ".cache" / "veil" / "kernels")
     marker = f"CANARY{secrets.token_hex(8).upper()}"
-    server = LocalServer(base / "state", log_dir=base / "logs", env={"TMPDIR": str(tmpdir)}).start()
+    started = time.time()
+    env = {"TMPDIR": str(tmpdir), "HOME": str(home), "VEIL_KERNEL_CACHE": kernels}
+    server = LocalServer(base / "state", log_dir=base / "logs", env=env).start()
     relay = Relay((server.host, server.port)).start()
-    r = Run(marker, server, relay, tmpdir)
+    r = Run(marker, server, relay, tmpdir, home=home, started=started)
     try:
         _exercise(r)
         r.files_while_running = _snapshot(r.server.state_dir, tmpdir, r.server.log_dir)
@@ -128,6 +145,8 @@ def _exercise(r: Run) -> None:
     with Client(r.relay.address, policy=policy) as client:
         reply = client.chat.completions.create(messages=messages, max_tokens=16, temperature=0.0)
         r.completions.append(reply.choices[0].message.content)
+        assert reply.usage is not None
+        r.usages.append((reply.usage.prompt_tokens, reply.usage.completion_tokens))
         stream = client.chat.completions.create(messages=messages, max_tokens=16, seed=7, stream=True)
         r.completions.append("".join(c.choices[0].delta.content or "" for c in stream))
 
@@ -270,3 +289,70 @@ def test_invalid_plaintext_is_answered_inside_the_stream(run: Run) -> None:
     # error ended with grpc-status 0
     trailers = [h for d, _, h in run.relay.headers if d == "s2c" and any(k == "grpc-status" for k, _ in h)]
     assert sum(("grpc-status", "0") in h for h in trailers) >= 5
+
+
+def _modified_since(roots: list[Path], since: float, skip: list[Path]) -> Iterator[Path]:
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if Path(folder, d) not in skip]
+            for name in files:
+                path = Path(folder, name)
+                try:
+                    st = path.lstat()
+                except OSError:
+                    continue
+                if (
+                    path.is_file()
+                    and not path.is_symlink()
+                    and st.st_mtime >= since
+                    and st.st_size < 64 << 20
+                ):
+                    yield path
+
+
+def test_nothing_is_written_outside_the_state_dir(run: Run) -> None:
+    assert run.started and run.home.is_dir()
+    assert [str(p.relative_to(run.home)) for p in run.home.rglob("*")] == []  # not even ~/.cache
+    assert list(run.tmpdir.iterdir()) == []  # temp files went to STATE_DIR/tmp, removed at exit
+    # the kernels and the tokenizer were cached in the state dir
+    assert any((run.server.state_dir / "kernels").glob("veil_cpu_*/veil_cpu_*.json"))
+    assert any((run.server.state_dir / "cache" / "tokenizers").glob("*/veil-tokenizer.json"))
+
+
+def test_no_canary_in_any_file_of_home_cache_or_temp(run: Run) -> None:
+    needles = _needles(run)
+    roots = [Path.home(), Path(os.environ.get("TMPDIR", "/tmp")), Path("/tmp"), run.home, run.tmpdir]
+    searched = 0
+    for path in _modified_since(roots, run.started, skip=[]):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        searched += 1
+        _assert_clean(str(path), data, needles)
+    assert searched > 0  # the walk works: the server's state and log files were new, and searched
+
+
+_KV = re.compile(r"\b([a-z_]+)=(\S+)")
+
+
+def test_logs_and_metrics_hold_no_exact_token_count(run: Run) -> None:
+    prompt_tokens, completion_tokens = run.usages[0]
+    assert prompt_tokens > 20  # a chat prompt with the system message: far from a small count
+    text = run.server.stderr_path.read_text() + "".join(
+        p.read_text(errors="replace") for p in run.server.log_dir.iterdir() if p.is_file()
+    )
+    assert "request.done" in text
+    for key in ("prompt_tokens", "completion_tokens", "free_kv_blocks"):
+        assert f"{key}=" not in text, key
+    coarse = {"ttft_ms", "queue_ms", "duration_ms", "request_bucket", "response_bucket", "port"}
+    for key, value in _KV.findall(text):
+        if key not in coarse:
+            assert value not in (str(prompt_tokens), str(completion_tokens)), (key, value)
+    metrics = service_pb2.Metrics.FromString(run.side_channels[0])
+    names = {f.name for f, _ in metrics.ListFields()}
+    assert not names & {"prompt_tokens_total", "completion_tokens_total", "free_kv_blocks"}
+    counts = {prompt_tokens, completion_tokens, sum(p for p, _ in run.usages)}
+    for f, value in metrics.ListFields():
+        if not f.name.startswith(("requests_", "evidence_")):  # RPC counts, known to the host
+            assert value not in counts, (f.name, value)

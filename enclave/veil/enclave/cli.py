@@ -29,6 +29,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--evidence-rate", type=float, default=50.0, help="GetEvidence calls per second (burst: twice that)"
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics (the same aggregates as MetricsService) on this port; 0 picks one",
+    )
+    parser.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: loopback)"
+    )
+    parser.add_argument(
+        "--metrics-period",
+        type=_period,
+        default=10.0,
+        help="published metrics are a snapshot refreshed at most this often, in seconds (>= 1; default 10)",
+    )
+
+
+def _period(text: str) -> float:
+    value = float(text)
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError("must be at least 1 second")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

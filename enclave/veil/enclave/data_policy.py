@@ -15,6 +15,16 @@ else, because an attested promise the code does not keep would be a lie:
 * ``retain = "none"`` — nothing about a request outlives its stream: the engine frees
   its KV blocks on finish, error, cancellation and client disconnect; nothing is written.
 * ``share_kv_across_requests = false`` — the engine never shares KV blocks across requests.
+* ``log_exact_counts`` (optional, default ``false``) — whether a log record may carry a
+  request's exact token counts. With ``false`` the filter drops :data:`EXACT_COUNT_FIELDS`
+  (``prompt_tokens``, ``completion_tokens``, ``free_kv_blocks``: each, read before and after
+  one request, gives that request's length) and rounds :data:`TIMING_FIELDS` (``queue_ms``,
+  ``ttft_ms``, ``duration_ms``; time to first token grows with the prompt) up to a multiple of
+  :data:`COARSE_MS`; and the policy may not list an exact-count field in ``allowed_fields``.
+  ``true`` is an explicit, attested choice (the policy digest is in the claims) that a client
+  can refuse. :data:`BUCKET_FIELDS` (``request_bucket``, ``response_bucket``: the padded sizes
+  the host sees on the wire anyway) pass only when they are a bucket size (a power of two or a
+  multiple of 64 KiB).
 * ``core_dumps = false`` — :func:`harden_process` sets ``RLIMIT_CORE`` to 0 and calls
   ``prctl(PR_SET_DUMPABLE, 0)`` (no core file, no ptrace attach by same-uid processes,
   ``/proc/PID/mem`` closed to them).
@@ -30,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -47,10 +58,15 @@ from typing import Any
 from veil.enclave.errors import DataPolicyError
 
 __all__ = [
+    "BUCKET_FIELDS",
+    "COARSE_MS",
+    "EXACT_COUNT_FIELDS",
     "METADATA_FIELDS",
+    "TIMING_FIELDS",
     "DataPolicy",
     "HardeningReport",
     "MetadataLogFilter",
+    "coarse_ms",
     "configure_logging",
     "confine_temp_files",
     "harden_process",
@@ -80,15 +96,26 @@ METADATA_FIELDS = frozenset(
         "total_kv_blocks",
         "error_type",
         "port",
+        "request_bucket",
+        "response_bucket",
+        "frames",
     }
 )
+# Per-request counts: only where the policy says log_exact_counts = true.
+EXACT_COUNT_FIELDS = frozenset({"prompt_tokens", "completion_tokens", "free_kv_blocks"})
+# Timings, rounded up to COARSE_MS unless log_exact_counts = true.
+TIMING_FIELDS = frozenset({"queue_ms", "ttft_ms", "duration_ms"})
+COARSE_MS = 100
+# Padded sizes (bytes): kept only when they are a bucket size of veil.attestation.channel.padding.
+BUCKET_FIELDS = frozenset({"request_bucket", "response_bucket"})
+_BUCKET_STEP = 64 * 1024
 _REQUIRED = {
     "log_content": False,
     "retain": "none",
     "share_kv_across_requests": False,
     "core_dumps": False,
 }
-_TOP_KEYS = {"version", *_REQUIRED, "logging"}
+_TOP_KEYS = {"version", *_REQUIRED, "log_exact_counts", "logging"}
 _EVENT = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 _SAFE_STR = re.compile(r"^[A-Za-z0-9_.:-]{0,64}$")
 _MAX_POLICY_BYTES = 64 * 1024
@@ -106,6 +133,7 @@ class DataPolicy:
     retain: str
     share_kv_across_requests: bool
     core_dumps: bool
+    log_exact_counts: bool
     allowed_log_fields: frozenset[str]
     digest: bytes
     source: str
@@ -132,13 +160,22 @@ def parse_data_policy(data: bytes, source: str = "<bytes>") -> DataPolicy:
                 f"data policy {source}: {key} = {doc[key]!r} cannot be enforced by this server "
                 f"(it enforces {key} = {required!r})"
             )
+    exact = doc.get("log_exact_counts", False)
+    if type(exact) is not bool:
+        raise DataPolicyError(f"data policy {source}: log_exact_counts must be true or false")
     fields = _allowed_fields(doc.get("logging", {}), source)
+    if not exact and fields & EXACT_COUNT_FIELDS:
+        raise DataPolicyError(
+            f"data policy {source}: logging.allowed_fields {sorted(fields & EXACT_COUNT_FIELDS)} are "
+            "exact per-request counts, which log_exact_counts = false forbids"
+        )
     return DataPolicy(
         version=1,
         log_content=False,
         retain="none",
         share_kv_across_requests=False,
         core_dumps=False,
+        log_exact_counts=exact,
         allowed_log_fields=fields,
         digest=hashlib.sha256(data).digest(),
         source=source,
@@ -184,12 +221,39 @@ def _safe_value(value: object) -> object | None:
     return None
 
 
+def coarse_ms(value: float) -> int:
+    """``value`` (milliseconds) rounded up to a multiple of :data:`COARSE_MS` (negative or not finite: -1)."""
+    if not math.isfinite(value) or value < 0:
+        return -1
+    return math.ceil(value / COARSE_MS) * COARSE_MS
+
+
+def _is_bucket(value: object) -> bool:
+    if type(value) is not int or value < 1:
+        return False
+    return value & (value - 1) == 0 or value % _BUCKET_STEP == 0
+
+
+def _shape(key: str, value: object, exact: bool) -> tuple[bool, object]:
+    """(keep?, value) for one structured field under the count rules of the module docstring."""
+    if key in EXACT_COUNT_FIELDS and not exact:
+        return False, None
+    if key in BUCKET_FIELDS:
+        return _is_bucket(value), value
+    if key in TIMING_FIELDS and not exact and isinstance(value, int | float) and not isinstance(value, bool):
+        return True, coarse_ms(float(value))
+    return True, value
+
+
 class MetadataLogFilter(logging.Filter):
     """Rewrites every record to metadata only (see the module docstring); never drops a record."""
 
-    def __init__(self, allowed_fields: frozenset[str], *, simulated: bool) -> None:
+    def __init__(
+        self, allowed_fields: frozenset[str], *, simulated: bool, exact_counts: bool = False
+    ) -> None:
         super().__init__()
         self._allowed = allowed_fields
+        self._exact = exact_counts
         self._tag = "SIMULATED TEE" if simulated else "TEE"
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -200,7 +264,9 @@ class MetadataLogFilter(logging.Filter):
             for key, value in raw.items():
                 safe = _safe_value(value)
                 if key in self._allowed and (safe is not None or value is None):
-                    fields[key] = safe
+                    keep, shaped = _shape(key, safe, self._exact)
+                    if keep:
+                        fields[key] = shaped
         else:
             record.msg = "record.redacted"
         if record.exc_info and record.exc_info[0] is not None and "error_type" in self._allowed:
@@ -224,7 +290,9 @@ def configure_logging(
     """Send all logging to ``stream`` (stderr) through the metadata filter; filter every root handler."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(logging.Formatter(_FORMAT))
-    flt = MetadataLogFilter(policy.allowed_log_fields, simulated=simulated)
+    flt = MetadataLogFilter(
+        policy.allowed_log_fields, simulated=simulated, exact_counts=policy.log_exact_counts
+    )
     root = logging.getLogger()
     for existing in list(root.handlers):
         existing.addFilter(flt)

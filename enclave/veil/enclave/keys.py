@@ -16,11 +16,16 @@ to. Exactly:
   except inside another listed package's directory (a wheel nests them, an editable
   install does not — the result is the same) and except ``__pycache__`` directories;
 * only files whose name ends in ``.py``, ``.pyi``, ``.proto``, ``.toml``, ``.pem`` or
-  ``py.typed`` (sources, stubs, wire schema, the shipped data policy, pinned roots);
+  ``py.typed`` (sources, stubs, wire schema, the shipped data policy, pinned roots), in
+  :data:`NATIVE_SOURCE_SUFFIXES` (``.cpp``, ``.cc``, ``.c``, ``.h``, ``.hpp``, ``.cu``, ``.cuh``:
+  the C++ kernels :mod:`veil.kernels.cpu_ext` compiles — it loads a library only when its sidecar
+  shows it was built from exactly these bytes) or in :data:`NATIVE_BINARY_SUFFIXES` (``.so``,
+  ``.pyd``, ``.dylib``: a compiled module dropped beside the sources would be imported before
+  the ``.py`` of the same name, so it must change the digest);
 * each file is named by its path in the ``veil`` namespace with ``/`` separators
   (``veil/enclave/server.py``, ``veil/proto/v1/service_pb2.py``), the list is sorted by
   that name (Python string order), and the digest is
-  ``SHA-256("veil/build/v1" ‖ Σ lp(name) ‖ SHA-256(file bytes))`` with ``lp`` the
+  ``SHA-256("veil/build/v2" ‖ Σ lp(name) ‖ SHA-256(file bytes))`` with ``lp`` the
   4-byte big-endian length prefix of :mod:`veil.attestation.binding`.
 
 :func:`build_manifest` lists the (name, SHA-256) pairs so an auditor can diff two builds.
@@ -42,6 +47,8 @@ __all__ = [
     "BUILD_DIGEST_DOMAIN",
     "BUILD_FILE_SUFFIXES",
     "BUILD_PACKAGES",
+    "NATIVE_BINARY_SUFFIXES",
+    "NATIVE_SOURCE_SUFFIXES",
     "EnclaveIdentity",
     "build_digest",
     "build_manifest",
@@ -49,9 +56,21 @@ __all__ = [
     "measurement_from_build_digest",
 ]
 
-BUILD_DIGEST_DOMAIN = b"veil/build/v1"
+# v2: C/C++ sources and headers, and any native binary inside the packages, are covered (issue #12).
+BUILD_DIGEST_DOMAIN = b"veil/build/v2"
 BUILD_PACKAGES = ("veil", "veil.proto", "veil.attestation", "veil.enclave", "veil.kernels", "veil.client")
-BUILD_FILE_SUFFIXES = (".py", ".pyi", ".proto", ".toml", ".pem", "py.typed")
+NATIVE_SOURCE_SUFFIXES = (".cpp", ".cc", ".c", ".h", ".hpp", ".cu", ".cuh")
+NATIVE_BINARY_SUFFIXES = (".so", ".pyd", ".dylib")
+BUILD_FILE_SUFFIXES = (
+    ".py",
+    ".pyi",
+    ".proto",
+    ".toml",
+    ".pem",
+    "py.typed",
+    *NATIVE_SOURCE_SUFFIXES,
+    *NATIVE_BINARY_SUFFIXES,
+)
 MEASUREMENT_SIZE = 48
 # Namespace packages have no directory of their own; their files are found through a module.
 _NAMESPACE_ANCHORS = {"veil": "veil.cli"}

@@ -34,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from veil.attestation.channel.padding import MAX_REQUEST_BYTES
 from veil.enclave.data_policy import log_event
 from veil.enclave.keys import EnclaveIdentity
+from veil.enclave.metrics import DEFAULT_PERIOD_S, MetricsPublisher, PrometheusEndpoint, start_prometheus
 from veil.enclave.servicers import (
     AttestationServicer,
     InferenceServicer,
@@ -70,6 +71,9 @@ class ServerOptions:
     evidence_rate: float = 50.0  # GetEvidence calls per second, sustained
     evidence_burst: int = 100
     max_inflight: int = 256  # Generate streams admitted at once; more → RESOURCE_EXHAUSTED
+    metrics_period_s: float = DEFAULT_PERIOD_S  # published metrics are a snapshot at most this old
+    metrics_host: str = "127.0.0.1"  # Prometheus exposition (only where metrics_port is set)
+    metrics_port: int | None = None
 
 
 class EnclaveServer:
@@ -87,6 +91,10 @@ class EnclaveServer:
         self.provider = provider
         self.options = options
         self.metrics = ServerMetrics(simulated=provider.simulated)
+        self.publisher = MetricsPublisher(
+            self.metrics, lambda: engine.stats().total_kv_blocks, options.metrics_period_s
+        )
+        self.prometheus: PrometheusEndpoint | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._inference = InferenceServicer(identity, engine, self.metrics, max_inflight=options.max_inflight)
@@ -110,7 +118,7 @@ class EnclaveServer:
             server,
         )
         service_pb2_grpc.add_InferenceServiceServicer_to_server(self._inference, server)  # type: ignore[no-untyped-call]
-        metrics = MetricsServicer(self.metrics, self.engine)
+        metrics = MetricsServicer(self.publisher)
         service_pb2_grpc.add_MetricsServiceServicer_to_server(metrics, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host = f"[{o.host}]" if ":" in o.host and not o.host.startswith("[") else o.host
@@ -123,6 +131,9 @@ class EnclaveServer:
         self._server = server
         self.port = port
         log_event(log, "server.started", port=port)
+        if o.metrics_port is not None:
+            self.prometheus = start_prometheus(self.publisher, o.metrics_host, o.metrics_port)
+            log_event(log, "metrics.started", port=self.prometheus.port)
         return port
 
     @property
@@ -138,6 +149,8 @@ class EnclaveServer:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self.prometheus is not None:
+            self.prometheus.close()
         log_event(log, "server.stopped")
 
     async def wait_for_termination(self) -> None:
@@ -208,7 +221,12 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
     _say(f"SIMULATED TEE: root sha256: ark={fingerprints[0]} gpu={fingerprints[1]}")
     _say(f"SIMULATED TEE: core dumps disabled, dumpable={dumpable}, data policy sha256={policy.digest.hex()}")
 
-    kwargs: dict[str, Any] = {}
+    # Everything the enclave caches lives in its state dir: the compiled kernels (a prebuilt one
+    # from `make setup` is only read, verified by its sidecar and copied) and the tokenizer.
+    from veil.kernels import cpu_ext
+
+    cpu_ext.configure(state_dir / "kernels", prebuilt=(cpu_ext.default_cache_dir(),))
+    kwargs: dict[str, Any] = {"cache_dir": state_dir / "cache"}
     if args.kv_cache_mb is not None:
         kwargs["kv_cache_mb"] = args.kv_cache_mb
     if args.max_batch is not None:
@@ -241,9 +259,14 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
             grace_s=args.grace,
             evidence_rate=args.evidence_rate,
             evidence_burst=max(1, int(args.evidence_rate * 2)),
+            metrics_period_s=args.metrics_period,
+            metrics_host=args.metrics_host,
+            metrics_port=args.metrics_port,
         )
         server = EnclaveServer(engine, identity, provider, options)
         port = await server.start()
+        if server.prometheus is not None:
+            _say(f"metrics (Prometheus) on http://{args.metrics_host}:{server.prometheus.port}/metrics")
         _say(f"SIMULATED TEE: enclave key id {identity.key_id.hex()}, build sha256 {digest.hex()}")
         host = f"[{args.host}]" if ":" in args.host else args.host
         _say(f"listening on {host}:{port}")

@@ -50,6 +50,7 @@ from veil.enclave.errors import (
     PromptTooLongError,
 )
 from veil.enclave.keys import EnclaveIdentity
+from veil.enclave.metrics import MetricsPublisher
 from veil.enclave.tee.provider import AttestationProvider
 from veil.proto.v1 import evidence_pb2, generate_pb2, service_pb2, service_pb2_grpc
 
@@ -102,7 +103,8 @@ class TokenBucket:
 
 @dataclass(slots=True)
 class ServerMetrics:
-    """Metadata-only counters (the ``Metrics`` message without the engine gauges)."""
+    """The server's counters, in enclave memory. Only what :mod:`veil.enclave.metrics` snapshots
+    is ever published; the token totals stay inside (they would give away request lengths)."""
 
     simulated: bool
     started_at: float = field(default_factory=time.monotonic)
@@ -348,32 +350,26 @@ class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
 
 
 class MetricsServicer(service_pb2_grpc.MetricsServiceServicer):
-    """``GetMetrics``: counters and engine gauges, metadata only."""
+    """``GetMetrics``: the publisher's periodic snapshot (:mod:`veil.enclave.metrics` says what is in it)."""
 
-    def __init__(self, metrics: ServerMetrics, engine: AsyncEngine) -> None:
-        self._metrics = metrics
-        self._engine = engine
+    def __init__(self, publisher: MetricsPublisher) -> None:
+        self._publisher = publisher
 
     async def GetMetrics(
         self, request: service_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> service_pb2.Metrics:
-        m = self._metrics
-        stats = self._engine.stats()
+        s = self._publisher.current()
         return service_pb2.Metrics(
-            simulated=m.simulated,
-            draining=m.draining,
-            uptime_s=time.monotonic() - m.started_at,
-            requests_started=m.requests_started,
-            requests_completed=m.requests_completed,
-            requests_rejected=m.requests_rejected,
-            requests_cancelled=m.requests_cancelled,
-            requests_active=m.requests_active,
-            prompt_tokens_total=m.prompt_tokens_total,
-            completion_tokens_total=m.completion_tokens_total,
-            evidence_served=m.evidence_served,
-            evidence_rate_limited=m.evidence_rate_limited,
-            engine_running=stats.running,
-            engine_waiting=stats.waiting,
-            free_kv_blocks=stats.free_kv_blocks,
-            total_kv_blocks=stats.total_kv_blocks,
+            simulated=s.simulated,
+            draining=s.draining,
+            uptime_s=s.uptime_s,
+            requests_started=s.requests_started,
+            requests_completed=s.requests_completed,
+            requests_rejected=s.requests_rejected,
+            requests_cancelled=s.requests_cancelled,
+            requests_active=s.requests_active,
+            evidence_served=s.evidence_served,
+            evidence_rate_limited=s.evidence_rate_limited,
+            total_kv_blocks=s.total_kv_blocks,
+            period_s=s.period_s,
         )

@@ -8,28 +8,42 @@ fp32) scales — so GGUF Q4_0 / Q4_1 / Q8_0 are computed **exactly**: each code 
 holds exactly, each product code·x is exact in fp32, and the group scale is applied in fp32. See
 ``kernels/cpu/qmm.cpp`` for the packed record format.
 
-The library is compiled once per source version with ``torch.utils.cpp_extension`` (g++ and
-ninja; ``make`` does it at set-up) into ``$VEIL_KERNEL_CACHE`` (default ``~/.cache/veil/kernels``)
-and loaded as ``torch.ops.veil_cpu``. :func:`available` is False — and the model falls back to
-PyTorch's ops — when the CPU lacks AVX-512 BF16, the build fails, or ``VEIL_CPU_KERNELS=0``.
+The library is compiled with ``torch.utils.cpp_extension`` (g++ and ninja; ``make`` does it at
+set-up) from private copies of exactly the source bytes it hashed, and loaded as
+``torch.ops.veil_cpu`` only after :func:`veil.kernels.kernel_cache.verify_cached` has checked its
+sidecar (sources, torch and Python versions, flags, the ``.so`` bytes' SHA-256). Where: the cache
+directory of :func:`configure` — the enclave passes ``STATE_DIR/kernels`` and, as a read-only
+source of verified bytes, ``$VEIL_KERNEL_CACHE`` (default ``~/.cache/veil/kernels``, where
+``make setup`` builds); without :func:`configure` that default is the cache. An entry that does
+not verify is never loaded: it is removed and rebuilt. :func:`available` is False — and the model
+falls back to PyTorch's ops — when the CPU lacks AVX-512 BF16, the build fails, or
+``VEIL_CPU_KERNELS=0``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from veil.kernels.errors import KernelCacheError
+from veil.kernels.kernel_cache import KernelIdentity, identify, read_sources, sidecar_bytes, verify_cached
 
 __all__ = [
     "KIND_Q4",
     "KIND_Q8",
     "available",
     "build",
+    "configure",
+    "default_cache_dir",
+    "identity",
     "pack_q4",
     "pack_q8",
     "qmm",
@@ -41,48 +55,112 @@ log = logging.getLogger(__name__)
 KIND_Q4 = 0
 KIND_Q8 = 1
 _DIR = Path(__file__).parent / "cpu"
-_SOURCES = [_DIR / "qmm.cpp", _DIR / "fused.cpp"]
-_HEADERS = [_DIR / "common.h"]
+_CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
+_LDFLAGS = ("-fopenmp",)
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
+_where: dict[str, tuple[Path, ...]] = {}
+_loaded: dict[str, Path] = {}  # library name → cache entry (a second dlopen would register twice)
 
 
-def _cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """``$VEIL_KERNEL_CACHE``, else ``~/.cache/veil/kernels`` (where ``make setup`` builds)."""
     env = os.environ.get("VEIL_KERNEL_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "veil" / "kernels"
 
 
-def _name() -> str:
-    h = hashlib.sha256()
-    for src in _SOURCES + _HEADERS:
-        h.update(src.read_bytes())
-    h.update(torch.__version__.encode())
-    h.update(sys.version.encode())
-    return "veil_cpu_" + h.hexdigest()[:16]
+def configure(cache_dir: Path, prebuilt: Sequence[Path] = ()) -> None:
+    """Build into and load from ``cache_dir`` only; ``prebuilt`` dirs are read, verified, copied."""
+    _where["cache"] = (Path(cache_dir),)
+    _where["prebuilt"] = tuple(Path(p) for p in prebuilt)
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile (or find already compiled) the kernel library and load it; returns its path."""
+def identity() -> tuple[KernelIdentity, dict[str, bytes]]:
+    """The identity of the library these sources make here, and the source bytes it was taken from."""
+    sources = read_sources(_DIR)
+    flags = (*_CFLAGS, *(f"ld:{f}" for f in _LDFLAGS))
+    return identify(sources, torch.__version__, sys.version, flags), sources
+
+
+def _install(cache: Path, ident: KernelIdentity, library: bytes) -> Path:
+    """Write ``library`` and its sidecar to ``cache/NAME/`` (a fresh directory, then a rename)."""
+    target = cache / ident.name
+    staging = Path(tempfile.mkdtemp(prefix=".install-", dir=cache))
+    (staging / f"{ident.name}.so").write_bytes(library)
+    (staging / f"{ident.name}.json").write_bytes(sidecar_bytes(ident, library))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target / f"{ident.name}.so"
+
+
+def _compile(cache: Path, ident: KernelIdentity, sources: dict[str, bytes], verbose: bool) -> bytes:
+    """Compile the hashed source bytes in a fresh directory (loading the result); its ``.so`` bytes."""
     from torch.utils import cpp_extension
 
-    name = _name()
-    directory = _cache_dir() / name
-    directory.mkdir(parents=True, exist_ok=True)
-    library = directory / f"{name}.so"
-    if library.exists():
-        torch.ops.load_library(str(library))  # type: ignore[no-untyped-call]
-        return library
-    cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in _SOURCES],
-        extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
-        extra_include_paths=[str(_DIR)],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=verbose,
-    )
-    return library
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    try:
+        src = work / "src"
+        src.mkdir()
+        for name, data in sources.items():
+            (src / name).write_bytes(data)
+        cpp_extension.load(
+            name=ident.name,
+            sources=[str(src / n) for n in sorted(sources) if n.endswith((".cpp", ".cc", ".c"))],
+            extra_cflags=list(_CFLAGS),
+            extra_include_paths=[str(src)],
+            extra_ldflags=list(_LDFLAGS),
+            build_directory=str(work),
+            is_python_module=False,
+            verbose=verbose,
+        )
+        return (work / f"{ident.name}.so").read_bytes()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build(verbose: bool = False, *, compile: bool = True) -> Path:
+    """Load a verified kernel library, copying a verified prebuilt one or compiling if need be.
+
+    Order: the cache's own entry (a failing one is removed), each prebuilt directory's entry
+    (verified bytes are copied into the cache), then — if ``compile`` — a fresh build. Returns
+    the path of the cache entry; raises :class:`KernelCacheError` when nothing verifies and
+    ``compile`` is False.
+    """
+    ident, sources = identity()
+    if ident.name in _loaded:
+        return _loaded[ident.name]
+    cache = _where.get("cache", (default_cache_dir(),))[0]
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = _find(cache, ident)
+    if path is not None:
+        torch.ops.load_library(str(path))  # type: ignore[no-untyped-call]
+    elif not compile:
+        raise KernelCacheError(f"no verified kernel library {ident.name} and compiling is off")
+    else:
+        path = _install(cache, ident, _compile(cache, ident, sources, verbose))
+    _loaded[ident.name] = path
+    return path
+
+
+def _find(cache: Path, ident: KernelIdentity) -> Path | None:
+    """The verified cache entry, copying a verified prebuilt one there first if need be."""
+    library: bytes | None = None
+    try:
+        library = verify_cached(cache / ident.name, ident)
+    except KernelCacheError as exc:
+        if (cache / ident.name).exists():
+            log.warning("kernel cache entry refused (%s): rebuilding", exc)
+            shutil.rmtree(cache / ident.name, ignore_errors=True)
+    if library is not None:
+        return cache / ident.name / f"{ident.name}.so"
+    for directory in _where.get("prebuilt", ()):
+        try:
+            library = verify_cached(directory / ident.name, ident)
+        except KernelCacheError as exc:
+            log.info("prebuilt kernel not used (%s)", exc)
+            continue
+        return _install(cache, ident, library)
+    return None
 
 
 def available() -> bool:

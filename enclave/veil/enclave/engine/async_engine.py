@@ -145,14 +145,17 @@ class AsyncEngine:
         max_batch: int = 64,
         threads: int | None = None,
         block_size: int = 16,
+        cache_dir: Path | None = None,
         **kw: Any,
     ) -> AsyncEngine:
-        """Load a GGUF file or checkpoint (default: the embedded SmolLM2) and build an engine."""
+        """Load a GGUF file or checkpoint (default: the embedded SmolLM2) and build an engine.
+
+        ``cache_dir``: where the loader caches the tokenizer (``veil serve``: its state dir)."""
         from veil.enclave.engine.block_manager import blocks_for_budget
         from veil.enclave.model.loader import default_model_path, load_model
         from veil.enclave.runner.cpu import CpuRunner
 
-        model = load_model(Path(path) if path is not None else default_model_path())
+        model = load_model(Path(path) if path is not None else default_model_path(), cache_dir=cache_dir)
         blocks = blocks_for_budget(kv_cache_mb * 2**20, model.config.kv_bytes_per_token, block_size)
         runner = CpuRunner(model, blocks, block_size, threads=threads)
         return cls(runner, max_batch=max_batch, **kw)

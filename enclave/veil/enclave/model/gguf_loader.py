@@ -11,12 +11,19 @@ permutation, so blocks are untouched).
 
 The model digest is the SHA-256 of the mapped file bytes, the very bytes the weights are read from.
 Building a tokenizer from GGUF metadata takes seconds, so the result is cached on disk, keyed by
-the digest (``~/.cache/veil/tokenizers/<digest>/`` unless a cache directory is given).
+the digest (``CACHE/tokenizers/<digest>/``; the enclave passes its state directory as CACHE, other
+callers default to ``~/.cache/veil``). Beside the saved files the entry holds
+``veil-tokenizer.json`` = ``{"format": "veil/tokenizer-cache/v1", "model_digest": HEX,
+"files": {NAME: SHA-256 HEX}}``; an entry whose file set or any file's hash differs from its record
+is removed and rebuilt from the GGUF, never loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,24 +285,55 @@ def _config(reader: Any, arch: str) -> ModelConfig:
     )
 
 
+_TOKENIZER_RECORD = "veil-tokenizer.json"
+_TOKENIZER_FORMAT = "veil/tokenizer-cache/v1"
+
+
+def _tokenizer_record(entry: Path, digest: bytes) -> bytes:
+    files = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(entry.iterdir())
+        if p.name != _TOKENIZER_RECORD
+    }
+    record = {"format": _TOKENIZER_FORMAT, "model_digest": digest.hex(), "files": files}
+    return (json.dumps(record, sort_keys=True, indent=1) + "\n").encode()
+
+
+def _tokenizer_entry_verifies(entry: Path, digest: bytes) -> bool:
+    """Whether every file of the cache entry (and no other) has the hash its record names."""
+    try:
+        if any(not p.is_file() for p in entry.iterdir()):
+            return False
+        return (entry / _TOKENIZER_RECORD).read_bytes() == _tokenizer_record(entry, digest)
+    except OSError:
+        return False
+
+
 def load_gguf_tokenizer(path: Path, digest: bytes, cache_dir: Path | None = None) -> Any:
-    """The file's tokenizer (a transformers fast tokenizer), cached under ``cache_dir``."""
+    """The file's tokenizer (a transformers fast tokenizer), cached under ``cache_dir``, verified."""
     from transformers import AutoTokenizer
 
-    cache = (cache_dir or default_cache_dir()) / "tokenizers" / digest.hex()
-    if (cache / "tokenizer.json").is_file():
-        try:
-            return AutoTokenizer.from_pretrained(str(cache), local_files_only=True)
-        except (OSError, ValueError):
-            pass  # a damaged cache entry: rebuild it below
+    tokenizers = (cache_dir or default_cache_dir()) / "tokenizers"
+    cache = tokenizers / digest.hex()
+    if cache.is_dir():
+        if _tokenizer_entry_verifies(cache, digest):
+            try:
+                return AutoTokenizer.from_pretrained(str(cache), local_files_only=True)
+            except (OSError, ValueError):
+                pass  # unreadable although its hashes match: rebuild it below
+        shutil.rmtree(cache, ignore_errors=True)  # tampered or damaged: never loaded
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as e:  # transformers raises many kinds on unsupported tokenizer metadata
         raise ModelLoadError(f"cannot build the tokenizer from {path.name} ({type(e).__name__})") from e
+    tmp: Path | None = None
     try:
-        tmp = cache.with_name(cache.name + ".tmp")
+        tokenizers.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=tokenizers))
         tok.save_pretrained(str(tmp))
+        (tmp / _TOKENIZER_RECORD).write_bytes(_tokenizer_record(tmp, digest))
         tmp.rename(cache)
-    except OSError:
-        pass  # caching is an optimisation; a read-only home directory must not stop the load
+    except OSError:  # caching is an optimisation; a read-only cache directory must not stop the load
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return tok

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from veil.proto.v1 import evidence_pb2 as veil_dot_proto_dot_v1_dot_evidence__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bveil/proto/v1/service.proto\x12\x07veil.v1\x1a\x1cveil/proto/v1/evidence.proto\"#\n\x12GetEvidenceRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"6\n\x10\x45ncryptedRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"!\n\x0e\x45ncryptedChunk\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x13\n\x11GetMetricsRequest\"\x9d\x03\n\x07Metrics\x12\x11\n\tsimulated\x18\x01 \x01(\x08\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\x18\n\x10requests_started\x18\x04 \x01(\x04\x12\x1a\n\x12requests_completed\x18\x05 \x01(\x04\x12\x19\n\x11requests_rejected\x18\x06 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x07 \x01(\x04\x12\x17\n\x0frequests_active\x18\x08 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\t \x01(\x04\x12\x1f\n\x17\x63ompletion_tokens_total\x18\n \x01(\x04\x12\x17\n\x0f\x65vidence_served\x18\x0b \x01(\x04\x12\x1d\n\x15\x65vidence_rate_limited\x18\x0c \x01(\x04\x12\x16\n\x0e\x65ngine_running\x18\r \x01(\r\x12\x16\n\x0e\x65ngine_waiting\x18\x0e \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x0f \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x10 \x01(\r2S\n\x12\x41ttestationService\x12=\n\x0bGetEvidence\x12\x1b.veil.v1.GetEvidenceRequest\x1a\x11.veil.v1.Evidence2T\n\x10InferenceService\x12@\n\x08Generate\x12\x19.veil.v1.EncryptedRequest\x1a\x17.veil.v1.EncryptedChunk0\x01\x32L\n\x0eMetricsService\x12:\n\nGetMetrics\x12\x1a.veil.v1.GetMetricsRequest\x1a\x10.veil.v1.Metricsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bveil/proto/v1/service.proto\x12\x07veil.v1\x1a\x1cveil/proto/v1/evidence.proto\"#\n\x12GetEvidenceRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"6\n\x10\x45ncryptedRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"!\n\x0e\x45ncryptedChunk\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x13\n\x11GetMetricsRequest\"\xa5\x03\n\x07Metrics\x12\x11\n\tsimulated\x18\x01 \x01(\x08\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\x18\n\x10requests_started\x18\x04 \x01(\x04\x12\x1a\n\x12requests_completed\x18\x05 \x01(\x04\x12\x19\n\x11requests_rejected\x18\x06 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x07 \x01(\x04\x12\x17\n\x0frequests_active\x18\x08 \x01(\x04\x12\x17\n\x0f\x65vidence_served\x18\x0b \x01(\x04\x12\x1d\n\x15\x65vidence_rate_limited\x18\x0c \x01(\x04\x12\x17\n\x0ftotal_kv_blocks\x18\x10 \x01(\r\x12\x10\n\x08period_s\x18\x11 \x01(\x01J\x04\x08\t\x10\nJ\x04\x08\n\x10\x0bJ\x04\x08\r\x10\x0eJ\x04\x08\x0e\x10\x0fJ\x04\x08\x0f\x10\x10R\x13prompt_tokens_totalR\x17\x63ompletion_tokens_totalR\x0e\x65ngine_runningR\x0e\x65ngine_waitingR\x0e\x66ree_kv_blocks2S\n\x12\x41ttestationService\x12=\n\x0bGetEvidence\x12\x1b.veil.v1.GetEvidenceRequest\x1a\x11.veil.v1.Evidence2T\n\x10InferenceService\x12@\n\x08Generate\x12\x19.veil.v1.EncryptedRequest\x1a\x17.veil.v1.EncryptedChunk0\x01\x32L\n\x0eMetricsService\x12:\n\nGetMetrics\x12\x1a.veil.v1.GetMetricsRequest\x1a\x10.veil.v1.Metricsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,11 +41,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMETRICSREQUEST']._serialized_start=198
   _globals['_GETMETRICSREQUEST']._serialized_end=217
   _globals['_METRICS']._serialized_start=220
-  _globals['_METRICS']._serialized_end=633
-  _globals['_ATTESTATIONSERVICE']._serialized_start=635
-  _globals['_ATTESTATIONSERVICE']._serialized_end=718
-  _globals['_INFERENCESERVICE']._serialized_start=720
-  _globals['_INFERENCESERVICE']._serialized_end=804
-  _globals['_METRICSSERVICE']._serialized_start=806
-  _globals['_METRICSSERVICE']._serialized_end=882
+  _globals['_METRICS']._serialized_end=641
+  _globals['_ATTESTATIONSERVICE']._serialized_start=643
+  _globals['_ATTESTATIONSERVICE']._serialized_end=726
+  _globals['_INFERENCESERVICE']._serialized_start=728
+  _globals['_INFERENCESERVICE']._serialized_end=812
+  _globals['_METRICSSERVICE']._serialized_start=814
+  _globals['_METRICSSERVICE']._serialized_end=890
 # @@protoc_insertion_point(module_scope)

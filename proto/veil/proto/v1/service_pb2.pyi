@@ -30,7 +30,7 @@ class GetMetricsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("simulated", "draining", "uptime_s", "requests_started", "requests_completed", "requests_rejected", "requests_cancelled", "requests_active", "prompt_tokens_total", "completion_tokens_total", "evidence_served", "evidence_rate_limited", "engine_running", "engine_waiting", "free_kv_blocks", "total_kv_blocks")
+    __slots__ = ("simulated", "draining", "uptime_s", "requests_started", "requests_completed", "requests_rejected", "requests_cancelled", "requests_active", "evidence_served", "evidence_rate_limited", "total_kv_blocks", "period_s")
     SIMULATED_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -39,14 +39,10 @@ class Metrics(_message.Message):
     REQUESTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
-    COMPLETION_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_SERVED_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_RATE_LIMITED_FIELD_NUMBER: _ClassVar[int]
-    ENGINE_RUNNING_FIELD_NUMBER: _ClassVar[int]
-    ENGINE_WAITING_FIELD_NUMBER: _ClassVar[int]
-    FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_S_FIELD_NUMBER: _ClassVar[int]
     simulated: bool
     draining: bool
     uptime_s: float
@@ -55,12 +51,8 @@ class Metrics(_message.Message):
     requests_rejected: int
     requests_cancelled: int
     requests_active: int
-    prompt_tokens_total: int
-    completion_tokens_total: int
     evidence_served: int
     evidence_rate_limited: int
-    engine_running: int
-    engine_waiting: int
-    free_kv_blocks: int
     total_kv_blocks: int
-    def __init__(self, simulated: _Optional[bool] = ..., draining: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., requests_started: _Optional[int] = ..., requests_completed: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_active: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., completion_tokens_total: _Optional[int] = ..., evidence_served: _Optional[int] = ..., evidence_rate_limited: _Optional[int] = ..., engine_running: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ...) -> None: ...
+    period_s: float
+    def __init__(self, simulated: _Optional[bool] = ..., draining: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., requests_started: _Optional[int] = ..., requests_completed: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_active: _Optional[int] = ..., evidence_served: _Optional[int] = ..., evidence_rate_limited: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., period_s: _Optional[float] = ...) -> None: ...
