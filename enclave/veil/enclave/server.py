@@ -75,8 +75,8 @@ class ServerOptions:
     evidence_rate: float = 50.0  # GetEvidence calls per second, sustained, all peers together
     evidence_burst: int = 100
     max_inflight: int = 256  # Generate streams admitted at once; more → RESOURCE_EXHAUSTED
-    peer_evidence_rate: float = 5.0  # GetEvidence calls per second per peer
-    peer_evidence_burst: int = 10
+    peer_evidence_rate: float = 10.0  # GetEvidence calls per second per peer
+    peer_evidence_burst: int = 20
     peer_generate_rate: float = 20.0  # Generate calls per second per peer
     peer_generate_burst: int = 64
     max_peers: int = 4096  # peers whose buckets are remembered (least recently seen evicted)
@@ -294,6 +294,13 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
             grace_s=args.grace,
             evidence_rate=args.evidence_rate,
             evidence_burst=max(1, int(args.evidence_rate * 2)),
+            peer_evidence_rate=args.peer_evidence_rate,
+            peer_evidence_burst=max(1, int(args.peer_evidence_rate * 2)),
+            peer_generate_rate=args.peer_generate_rate,
+            peer_generate_burst=args.peer_generate_burst,
+            max_calls_per_peer=args.max_calls_per_peer,
+            max_streams_per_connection=args.max_streams_per_connection,
+            request_timeout_s=args.request_timeout,
         )
         server = EnclaveServer(engine, identity, provider, options)
         port = await server.start()
