@@ -33,7 +33,7 @@ import inspect
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
@@ -63,6 +63,8 @@ UNKNOWN_METHOD_MESSAGE = "unknown method"
 # gRPC's own limit; every method's limit (TransportLimits) is below it.
 TRANSPORT_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 BUSY_RETRY_S = 1.0
+# what ServicerContext.read returns once the client half-closed (grpc-stubs do not declare it)
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 
@@ -128,7 +130,15 @@ async def _unknown_method(
 _UNKNOWN = grpc.stream_stream_rpc_method_handler(_unknown_method)
 
 
-class TransportGuard(grpc.aio.ServerInterceptor):
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+    _Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+    _Handler = grpc.RpcMethodHandler
+
+
+class TransportGuard(_Interceptor):
     """The interceptor described in the module docstring; ``refusals`` counts by reason."""
 
     def __init__(self, limits: TransportLimits) -> None:
@@ -138,9 +148,9 @@ class TransportGuard(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> _Handler:
         handler = await continuation(handler_call_details)
         if handler is None:
             self.refusals["unknown_method"] += 1
@@ -150,7 +160,7 @@ class TransportGuard(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         return self._wrap(handler, method)
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: _Handler, method: str) -> _Handler:
         limits = self.limits
         deserialize = _safe_deserializer(
             handler.request_deserializer,
@@ -158,8 +168,9 @@ class TransportGuard(grpc.aio.ServerInterceptor):
         )
         counted = method not in limits.uncounted
         serialize = handler.response_serializer
+        # grpc-stubs type the behaviours as synchronous; under grpc.aio they are coroutines
         if not handler.response_streaming:
-            unary = handler.unary_unary
+            unary: Any = handler.unary_unary
 
             async def unary_behavior(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 peer = await self._enter(context, counted)
@@ -170,7 +181,7 @@ class TransportGuard(grpc.aio.ServerInterceptor):
 
             return grpc.stream_unary_rpc_method_handler(unary_behavior, deserialize, serialize)
 
-        streaming = handler.unary_stream
+        streaming: Any = handler.unary_stream
         if inspect.isasyncgenfunction(streaming):
 
             async def stream_behavior(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -208,7 +219,7 @@ class TransportGuard(grpc.aio.ServerInterceptor):
         except TimeoutError:
             self.refusals["request_timeout"] += 1
             await refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, REQUEST_TIMEOUT_MESSAGE)
-        if request is grpc.aio.EOF:  # half-closed without a request
+        if request is _EOF:  # half-closed without a request
             request = _MALFORMED
         if isinstance(request, _Refused):
             self.refusals["too_large" if request is _TOO_LARGE else "malformed"] += 1
