@@ -11,6 +11,13 @@ claims built and, for the simulated TEE, its signed release manifest written bes
 simulation root (:mod:`veil.enclave.sim_release`). stdout carries a few lines for people
 and parent processes; the last one, once the server accepts calls, is exactly ``listening on HOST:PORT``.
 
+Under abuse: every call passes :class:`~veil.enclave.transport.TransportGuard` (calls per peer
+and in total, health excepted; a deadline for the request message; requests parsed with fixed
+refusal strings), then per-peer token buckets in the servicers (``GetEvidence``, ``Generate``).
+HTTP/2 caps one connection's concurrent streams (``grpc.max_concurrent_streams``; gRPC resets
+streams beyond it), keepalive pings find vanished peers, idle connections close after 5 minutes,
+and a client pinging more often than every 10 s without data is sent away.
+
 Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING, new Generate calls get
 UNAVAILABLE, in-flight streams get ``--grace`` seconds to finish, then they are
 cancelled (their KV blocks freed), the engine stops, the temp directory is removed and
