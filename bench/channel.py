@@ -136,7 +136,18 @@ async def main(args: argparse.Namespace) -> int:
         server = LocalServer(
             Path(tmp) / "state",
             log_dir=Path(tmp) / "logs",
-            extra_args=["--max-batch", str(args.max_batch), "--evidence-rate", "10000"],
+            extra_args=[
+                "--max-batch",
+                str(args.max_batch),
+                "--evidence-rate",
+                "10000",
+                "--peer-evidence-rate",
+                "10000",
+                "--peer-generate-rate",
+                "10000",
+                "--peer-generate-burst",
+                "10000",
+            ],
         )
         server.start()
         try:

@@ -35,8 +35,9 @@ from veil.attestation.stapled import stapled_nvidia
 from veil.enclave.keys import build_digest, create_identity, measurement_from_build_digest
 from veil.enclave.local_server import LocalServer
 from veil.enclave.server import EnclaveServer, ServerOptions
-from veil.enclave.servicers import STALE_KEY_MESSAGE, UNDECRYPTABLE_MESSAGE
+from veil.enclave.servicers import EVIDENCE_RATE_LIMITED_MESSAGE, STALE_KEY_MESSAGE, UNDECRYPTABLE_MESSAGE
 from veil.enclave.tee.simulated import SIMULATION_ROOT_FILE, SimulatedTeeProvider, load_or_create_simulation
+from veil.enclave.transport import REQUEST_TOO_LARGE_MESSAGE, RETRY_AFTER_KEY
 from veil.proto.v1 import evidence_pb2, generate_pb2, service_pb2, service_pb2_grpc
 
 T = TypeVar("T")
@@ -227,6 +228,8 @@ def test_get_evidence_is_rate_limited(harness: Harness) -> None:
             stub.GetEvidence(req, timeout=10)
             err = _status(lambda: stub.GetEvidence(req, timeout=10))
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.details() == EVIDENCE_RATE_LIMITED_MESSAGE
+            assert int(dict(err.trailing_metadata())[RETRY_AFTER_KEY]) > 0  # issue #12: a retry hint
             assert srv.metrics.evidence_rate_limited == 1
     finally:
         harness.stop_server(srv)
@@ -313,6 +316,7 @@ def test_oversized_request_is_refused_by_the_transport(harness: Harness, channel
     sealed = service_pb2.EncryptedRequest(key_id=harness.identity.key_id, ciphertext=bytes(2 * 1024 * 1024))
     err = _status(lambda: list(stub.Generate(sealed, timeout=10)))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.details() == REQUEST_TOO_LARGE_MESSAGE  # issue #12: Veil's fixed string, not gRPC's
 
 
 # --- backpressure, cancellation, deadlines --------------------------------------------------------

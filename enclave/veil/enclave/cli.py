@@ -27,7 +27,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache size in MiB")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
     parser.add_argument(
-        "--evidence-rate", type=float, default=50.0, help="GetEvidence calls per second (burst: twice that)"
+        "--evidence-rate",
+        type=float,
+        default=50.0,
+        help="GetEvidence calls per second, all peers together (burst: twice that)",
+    )
+    limits = parser.add_argument_group("limits per peer (a peer is a remote address, IPv6 per /64)")
+    limits.add_argument(
+        "--peer-evidence-rate",
+        type=float,
+        default=10.0,
+        help="GetEvidence calls per second per peer (burst: twice that, at least 1)",
+    )
+    limits.add_argument(
+        "--peer-generate-rate",
+        type=float,
+        default=20.0,
+        help="Generate calls per second per peer (burst: --peer-generate-burst)",
+    )
+    limits.add_argument("--peer-generate-burst", type=int, default=64, help="Generate burst per peer")
+    limits.add_argument(
+        "--max-calls-per-peer", type=int, default=128, help="calls one peer may hold at once, any method"
+    )
+    limits.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=64,
+        help="HTTP/2 concurrent streams per connection",
+    )
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a call has to send its request message (half-open calls end after this)",
     )
     parser.add_argument(
         "--metrics-port",

@@ -8,6 +8,8 @@
     ├── InvalidRequestError          a request is rejected before it reaches the engine loop
     │   │                            (empty prompt, max_tokens < 1, temperature < 0, top_p ∉ (0, 1])
     │   └── PromptTooLongError       prompt (+ max_tokens) longer than the context
+    │       └── PromptTooLargeError  prompt or chat messages over the byte limit checked
+    │                                before tokenizing
     ├── EngineOverloadedError        the waiting queue is full (the server maps it to
     │                                RESOURCE_EXHAUSTED)
     ├── EngineStoppedError           the engine is draining or stopped
@@ -33,6 +35,7 @@ __all__ = [
     "EngineStoppedError",
     "InvalidRequestError",
     "ModelLoadError",
+    "PromptTooLargeError",
     "PromptTooLongError",
 ]
 
@@ -51,6 +54,10 @@ class InvalidRequestError(EnclaveError):
 
 class PromptTooLongError(InvalidRequestError):
     """The prompt does not fit the model's context."""
+
+
+class PromptTooLargeError(PromptTooLongError):
+    """The prompt (or all chat messages) is larger in bytes than the engine tokenizes."""
 
 
 class EngineOverloadedError(EnclaveError):

@@ -11,6 +11,13 @@ claims built and, for the simulated TEE, its signed release manifest written bes
 simulation root (:mod:`veil.enclave.sim_release`). stdout carries a few lines for people
 and parent processes; the last one, once the server accepts calls, is exactly ``listening on HOST:PORT``.
 
+Under abuse: every call passes :class:`~veil.enclave.transport.TransportGuard` (calls per peer
+and in total, health excepted; a deadline for the request message; requests parsed with fixed
+refusal strings), then per-peer token buckets in the servicers (``GetEvidence``, ``Generate``).
+HTTP/2 caps one connection's concurrent streams (``grpc.max_concurrent_streams``; gRPC resets
+streams beyond it), keepalive pings find vanished peers, idle connections close after 5 minutes,
+and a client pinging more often than every 10 s without data is sent away.
+
 Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING, new Generate calls get
 UNAVAILABLE, in-flight streams get ``--grace`` seconds to finish, then they are
 cancelled (their KV blocks freed), the engine stops, the temp directory is removed and
@@ -32,6 +39,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from veil.attestation.channel.padding import MAX_REQUEST_BYTES
+from veil.enclave.admission import PeerRateLimiter, TokenBucket
 from veil.enclave.data_policy import log_event
 from veil.enclave.keys import EnclaveIdentity
 from veil.enclave.metrics import DEFAULT_PERIOD_S, MetricsPublisher, PrometheusEndpoint, start_prometheus
@@ -40,9 +48,9 @@ from veil.enclave.servicers import (
     InferenceServicer,
     MetricsServicer,
     ServerMetrics,
-    TokenBucket,
 )
 from veil.enclave.tee.provider import AttestationProvider
+from veil.enclave.transport import TRANSPORT_MAX_RECEIVE_BYTES, TransportGuard, TransportLimits
 from veil.proto.v1 import service_pb2_grpc
 
 if TYPE_CHECKING:
@@ -57,23 +65,61 @@ SERVICE_NAMES = (
     "veil.v1.InferenceService",
     "veil.v1.MetricsService",
 )
-# A sealed request is at most MAX_REQUEST_BYTES of plaintext plus HPKE overhead and framing.
+# A sealed request is at most MAX_REQUEST_BYTES of plaintext plus HPKE overhead and framing;
+# a larger one is refused by the transport guard with a fixed string.
 MAX_RECEIVE_BYTES = MAX_REQUEST_BYTES + 16 * 1024
+GENERATE_METHOD = "/veil.v1.InferenceService/Generate"
 MAX_SEND_BYTES = 4 * 1024 * 1024
 _SIM_GPUS = 1  # GPUs the simulated TEE reports (and its release manifest names)
 
 
 @dataclass(frozen=True, slots=True)
 class ServerOptions:
+    """Where to listen and what one peer, one connection and everyone together may use."""
+
     host: str = "127.0.0.1"
     port: int = 0
     grace_s: float = 10.0
-    evidence_rate: float = 50.0  # GetEvidence calls per second, sustained
+    evidence_rate: float = 50.0  # GetEvidence calls per second, sustained, all peers together
     evidence_burst: int = 100
     max_inflight: int = 256  # Generate streams admitted at once; more → RESOURCE_EXHAUSTED
     metrics_period_s: float = DEFAULT_PERIOD_S  # published metrics are a snapshot at most this old
     metrics_host: str = "127.0.0.1"  # Prometheus exposition (only where metrics_port is set)
     metrics_port: int | None = None
+    peer_evidence_rate: float = 10.0  # GetEvidence calls per second per peer
+    peer_evidence_burst: int = 20
+    peer_generate_rate: float = 20.0  # Generate calls per second per peer
+    peer_generate_burst: int = 64
+    max_peers: int = 4096  # peers whose buckets are remembered (least recently seen evicted)
+    max_calls_per_peer: int = 128  # calls one peer holds at once, any method
+    max_streams_per_connection: int = 64  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
+    request_timeout_s: float = 10.0  # a call's request message must arrive within this
+
+    @property
+    def max_calls(self) -> int:
+        """Calls in flight, all peers together (health checks excepted)."""
+        return self.max_inflight + 64
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The gRPC server's channel arguments (see the module docstring, "Under abuse")."""
+        return [
+            ("grpc.max_receive_message_length", TRANSPORT_MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.max_metadata_size", 16 * 1024),
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            # Ping the peer after 60 s without traffic and drop it 20 s after an unanswered ping:
+            # a vanished client (half-open TCP) does not hold its calls for ever.
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # A client may ping at most every 10 s without data; two strikes and GOAWAY.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 2),
+            # A connection with no call for 5 minutes is closed.
+            ("grpc.max_connection_idle_ms", 300_000),
+        ]
 
 
 class EnclaveServer:
@@ -97,24 +143,38 @@ class EnclaveServer:
         self.prometheus: PrometheusEndpoint | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self._inference = InferenceServicer(identity, engine, self.metrics, max_inflight=options.max_inflight)
+        self.guard = TransportGuard(
+            TransportLimits(
+                max_calls_per_peer=options.max_calls_per_peer,
+                max_calls=options.max_calls,
+                request_timeout_s=options.request_timeout_s,
+                max_request_bytes={GENERATE_METHOD: MAX_RECEIVE_BYTES},
+            )
+        )
+        self._inference = InferenceServicer(
+            identity,
+            engine,
+            self.metrics,
+            max_inflight=options.max_inflight,
+            limiter=PeerRateLimiter(
+                options.peer_generate_rate, options.peer_generate_burst, max_peers=options.max_peers
+            ),
+        )
         self.port = 0
 
     async def start(self) -> int:
         """Bind and start serving; returns the port (useful with port 0)."""
         o = self.options
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-                ("grpc.max_send_message_length", MAX_SEND_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
-            maximum_concurrent_rpcs=o.max_inflight + 64,
+        # No maximum_concurrent_rpcs: the guard caps calls per peer and in total, health excepted.
+        server = grpc.aio.server(options=o.grpc_options(), interceptors=[self.guard])
+        evidence_limiter = PeerRateLimiter(
+            o.peer_evidence_rate,
+            o.peer_evidence_burst,
+            max_peers=o.max_peers,
+            shared=TokenBucket(o.evidence_rate, o.evidence_burst),
         )
         service_pb2_grpc.add_AttestationServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            AttestationServicer(
-                self.identity, self.provider, TokenBucket(o.evidence_rate, o.evidence_burst), self.metrics
-            ),
+            AttestationServicer(self.identity, self.provider, evidence_limiter, self.metrics),
             server,
         )
         service_pb2_grpc.add_InferenceServiceServicer_to_server(self._inference, server)  # type: ignore[no-untyped-call]
@@ -262,6 +322,13 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
             metrics_period_s=args.metrics_period,
             metrics_host=args.metrics_host,
             metrics_port=args.metrics_port,
+            peer_evidence_rate=args.peer_evidence_rate,
+            peer_evidence_burst=max(1, int(args.peer_evidence_rate * 2)),
+            peer_generate_rate=args.peer_generate_rate,
+            peer_generate_burst=args.peer_generate_burst,
+            max_calls_per_peer=args.max_calls_per_peer,
+            max_streams_per_connection=args.max_streams_per_connection,
+            request_timeout_s=args.request_timeout,
         )
         server = EnclaveServer(engine, identity, provider, options)
         port = await server.start()

@@ -5,14 +5,19 @@ never an exception's text, so nothing derived from a plaintext reaches the host:
 
 ================================  ==============================================
 GetEvidence nonce not 32 bytes    INVALID_ARGUMENT
-GetEvidence over the rate limit   RESOURCE_EXHAUSTED
+GetEvidence over the rate limit   RESOURCE_EXHAUSTED + ``retry-after-ms`` (per peer, then shared)
 provider failure                  INTERNAL ("evidence unavailable")
+Generate over the peer's rate     RESOURCE_EXHAUSTED + ``retry-after-ms``
 Generate for another key          FAILED_PRECONDITION (:data:`STALE_KEY_MESSAGE`)
 Generate that does not open       INVALID_ARGUMENT (:data:`UNDECRYPTABLE_MESSAGE`)
-over capacity / engine queue full RESOURCE_EXHAUSTED
+over capacity / engine queue full RESOURCE_EXHAUSTED + ``retry-after-ms``
 draining or engine stopped        UNAVAILABLE
 deadline passed                   DEADLINE_EXCEEDED (grpc's own)
 ================================  ==============================================
+
+Before a servicer runs, :mod:`veil.enclave.transport` refuses, each with a fixed string too:
+malformed and oversized requests, a request not sent in time, too many calls from one peer or
+in total, unknown methods.
 
 Everything that depends on the plaintext (bad sampling parameters, prompt too long,
 an engine error mid-stream) travels as an encrypted ``ResponseChunk`` with ``error`` and
@@ -30,7 +35,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -40,6 +45,7 @@ from veil.attestation.binding import EVIDENCE_FORMAT_VERSION, NONCE_SIZE
 from veil.attestation.channel.hpke import open_request
 from veil.attestation.channel.stream import StreamEncryptor
 from veil.attestation.errors import StaleKeyError, VeilAttestationError
+from veil.enclave.admission import PeerRateLimiter, TokenBucket, peer_key
 from veil.enclave.data_policy import log_event
 from veil.enclave.engine.detokenizer import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
 from veil.enclave.engine.sampling import SamplingParams
@@ -52,12 +58,17 @@ from veil.enclave.errors import (
 from veil.enclave.keys import EnclaveIdentity
 from veil.enclave.metrics import MetricsPublisher
 from veil.enclave.tee.provider import AttestationProvider
+from veil.enclave.transport import SERVER_BUSY_MESSAGE, refuse
 from veil.proto.v1 import evidence_pb2, generate_pb2, service_pb2, service_pb2_grpc
 
 if TYPE_CHECKING:
     from veil.enclave.engine.async_engine import AsyncEngine, Delta, EngineRequest
 
 __all__ = [
+    "EVIDENCE_RATE_LIMITED_MESSAGE",
+    "GENERATE_RATE_LIMITED_MESSAGE",
+    "QUEUE_FULL_MESSAGE",
+    "SERVER_BUSY_MESSAGE",
     "STALE_KEY_MESSAGE",
     "UNDECRYPTABLE_MESSAGE",
     "AttestationServicer",
@@ -71,34 +82,16 @@ log = logging.getLogger("veil.enclave.server")
 
 STALE_KEY_MESSAGE = "stale key: the request is sealed to a key this enclave does not hold; re-attest"
 UNDECRYPTABLE_MESSAGE = "request could not be decrypted"
+EVIDENCE_RATE_LIMITED_MESSAGE = "evidence rate limit reached; retry later"
+GENERATE_RATE_LIMITED_MESSAGE = "request rate limit reached; retry later"
+QUEUE_FULL_MESSAGE = "engine queue full; retry later"
+BUSY_RETRY_S = 1.0  # the hint sent with "at capacity" and "queue full"
 _FINISH = {
     FINISH_STOP: generate_pb2.FINISH_REASON_STOP,
     FINISH_LENGTH: generate_pb2.FINISH_REASON_LENGTH,
     FINISH_CANCELLED: generate_pb2.FINISH_REASON_CANCELLED,
     FINISH_ERROR: generate_pb2.FINISH_REASON_ERROR,
 }
-
-
-class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; ``clock`` is injected for tests."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be > 0 and burst >= 1")  # configuration bug, not input
-        self._rate = rate
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._clock = clock
-        self._last = clock()
-
-    def try_acquire(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
 
 
 @dataclass(slots=True)
@@ -128,13 +121,13 @@ async def _abort(
 
 
 class AttestationServicer(service_pb2_grpc.AttestationServiceServicer):
-    """``GetEvidence``: a fresh report for every 32-byte nonce, rate-limited."""
+    """``GetEvidence``: a fresh report for every 32-byte nonce, rate-limited per peer."""
 
     def __init__(
         self,
         identity: EnclaveIdentity,
         provider: AttestationProvider,
-        limiter: TokenBucket,
+        limiter: PeerRateLimiter,
         metrics: ServerMetrics,
     ) -> None:
         self._identity = identity
@@ -149,10 +142,14 @@ class AttestationServicer(service_pb2_grpc.AttestationServiceServicer):
             await _abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, f"nonce must be exactly {NONCE_SIZE} bytes"
             )
-        if not self._limiter.try_acquire():
+        wait_s = self._limiter.acquire(peer_key(context.peer()))
+        if wait_s:
             self._metrics.evidence_rate_limited += 1
-            await _abort(
-                context, grpc.StatusCode.RESOURCE_EXHAUSTED, "evidence rate limit reached; retry later"
+            await refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                EVIDENCE_RATE_LIMITED_MESSAGE,
+                retry_after_s=wait_s,
             )
         ident = self._identity
         try:
@@ -225,19 +222,36 @@ class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
         metrics: ServerMetrics,
         *,
         max_inflight: int,
+        limiter: PeerRateLimiter | None = None,
     ) -> None:
         self._identity = identity
         self._engine = engine
         self._metrics = metrics
         self._max_inflight = max_inflight
+        self._limiter = limiter
         self.draining = False
 
     def _reject(self) -> None:
         self._metrics.requests_rejected += 1
 
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """The peer's rate limit, checked before any work (no HPKE open for a flooding peer)."""
+        if self._limiter is None:
+            return
+        wait_s = self._limiter.acquire(peer_key(context.peer()))
+        if wait_s:
+            self._reject()
+            await refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                GENERATE_RATE_LIMITED_MESSAGE,
+                retry_after_s=wait_s,
+            )
+
     async def Generate(
         self, request: service_pb2.EncryptedRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[service_pb2.EncryptedChunk]:
+        await self._admit(context)
         if self.draining:
             self._reject()
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "server is draining")
@@ -251,7 +265,9 @@ class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, UNDECRYPTABLE_MESSAGE)
         if self._metrics.requests_active >= self._max_inflight:
             self._reject()
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "server at capacity; retry later")
+            await refuse(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, SERVER_BUSY_MESSAGE, retry_after_s=BUSY_RETRY_S
+            )
 
         rid = secrets.token_hex(8)
         enc = StreamEncryptor(plain.response_key, plain.request_id)
@@ -275,7 +291,12 @@ class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
             except EngineOverloadedError:
                 status = "overloaded"
                 self._reject()
-                await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "engine queue full; retry later")
+                await refuse(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    QUEUE_FULL_MESSAGE,
+                    retry_after_s=BUSY_RETRY_S,
+                )
             except EngineStoppedError:
                 status = "stopped"
                 self._reject()

@@ -5,8 +5,13 @@ task loops: it applies the requests and cancellations that arrived since the las
 the event loop's thread), then runs ``LLMEngine.step`` on the runner's device thread
 (``Runner.submit``), so the event loop never waits on the model, and hands each delta to its
 request's queue. Engine state is touched by one thread at a time: the loop thread between
-steps, the device thread during a step. Encoding (on the loop thread) and decoding (on the
-device thread) use separate tokenizer copies.
+steps, the device thread during a step.
+
+A prompt is checked, chat-templated and tokenized (:meth:`LLMEngine.encode`, which refuses a
+prompt over ``max_prompt_bytes`` before tokenizing) on one tokenizer thread, never on the event
+loop: a large prompt delays other prompts' tokenizing, never the streams being served.
+Encoding (on the tokenizer thread) and decoding (on the device thread) use separate
+tokenizer copies. A request being encoded counts as waiting (``max_waiting``, ``stats``).
 
 Logs carry metadata only (request ids, counts, exception types): never prompt or completion
 text.
@@ -21,6 +26,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +68,13 @@ class _DeltaStream:
         request_id: str,
         queue: asyncio.Queue[Delta] | None,
         error: BaseException | None,
+        encoding: asyncio.Future[None] | None = None,
     ) -> None:
         self._engine = engine
         self._request_id = request_id
         self._queue = queue
         self._error = error
+        self._encoding = encoding
         self._done = queue is None
 
     def __aiter__(self) -> _DeltaStream:
@@ -79,6 +87,13 @@ class _DeltaStream:
         if self._done or self._queue is None:
             raise StopAsyncIteration
         try:
+            if self._encoding is not None:
+                encoding, self._encoding = self._encoding, None
+                try:
+                    await asyncio.shield(encoding)
+                except (InvalidRequestError, EngineOverloadedError, EngineStoppedError):
+                    self._done = True  # the request never reached the engine
+                    raise
             delta = await self._queue.get()
         except BaseException:  # the consumer was cancelled: so is the request
             self._close()
@@ -112,17 +127,20 @@ class AsyncEngine:
         max_waiting: int = 256,
         max_num_batched_tokens: int = 512,
         rng: random.Random | None = None,
+        max_prompt_bytes: int | None = None,
     ) -> None:
         if max_waiting < 1:
             raise InvalidRequestError("max_waiting must be positive")
-        # The device thread decodes while the loop thread encodes: each gets its own tokenizer.
+        # The device thread decodes while the tokenizer thread encodes: each has its own tokenizer.
         self._engine = LLMEngine(
             runner,
             max_batch=max_batch,
             max_num_batched_tokens=max_num_batched_tokens,
             rng=rng,
             decode_tokenizer=_private_copy(runner.tokenizer),
+            max_prompt_bytes=max_prompt_bytes,
         )
+        self.max_prompt_bytes: int = self._engine.max_prompt_bytes
         self.max_waiting = max_waiting
         self.model_digest: bytes = runner.model_digest
         self.engine_version: str = ENGINE_VERSION
@@ -130,6 +148,9 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue[Delta]] = {}
         self._pending_adds: deque[tuple[str, list[int], SamplingParams]] = deque()
         self._pending_cancels: deque[str] = deque()
+        self._encoding: set[str] = set()  # requests on the tokenizer thread
+        self._cancelled_encoding: set[str] = set()  # ... and cancelled meanwhile
+        self._encoder: ThreadPoolExecutor | None = None
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -167,6 +188,8 @@ class AsyncEngine:
             return
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        # one thread: the encode tokenizer copy is never used by two threads at once
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-tokenizer")
         self._draining = self._closing = False
         self._task = asyncio.create_task(self._run(), name="veil-engine-loop")
 
@@ -186,6 +209,9 @@ class AsyncEngine:
             await self._task
         self._task = None
         self._fail_streams()  # only if the loop died with streams open
+        if self._encoder is not None:
+            self._encoder.shutdown(wait=False, cancel_futures=True)
+            self._encoder = None
 
     # ------------------------------------------------------------------ requests
 
@@ -199,27 +225,62 @@ class AsyncEngine:
         Like an async generator function, this never raises: a bad request
         (InvalidRequestError, PromptTooLongError), a full queue (EngineOverloadedError) or a
         stopped engine (EngineStoppedError) raise from the first ``__anext__``. The work starts
-        at once; closing the iterator, or cancelling the task awaiting it, cancels the request.
+        at once (tokenizing, on the tokenizer thread); closing the iterator, or cancelling the
+        task awaiting it, cancels the request.
         """
         rid = request.request_id
         try:
-            if self._task is None or self._draining or self._task.done():
-                raise EngineStoppedError("the engine is not running")
-            ids = self.validate(request)
-            if rid in self._queues:
-                raise InvalidRequestError("duplicate request_id")
-            if self._engine.scheduler.num_waiting + len(self._pending_adds) >= self.max_waiting:
-                raise EngineOverloadedError("the engine queue is full")
+            self._admit(rid)
         except (InvalidRequestError, EngineOverloadedError, EngineStoppedError) as exc:
             return _DeltaStream(self, rid, None, exc)
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         self._queues[rid] = queue
+        self._encoding.add(rid)
+        encoding = asyncio.ensure_future(self._encode_and_queue(request))
+        encoding.add_done_callback(_retrieve)  # the stream may be dropped before it looks
+        return _DeltaStream(self, rid, queue, None, encoding)
+
+    def _admit(self, rid: str) -> None:
+        if self._task is None or self._draining or self._task.done() or self._encoder is None:
+            raise EngineStoppedError("the engine is not running")
+        if rid in self._queues:
+            raise InvalidRequestError("duplicate request_id")
+        if self.stats().waiting >= self.max_waiting:
+            raise EngineOverloadedError("the engine queue is full")
+
+    async def _encode_and_queue(self, request: EngineRequest) -> None:
+        """Tokenize on the tokenizer thread, then queue for the engine loop (on the loop thread)."""
+        rid = request.request_id
+        encoder = self._encoder
+        try:
+            if encoder is None:
+                raise EngineStoppedError("the engine is not running")
+            try:
+                ids = await asyncio.get_running_loop().run_in_executor(encoder, self.validate, request)
+            except asyncio.CancelledError:
+                if self._encoder is encoder:
+                    raise
+                raise EngineStoppedError("the engine stopped") from None  # stop() dropped the job
+        except BaseException:
+            self._queues.pop(rid, None)
+            self._cancelled_encoding.discard(rid)
+            raise
+        finally:
+            self._encoding.discard(rid)
+        if rid not in self._queues:
+            self._cancelled_encoding.discard(rid)
+            return  # the engine stopped meanwhile: the stream already has its error
         self._pending_adds.append((rid, ids, request.params))
+        if rid in self._cancelled_encoding:
+            self._cancelled_encoding.discard(rid)
+            self._pending_cancels.append(rid)  # applied after the add: a clean "cancelled"
         self._wakeup()
-        return _DeltaStream(self, rid, queue, None)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a request; its KV blocks are freed and its stream ends with ``cancelled``."""
+        if request_id in self._encoding:
+            self._cancelled_encoding.add(request_id)
+            return
         if request_id in self._queues:
             self._pending_cancels.append(request_id)
             self._wakeup()
@@ -228,7 +289,7 @@ class AsyncEngine:
         s = self._engine.stats()
         return EngineStats(
             running=s.running,
-            waiting=s.waiting + len(self._pending_adds),
+            waiting=s.waiting + len(self._pending_adds) + len(self._encoding),
             free_kv_blocks=s.free_kv_blocks,
             total_kv_blocks=s.total_kv_blocks,
             preemptions=s.preemptions,
@@ -312,6 +373,11 @@ class AsyncEngine:
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(self.cancel, request_id)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _private_copy(tokenizer: Any) -> Any:

@@ -29,7 +29,12 @@ from veil.enclave.engine.sampler import Sampler
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from veil.enclave.engine.sequence import Sequence
-from veil.enclave.errors import EngineInternalError, InvalidRequestError, PromptTooLongError
+from veil.enclave.errors import (
+    EngineInternalError,
+    InvalidRequestError,
+    PromptTooLargeError,
+    PromptTooLongError,
+)
 from veil.enclave.runner.protocol import Runner, SeqStep
 from veil.proto.chat import ChatMessageError, check_chat
 
@@ -45,6 +50,10 @@ __all__ = [
 
 ENGINE_VERSION = f"veil-engine/{importlib.metadata.version('veil')}"
 MAX_REQUEST_ID_CHARS = 128
+# Default byte limit of a prompt (or of all chat roles and contents) per token of context: checked
+# before tokenizing, so no request makes the tokenizer or the chat template work on more text
+# than could ever fit. Real text averages 3 to 6 bytes per token.
+PROMPT_BYTES_PER_TOKEN = 32
 ERROR_TEXT = "internal error while generating"
 
 log = logging.getLogger(__name__)
@@ -107,15 +116,19 @@ class LLMEngine:
         max_num_batched_tokens: int = 512,
         rng: random.Random | None = None,
         decode_tokenizer: Any = None,
+        max_prompt_bytes: int | None = None,
     ) -> None:
         if max_batch < 1 or max_num_batched_tokens < 1:
             raise InvalidRequestError("max_batch and max_num_batched_tokens must be positive")
+        if max_prompt_bytes is not None and max_prompt_bytes < 1:
+            raise InvalidRequestError("max_prompt_bytes must be positive")
         self.runner = runner
         self.tokenizer = runner.tokenizer  # encodes prompts (encode)
         # decodes completions (step); a separate copy when encode and step run on two threads
         self.decode_tokenizer = decode_tokenizer if decode_tokenizer is not None else runner.tokenizer
         self.eos_token_ids = frozenset(runner.eos_token_ids)
         self.max_context = int(runner.max_context)
+        self.max_prompt_bytes = max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_context
         self.block_manager = BlockManager(runner.num_kv_blocks, runner.block_size)
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=max_batch, max_num_batched_tokens=max_num_batched_tokens
@@ -136,6 +149,7 @@ class LLMEngine:
             max_num_batched_tokens=max_tokens,
             rng=self._rng,
             decode_tokenizer=self.decode_tokenizer,
+            max_prompt_bytes=self.max_prompt_bytes,
         )
 
     # ------------------------------------------------------------------ requests
@@ -149,6 +163,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters")
         if (request.prompt is None) == (request.messages is None):
             raise InvalidRequestError("give exactly one of prompt and messages")
+        if _input_bytes(request) > self.max_prompt_bytes:  # before any tokenizing or templating
+            raise PromptTooLargeError(f"prompt larger than the {self.max_prompt_bytes}-byte limit")
         if request.prompt is not None:
             if not isinstance(request.prompt, str) or not request.prompt:
                 raise InvalidRequestError("prompt must be a non-empty string")
@@ -355,6 +371,18 @@ class LLMEngine:
         if not isinstance(text, str) or not text:
             raise InvalidRequestError("the chat template produced no text")
         return text
+
+
+def _input_bytes(request: EngineRequest) -> int:
+    """UTF-8 bytes of the prompt, or of every chat role and content (malformed parts count 0)."""
+    if isinstance(request.prompt, str):
+        texts: list[object] = [request.prompt]
+    elif isinstance(request.messages, list | tuple):
+        texts = [m.get(k) for m in request.messages if isinstance(m, Mapping) for k in ("role", "content")]
+    else:
+        texts = []
+    # surrogatepass: a lone surrogate is counted here and refused by the tokenizer, not here
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if isinstance(t, str))
 
 
 def _seq_step(item: ScheduledSeq) -> SeqStep:
