@@ -121,7 +121,9 @@ class _BaseClient:
         top_k: int | None,
         seed: int | None,
         stop: str | Sequence[str] | None,
+        stream: bool = False,
     ) -> tuple[list[generate_pb2.ChatMessage], GenerateParams]:
         return check_messages(messages), check_params(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop
-        )
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            stream=stream,
+        )  # fmt: skip

@@ -33,7 +33,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from veil.attestation.channel.padding import MAX_REQUEST_BYTES
 from veil.enclave.data_policy import log_event
+from veil.enclave.framing import DEFAULT_FRAME_INTERVAL_S
 from veil.enclave.keys import EnclaveIdentity
+from veil.enclave.replay import ReplayGuard
 from veil.enclave.servicers import (
     AttestationServicer,
     InferenceServicer,
@@ -70,6 +72,8 @@ class ServerOptions:
     evidence_rate: float = 50.0  # GetEvidence calls per second, sustained
     evidence_burst: int = 100
     max_inflight: int = 256  # Generate streams admitted at once; more → RESOURCE_EXHAUSTED
+    frame_interval_s: float = DEFAULT_FRAME_INTERVAL_S  # streamed answers: one frame per interval
+    log_exact_counts: bool = False  # the data policy's switch: exact token counts in the log line
 
 
 class EnclaveServer:
@@ -81,6 +85,8 @@ class EnclaveServer:
         identity: EnclaveIdentity,
         provider: AttestationProvider,
         options: ServerOptions = ServerOptions(),
+        *,
+        replay: ReplayGuard | None = None,
     ) -> None:
         self.engine = engine
         self.identity = identity
@@ -89,7 +95,16 @@ class EnclaveServer:
         self.metrics = ServerMetrics(simulated=provider.simulated)
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self._inference = InferenceServicer(identity, engine, self.metrics, max_inflight=options.max_inflight)
+        self.replay = replay if replay is not None else ReplayGuard()
+        self._inference = InferenceServicer(
+            identity,
+            engine,
+            self.metrics,
+            max_inflight=options.max_inflight,
+            replay=self.replay,
+            frame_interval_s=options.frame_interval_s,
+            log_exact_counts=options.log_exact_counts,
+        )
         self.port = 0
 
     async def start(self) -> int:
@@ -241,6 +256,9 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
             grace_s=args.grace,
             evidence_rate=args.evidence_rate,
             evidence_burst=max(1, int(args.evidence_rate * 2)),
+            frame_interval_s=args.frame_interval_ms / 1000.0,
+            # helper M's DataPolicy switch; a policy without it never allows exact counts
+            log_exact_counts=getattr(policy, "log_exact_counts", False) is True,
         )
         server = EnclaveServer(engine, identity, provider, options)
         port = await server.start()
