@@ -13,6 +13,7 @@ temp dir, the metrics and health responses, and every error status the client go
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -97,6 +98,7 @@ def _request(
             ]
         ),
         params=params,
+        issued_at_ms=int(time.time() * 1000),  # issue #12: outside the replay window it is refused
     )
 
 
