@@ -207,7 +207,8 @@ def test_async_clients_share_one_attestation(relay: Relay, policy: Policy) -> No
 
 
 def test_tampered_chunk_is_channel_error(relay: Relay, policy: Policy) -> None:
-    relay.rewriter = TamperChunk(index=2)
+    # issue #12: a non-streamed answer is the header and ONE frame; tamper with that frame
+    relay.rewriter = TamperChunk(index=1)
     with Client(relay.address, policy=policy) as client, pytest.raises(ChannelError, match="authentication"):
         _ask(client)
 

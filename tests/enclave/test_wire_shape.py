@@ -208,3 +208,17 @@ def test_stale_future_or_undated_requests_are_refused(enclave: Enclave, offset_s
     assert info.value.details() == REFUSED_MESSAGE
     assert enclave.steps == steps
     enclave.relay.clear()
+
+
+def test_the_request_log_line_has_no_exact_counts(enclave: Enclave, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="veil.enclave.server")
+    req = _request(5)
+    enclave.generate(req)
+    enclave.relay.clear()
+    done = [r for r in caplog.records if r.getMessage() == "request.done"]
+    assert done
+    fields = done[-1].veil_fields  # type: ignore[attr-defined]
+    assert not {"prompt_tokens", "completion_tokens", "ttft_ms"} & set(fields), fields
+    assert fields["completion_tokens_bucket"] == 256  # 5 tokens: only "at most 256"
+    assert fields["duration_ms"] % 100 == 0  # coarse
+    assert fields["status"] == "ok" and fields["streamed"] is False
