@@ -10,7 +10,12 @@ Two figures, measured on this machine in one run:
    median of the per-round ratios counts. Target: served ≥ 0.97 × in-process. CPU time per
    token (client + server processes vs the in-process engine) is printed too: on a shared,
    busy machine wall-clock rounds are noisy, CPU time much less so.
-2. **Attestation handshake**: ``GetEvidence`` (simulated SEV-SNP report + 1 GPU report,
+2. **Bandwidth of response framing** (issue #12): one streamed and one non-streamed round
+   through the recording relay; the bytes of ``Generate`` responses on the wire against the
+   text they carry, per stream-second, and against what one padded chunk per token (the rule
+   before framing) would have sent. Streamed answers leave as one 1 KiB frame per tick
+   (``--frame-interval-ms``, the server's default unless given), so the figure follows time.
+3. **Attestation handshake**: ``GetEvidence`` (simulated SEV-SNP report + 1 GPU report,
    fresh per nonce) plus full client verification (chains, signatures, binding, policy),
    as ``Client.attest()`` does it. Target: p50 ≤ 50 ms.
 
@@ -70,22 +75,63 @@ async def _in_process_round(engine: object, streams: int, max_tokens: int) -> tu
     return sum(counts), time.perf_counter() - t0
 
 
-async def _served_round(client: object, streams: int, max_tokens: int) -> tuple[int, float]:
+async def _served_round(
+    client: object, streams: int, max_tokens: int, text: list[str] | None = None, *, stream: bool = True
+) -> tuple[int, float]:
     from veil.client import AsyncClient
 
     assert isinstance(client, AsyncClient)
 
     async def one(i: int) -> int:
-        stream = await client.chat.completions.create(
+        if not stream:
+            reply = await client.chat.completions.create(
+                messages=_messages(i), max_tokens=max_tokens, temperature=0.0
+            )
+            if text is not None:
+                text.append(reply.choices[0].message.content or "")
+            return reply.usage.completion_tokens if reply.usage else 0
+        answer = await client.chat.completions.create(
             messages=_messages(i), max_tokens=max_tokens, temperature=0.0, stream=True
         )
-        async for _ in stream:
-            pass
-        return stream.usage.completion_tokens if stream.usage else 0
+        async for chunk in answer:
+            if text is not None:
+                text.append(chunk.choices[0].delta.content or "")
+        return answer.usage.completion_tokens if answer.usage else 0
 
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(one(i) for i in range(streams)))
     return sum(counts), time.perf_counter() - t0
+
+
+async def _bandwidth(address: str, root: Path, streams: int, max_tokens: int) -> list[str]:
+    """Framing overhead: bytes of Generate responses on the wire vs the text they carry."""
+    from veil.attestation.channel.padding import chunk_bucket
+    from veil.client import AsyncClient, Policy
+    from veil.demo.relay import Relay
+
+    host, port = address.rsplit(":", 1)
+    lines = []
+    for stream in (True, False):
+        relay = Relay((host, int(port))).start()
+        try:
+            client = AsyncClient(relay.address, policy=Policy.simulated(root), timeout=600)
+            await client.attest()
+            relay.clear()
+            text: list[str] = []
+            tokens, seconds = await _served_round(client, streams, max_tokens, text, stream=stream)
+            await client.close()
+            sizes = [len(m.data) + 5 for m in relay.messages if m.direction == "s2c" and "Generate" in m.path]
+        finally:
+            relay.close()
+        wire, plain = sum(sizes), len("".join(text).encode())
+        # before framing: the header, then one chunk per token (~4 bytes of text, padded to 128)
+        per_token = streams * (24 + 2 + 5) + tokens * (chunk_bucket(12) + 17 + 3 + 5)
+        lines.append(
+            f"framing {'streamed    ' if stream else 'non-streamed'} {len(sizes)} messages, {wire} B on the "
+            f"wire for {plain} B of text ({tokens} tok): {wire / max(plain, 1):.1f}x the text, "
+            f"{wire / seconds / streams / 1024:.1f} KiB/s per stream; one chunk per token: ~{per_token} B"
+        )
+    return lines
 
 
 def _cpu_seconds(pid: int | None = None) -> float:
@@ -129,7 +175,12 @@ async def main(args: argparse.Namespace) -> int:
     from veil.enclave.local_server import LocalServer
 
     logging.getLogger("veil.attestation.policy").setLevel(logging.ERROR)  # the simulated-root warning
-    print(f"bench/channel.py: {args.streams} concurrent streams x {args.max_tokens} tokens, greedy")
+    interval = f"{args.frame_interval_ms:g} ms" if args.frame_interval_ms else "the server default"
+    print(
+        f"bench/channel.py: {args.streams} concurrent streams x {args.max_tokens} tokens, greedy; "
+        f"streamed frames every {interval}"
+    )
+    cadence = ["--frame-interval-ms", str(args.frame_interval_ms)] if args.frame_interval_ms else []
     engine = AsyncEngine.from_model(max_batch=args.max_batch)
     await engine.start()
     with tempfile.TemporaryDirectory(prefix="veil-bench-") as tmp:
@@ -147,6 +198,7 @@ async def main(args: argparse.Namespace) -> int:
                 "10000",
                 "--peer-generate-burst",
                 "10000",
+                *cadence,
             ],
         )
         server.start()
@@ -177,6 +229,7 @@ async def main(args: argparse.Namespace) -> int:
                 )
             await client.close()
             await engine.stop(1.0)
+            bandwidth = await _bandwidth(server.address, server.root_pem, args.streams, args.max_tokens)
             totals, verify = await asyncio.to_thread(
                 _handshakes, server.address, server.root_pem, args.handshakes
             )
@@ -194,6 +247,8 @@ async def main(args: argparse.Namespace) -> int:
         f"CPU per token    in-process {cl:.2f} ms  encrypted gRPC {cs:.2f} ms (client + server)  "
         f"ratio {cl / cs:.3f}; client share {statistics.median(cpu_client):.2f} ms"
     )
+    for line in bandwidth:
+        print(line)
     print(
         f"handshake        p50 {statistics.median(totals):.1f} ms  p90 {q[-1]:.1f} ms  "
         f"(verification alone p50 {statistics.median(verify):.1f} ms; target p50 <= 50 ms)"
@@ -210,4 +265,5 @@ if __name__ == "__main__":
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--handshakes", type=int, default=50)
+    parser.add_argument("--frame-interval-ms", type=float, default=None, help="veil serve's cadence")
     sys.exit(asyncio.run(main(parser.parse_args())))

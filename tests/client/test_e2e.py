@@ -40,7 +40,7 @@ TOKENS = 8
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     base = tmp_path_factory.mktemp("e2e")
-    with LocalServer(base / "state", log_dir=base / "logs") as srv:
+    with LocalServer(base / "state", log_dir=base / "logs", extra_args=["--metrics-period", "1"]) as srv:
         yield srv
 
 
@@ -207,7 +207,8 @@ def test_async_clients_share_one_attestation(relay: Relay, policy: Policy) -> No
 
 
 def test_tampered_chunk_is_channel_error(relay: Relay, policy: Policy) -> None:
-    relay.rewriter = TamperChunk(index=2)
+    # issue #12: a non-streamed answer is the header and ONE frame; tamper with that frame
+    relay.rewriter = TamperChunk(index=1)
     with Client(relay.address, policy=policy) as client, pytest.raises(ChannelError, match="authentication"):
         _ask(client)
 
@@ -351,15 +352,19 @@ def test_closing_a_stream_cancels_it_and_frees_kv_blocks(
             if i == 2:
                 break
         stream.close()  # the client walks away mid-answer
-    deadline = time.monotonic() + 20
+    # Issue #12: the server no longer publishes KV occupancy or token totals (before and after one
+    # request they gave its length away), so this checks what the host may see: the call was
+    # cancelled and nothing is in flight. That the engine frees the blocks and stops decoding is
+    # asserted in-process (tests/enclave/test_engine.py::test_cancel_frees_blocks,
+    # ::test_closing_or_dropping_the_stream_cancels_the_request).
+    deadline = time.monotonic() + 30
     while True:
-        after = _metrics(server)
-        if after.requests_active == 0 and after.free_kv_blocks == after.total_kv_blocks:
+        after = _metrics(server)  # a snapshot at most --metrics-period (1 s here) old
+        if after.requests_active == 0 and after.requests_cancelled == before.requests_cancelled + 1:
             break
         assert time.monotonic() < deadline, after
-        time.sleep(0.1)
-    assert after.requests_cancelled == before.requests_cancelled + 1
-    assert after.completion_tokens_total - before.completion_tokens_total < 400
+        time.sleep(0.2)
+    assert after.requests_completed == before.requests_completed
 
 
 def test_server_restart_mid_session(server: LocalServer, relay: Relay, policy: Policy) -> None:

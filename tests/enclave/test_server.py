@@ -122,12 +122,18 @@ def channel(server: EnclaveServer) -> Iterator[grpc.Channel]:
         yield ch
 
 
-def _request(*, prompt: str = PROMPT, max_tokens: int = 3, **params: Any) -> generate_pb2.GenerateRequest:
+def _request(
+    *, prompt: str = PROMPT, max_tokens: int = 3, stream: bool = False, **params: Any
+) -> generate_pb2.GenerateRequest:
+    # Issue #12: a request carries the time it was sealed (the replay window) and says whether
+    # it streams (equal-size frames on the cadence) or not (one frame holding the whole answer).
     return generate_pb2.GenerateRequest(
         request_id=secrets.token_bytes(16),
         response_key=secrets.token_bytes(32),
         prompt=prompt,
         params=generate_pb2.SamplingParams(max_tokens=max_tokens, **params),
+        stream=stream,
+        issued_at_ms=int(time.time() * 1000),
     )
 
 
@@ -258,6 +264,7 @@ def test_generate_round_trip(harness: Harness, channel: grpc.Channel) -> None:
         response_key=secrets.token_bytes(32),
         chat=generate_pb2.ChatMessages(messages=[generate_pb2.ChatMessage(role="user", content=PROMPT)]),
         params=generate_pb2.SamplingParams(max_tokens=2, temperature=0.0),
+        issued_at_ms=int(time.time() * 1000),
     )
     chunks = _decrypt(chat, iter(stub.Generate(seal_request(chat, harness.identity.public_key), timeout=60)))
     assert chunks[-1].usage.completion_tokens <= 2
@@ -327,7 +334,7 @@ def test_overload_is_resource_exhausted(harness: Harness) -> None:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             stub = service_pb2_grpc.InferenceServiceStub(ch)
-            first_req = _request(max_tokens=256, **LONG)
+            first_req = _request(max_tokens=256, stream=True, **LONG)
             first = stub.Generate(seal_request(first_req, harness.identity.public_key), timeout=60)
             next(first)  # the header: the first request is admitted and running
             err = _status(lambda: list(stub.Generate(seal_request(_request(), harness.identity.public_key))))
@@ -344,12 +351,12 @@ def test_client_disconnect_cancels_and_frees_kv_blocks(harness: Harness, channel
     total = engine.stats().total_kv_blocks
     cancelled_before = harness_server_metrics(channel).requests_cancelled
     stub = service_pb2_grpc.InferenceServiceStub(channel)
-    req = _request(max_tokens=400, **LONG)
+    req = _request(max_tokens=400, stream=True, **LONG)
     call = stub.Generate(seal_request(req, harness.identity.public_key), timeout=60)
     messages = iter(call)
-    next(messages)  # header
-    next(messages)  # first token
-    assert engine.stats().free_kv_blocks < total  # the request holds blocks
+    next(messages)  # header (issue #12: with the first frame, on the first tick of the cadence)
+    next(messages)  # first frame
+    assert _wait_for(lambda: engine.stats().free_kv_blocks < total)  # the request holds blocks
     call.cancel()
     assert _wait_for(lambda: _idle(engine)), engine.stats()
     assert _wait_for(lambda: harness_server_metrics(channel).requests_cancelled == cancelled_before + 1)

@@ -109,6 +109,7 @@ def _request(
             ]
         ),
         params=params,
+        issued_at_ms=int(time.time() * 1000),  # issue #12: outside the replay window it is refused
     )
 
 

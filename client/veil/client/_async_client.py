@@ -163,7 +163,7 @@ class AsyncCompletions:
         """Send a chat completion request; the async twin of :meth:`Completions.create`."""
         chat, params = self._client._prepare(
             messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop,
+            stop=stop, stream=stream,
         )  # fmt: skip
         result = await self._client._start(chat, params, model)
         if stream:

@@ -174,7 +174,7 @@ class Completions:
         """
         chat, params = self._client._prepare(
             messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop,
+            stop=stop, stream=stream,
         )  # fmt: skip
         result = self._client._start(chat, params, model)
         if stream:

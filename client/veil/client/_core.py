@@ -98,6 +98,7 @@ class GenerateParams:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stream: bool = False  # sealed into the request: how the enclave frames the answer
 
     def to_proto(self) -> generate_pb2.SamplingParams:
         params = generate_pb2.SamplingParams(max_tokens=self.max_tokens, stop=list(self.stop))
@@ -120,6 +121,7 @@ def check_params(
     top_k: int | None,
     seed: int | None,
     stop: str | Sequence[str] | None,
+    stream: bool = False,
 ) -> GenerateParams:
     """Validate OpenAI-style arguments; raises :class:`ConfigurationError` before anything is sent."""
     if max_tokens is None:
@@ -159,6 +161,7 @@ def check_params(
         top_k=top_k,
         seed=seed,
         stop=stops,
+        stream=bool(stream),
     )
 
 
@@ -198,7 +201,9 @@ def check_messages(messages: Iterable[Mapping[str, Any] | Any]) -> list[generate
 class ResponseReader:
     """Decrypts the payloads of one ``Generate`` stream into chunks, enforcing FINAL.
 
-    Feed every payload in order; the first is the stream header. ``close()`` must
+    Feed every payload in order; the first is the stream header. A streamed answer comes
+    as equal-size frames on the enclave's cadence, many of them empty (they yield nothing);
+    a non-streamed one as a single FINAL frame holding the whole text. ``close()`` must
     be called when the transport ends: a stream without its FINAL chunk raises
     :class:`ChannelError`, never a short answer.
     """
@@ -222,7 +227,7 @@ class ResponseReader:
         return self._decryptor is not None and self._decryptor.finished
 
     def feed(self, payload: bytes) -> ChatCompletionChunk | None:
-        """Take the next payload; returns the decrypted chunk, or None for the header or padding."""
+        """Take the next payload; returns the decrypted chunk, or None for the header or an empty frame."""
         try:
             if self._decryptor is None:
                 self._decryptor = StreamDecryptor(self._key, self._request_id, payload)
@@ -378,14 +383,23 @@ class ClientCore:
         messages: Sequence[generate_pb2.ChatMessage],
         params: GenerateParams,
     ) -> tuple[service_pb2.EncryptedRequest, ResponseReader]:
-        """Seal one chat request to the attested key; returns it and the reader for its answer."""
+        """Seal one chat request to the attested key; returns it and the reader for its answer.
+
+        The sealed request says whether the answer is streamed (equal-size frames on the
+        enclave's cadence) or not (one frame), and carries the time it was sealed: the enclave
+        refuses it outside its replay window (±5 min of its clock) or if it was seen before.
+        Every attempt, retries included, is sealed afresh with a new request id.
+        """
         request_id = self._random(REQUEST_ID_SIZE)
         response_key = self._random(RESPONSE_KEY_SIZE)
+        issued_at_ms = int(self.clock().timestamp() * 1000)
         request = generate_pb2.GenerateRequest(
             request_id=request_id,
             chat=generate_pb2.ChatMessages(messages=list(messages)),
             params=params.to_proto(),
             response_key=response_key,
+            stream=params.stream,
+            issued_at_ms=max(issued_at_ms, 0),
         )
         try:
             sealed = seal_request(request, attestation.public_key)

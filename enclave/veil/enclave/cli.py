@@ -27,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache size in MiB")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")
     parser.add_argument(
+        "--frame-interval-ms",
+        type=_positive_ms,
+        default=75.0,
+        help="streamed answers leave as one equal-size frame per interval (default 75 ms); "
+        "shorter: less latency, more bandwidth; the wire shows elapsed time in intervals",
+    )
+    parser.add_argument(
         "--evidence-rate",
         type=float,
         default=50.0,
@@ -82,6 +89,13 @@ def _period(text: str) -> float:
     value = float(text)
     if not value >= 1.0:
         raise argparse.ArgumentTypeError("must be at least 1 second")
+    return value
+
+
+def _positive_ms(text: str) -> float:
+    value = float(text)
+    if not 1.0 <= value <= 10_000.0:
+        raise argparse.ArgumentTypeError("must be between 1 and 10000 ms")
     return value
 
 

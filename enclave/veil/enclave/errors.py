@@ -14,6 +14,9 @@
     │                                RESOURCE_EXHAUSTED)
     ├── EngineStoppedError           the engine is draining or stopped
     ├── EngineInternalError          an internal invariant of the engine broke (a bug, never bad input)
+    ├── ReplayRefusedError           a sealed request outside the replay window or already seen
+    │   │                            (the server maps it to INVALID_ARGUMENT, a fixed message)
+    │   └── ReplayCacheFullError     no room to remember another request id (RESOURCE_EXHAUSTED)
     ├── AttestationProviderError     a TEE attestation provider failed to produce evidence
     │   └── CollateralUnavailableError   no current vendor collateral to staple (fetch failed and
     │                                    the cached set expired, or it does not parse)
@@ -37,6 +40,8 @@ __all__ = [
     "ModelLoadError",
     "PromptTooLargeError",
     "PromptTooLongError",
+    "ReplayCacheFullError",
+    "ReplayRefusedError",
 ]
 
 
@@ -70,6 +75,14 @@ class EngineStoppedError(EnclaveError):
 
 class EngineInternalError(EnclaveError):
     """An internal invariant of the engine (scheduler, block manager) broke: a bug, never bad input."""
+
+
+class ReplayRefusedError(EnclaveError):
+    """A sealed request is outside the replay window or its request id was already seen."""
+
+
+class ReplayCacheFullError(ReplayRefusedError):
+    """The replay guard is full: the request is refused rather than an id forgotten."""
 
 
 class AttestationProviderError(EnclaveError):

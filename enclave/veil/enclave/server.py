@@ -41,8 +41,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from veil.attestation.channel.padding import MAX_REQUEST_BYTES
 from veil.enclave.admission import PeerRateLimiter, TokenBucket
 from veil.enclave.data_policy import log_event
+from veil.enclave.framing import DEFAULT_FRAME_INTERVAL_S
 from veil.enclave.keys import EnclaveIdentity
 from veil.enclave.metrics import DEFAULT_PERIOD_S, MetricsPublisher, PrometheusEndpoint, start_prometheus
+from veil.enclave.replay import ReplayGuard
 from veil.enclave.servicers import (
     AttestationServicer,
     InferenceServicer,
@@ -121,6 +123,9 @@ class ServerOptions:
             ("grpc.max_connection_idle_ms", 300_000),
         ]
 
+    frame_interval_s: float = DEFAULT_FRAME_INTERVAL_S  # streamed answers: one frame per interval
+    log_exact_counts: bool = False  # the data policy's switch: exact token counts in the log line
+
 
 class EnclaveServer:
     """The gRPC server around one engine, one identity and one attestation provider."""
@@ -131,6 +136,8 @@ class EnclaveServer:
         identity: EnclaveIdentity,
         provider: AttestationProvider,
         options: ServerOptions = ServerOptions(),
+        *,
+        replay: ReplayGuard | None = None,
     ) -> None:
         self.engine = engine
         self.identity = identity
@@ -151,6 +158,7 @@ class EnclaveServer:
                 max_request_bytes={GENERATE_METHOD: MAX_RECEIVE_BYTES},
             )
         )
+        self.replay = replay if replay is not None else ReplayGuard()
         self._inference = InferenceServicer(
             identity,
             engine,
@@ -159,6 +167,9 @@ class EnclaveServer:
             limiter=PeerRateLimiter(
                 options.peer_generate_rate, options.peer_generate_burst, max_peers=options.max_peers
             ),
+            replay=self.replay,
+            frame_interval_s=options.frame_interval_s,
+            log_exact_counts=options.log_exact_counts,
         )
         self.port = 0
 
@@ -329,6 +340,9 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
             max_calls_per_peer=args.max_calls_per_peer,
             max_streams_per_connection=args.max_streams_per_connection,
             request_timeout_s=args.request_timeout,
+            frame_interval_s=args.frame_interval_ms / 1000.0,
+            # helper M's DataPolicy switch; a policy without it never allows exact counts
+            log_exact_counts=getattr(policy, "log_exact_counts", False) is True,
         )
         server = EnclaveServer(engine, identity, provider, options)
         port = await server.start()

@@ -10,6 +10,8 @@ provider failure                  INTERNAL ("evidence unavailable")
 Generate over the peer's rate     RESOURCE_EXHAUSTED + ``retry-after-ms``
 Generate for another key          FAILED_PRECONDITION (:data:`STALE_KEY_MESSAGE`)
 Generate that does not open       INVALID_ARGUMENT (:data:`UNDECRYPTABLE_MESSAGE`)
+Generate replayed or out of time  INVALID_ARGUMENT (:data:`REFUSED_MESSAGE`), before any model work
+replay cache full                 RESOURCE_EXHAUSTED + ``retry-after-ms``
 over capacity / engine queue full RESOURCE_EXHAUSTED + ``retry-after-ms``
 draining or engine stopped        UNAVAILABLE
 deadline passed                   DEADLINE_EXCEEDED (grpc's own)
@@ -21,12 +23,15 @@ in total, unknown methods.
 
 Everything that depends on the plaintext (bad sampling parameters, prompt too long,
 an engine error mid-stream) travels as an encrypted ``ResponseChunk`` with ``error`` and
-``finish_reason = ERROR``, tagged FINAL. The response stream is: the secretstream header,
-then one encrypted chunk per engine delta, the last one FINAL with usage.
+``finish_reason = ERROR``, tagged FINAL. The response is framed so that the wire shows
+elapsed time, not tokens (:mod:`veil.enclave.framing`): the secretstream header, then
+equal-size frames on the cadence (streamed) or one bucketed frame (not streamed), the last
+one FINAL with usage. The per-request log line carries bucketed counts and a duration
+rounded to 100 ms; exact counts and TTFT only when the data policy allows them.
 
 Cancellation: a client disconnect, a passed deadline or the end of the drain grace
-period cancels the handler task; its ``finally`` closes the engine stream and calls
-``engine.cancel`` so the request's KV blocks are freed at once.
+period cancels the handler task; its ``finally`` closes the framed response, which stops the engine
+stream and calls ``engine.cancel`` so the request's KV blocks are freed at once.
 """
 
 from __future__ import annotations
@@ -47,27 +52,30 @@ from veil.attestation.channel.stream import StreamEncryptor
 from veil.attestation.errors import StaleKeyError, VeilAttestationError
 from veil.enclave.admission import PeerRateLimiter, TokenBucket, peer_key
 from veil.enclave.data_policy import log_event
-from veil.enclave.engine.detokenizer import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.errors import (
     EngineOverloadedError,
     EngineStoppedError,
     InvalidRequestError,
-    PromptTooLongError,
+    ReplayCacheFullError,
+    ReplayRefusedError,
 )
+from veil.enclave.framing import DEFAULT_FRAME_INTERVAL_S, FramedResponse
 from veil.enclave.keys import EnclaveIdentity
 from veil.enclave.metrics import MetricsPublisher
+from veil.enclave.replay import ReplayGuard
 from veil.enclave.tee.provider import AttestationProvider
 from veil.enclave.transport import SERVER_BUSY_MESSAGE, refuse
 from veil.proto.v1 import evidence_pb2, generate_pb2, service_pb2, service_pb2_grpc
 
 if TYPE_CHECKING:
-    from veil.enclave.engine.async_engine import AsyncEngine, Delta, EngineRequest
+    from veil.enclave.engine.async_engine import AsyncEngine, EngineRequest
 
 __all__ = [
     "EVIDENCE_RATE_LIMITED_MESSAGE",
     "GENERATE_RATE_LIMITED_MESSAGE",
     "QUEUE_FULL_MESSAGE",
+    "REFUSED_MESSAGE",
     "SERVER_BUSY_MESSAGE",
     "STALE_KEY_MESSAGE",
     "UNDECRYPTABLE_MESSAGE",
@@ -86,12 +94,9 @@ EVIDENCE_RATE_LIMITED_MESSAGE = "evidence rate limit reached; retry later"
 GENERATE_RATE_LIMITED_MESSAGE = "request rate limit reached; retry later"
 QUEUE_FULL_MESSAGE = "engine queue full; retry later"
 BUSY_RETRY_S = 1.0  # the hint sent with "at capacity" and "queue full"
-_FINISH = {
-    FINISH_STOP: generate_pb2.FINISH_REASON_STOP,
-    FINISH_LENGTH: generate_pb2.FINISH_REASON_LENGTH,
-    FINISH_CANCELLED: generate_pb2.FINISH_REASON_CANCELLED,
-    FINISH_ERROR: generate_pb2.FINISH_REASON_ERROR,
-}
+# One message for a replay, a stale capture and a client clock outside the window: the host
+# learns nothing it did not know (it sent the request), the client a hint to check its clock.
+REFUSED_MESSAGE = "request refused: replayed, or its time is outside the server's window"
 
 
 @dataclass(slots=True)
@@ -197,23 +202,17 @@ def _engine_request(rid: str, req: generate_pb2.GenerateRequest) -> EngineReques
     raise InvalidRequestError("request has neither a prompt nor chat messages")
 
 
-def _error_chunk(exc: Exception | None) -> generate_pb2.ResponseChunk:
-    if isinstance(exc, PromptTooLongError):
-        code = generate_pb2.ChunkError.CODE_PROMPT_TOO_LONG
-    elif isinstance(exc, InvalidRequestError):
-        code = generate_pb2.ChunkError.CODE_INVALID_REQUEST
-    else:
-        code = generate_pb2.ChunkError.CODE_INTERNAL
-    # Enclave error messages name fields, never prompt text; this one is encrypted anyway.
-    message = str(exc) if isinstance(exc, InvalidRequestError) else "internal error"
-    return generate_pb2.ResponseChunk(
-        finish_reason=generate_pb2.FINISH_REASON_ERROR,
-        error=generate_pb2.ChunkError(code=code, message=message),
-    )
+def _bucket(n: int) -> int:
+    """A count as its bucket for the log: 0, or the next power of two, at least 256."""
+    return 0 if n <= 0 else max(256, 1 << (n - 1).bit_length())
 
 
 class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
-    """``Generate``: HPKE-open inside the enclave, run on the engine, stream encrypted chunks."""
+    """``Generate``: HPKE-open inside the enclave, refuse replays, run on the engine, send frames.
+
+    The frames follow the response framing rule (:mod:`veil.enclave.framing`): equal-size
+    frames every ``frame_interval_s`` for a streamed request, one bucketed frame otherwise.
+    """
 
     def __init__(
         self,
@@ -223,12 +222,18 @@ class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
         *,
         max_inflight: int,
         limiter: PeerRateLimiter | None = None,
+        replay: ReplayGuard | None = None,
+        frame_interval_s: float = DEFAULT_FRAME_INTERVAL_S,
+        log_exact_counts: bool = False,
     ) -> None:
         self._identity = identity
         self._engine = engine
         self._metrics = metrics
         self._max_inflight = max_inflight
         self._limiter = limiter
+        self._replay = replay if replay is not None else ReplayGuard()
+        self._frame_interval_s = frame_interval_s
+        self._log_exact_counts = log_exact_counts
         self.draining = False
 
     def _reject(self) -> None:
@@ -263,6 +268,16 @@ class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
         except VeilAttestationError:
             self._reject()
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, UNDECRYPTABLE_MESSAGE)
+        try:  # before any model work: a replayed or stale capture runs nothing
+            self._replay.admit(plain.request_id, plain.issued_at_ms)
+        except ReplayCacheFullError:
+            self._reject()
+            await refuse(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, SERVER_BUSY_MESSAGE, retry_after_s=BUSY_RETRY_S
+            )
+        except ReplayRefusedError:
+            self._reject()
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, REFUSED_MESSAGE)
         if self._metrics.requests_active >= self._max_inflight:
             self._reject()
             await refuse(
@@ -270,104 +285,69 @@ class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
             )
 
         rid = secrets.token_hex(8)
-        enc = StreamEncryptor(plain.response_key, plain.request_id)
+        response = FramedResponse(
+            self._engine,
+            rid,
+            lambda: _engine_request(rid, plain),
+            StreamEncryptor(plain.response_key, plain.request_id),
+            streamed=plain.stream,
+            interval_s=self._frame_interval_s,
+        )
         self._metrics.requests_started += 1
         self._metrics.requests_active += 1
-        started = time.monotonic()
-        stream: AsyncIterator[Delta] | None = None
-        header_sent = finished = False
-        status, finish, usage, ttft_ms = "cancelled", "", (0, 0), -1.0
         try:
-            try:
-                # Builds and checks the sampling parameters; the engine tokenizes and checks the
-                # prompt when the stream starts, and raises from the first delta.
-                stream = self._engine.generate(_engine_request(rid, plain))
-                delta: Delta | None = await anext(stream)
-            except InvalidRequestError as exc:
-                status, finished = "invalid_request", True
-                yield service_pb2.EncryptedChunk(payload=enc.header)
-                yield service_pb2.EncryptedChunk(payload=enc.encrypt(_error_chunk(exc), final=True))
-                return
-            except EngineOverloadedError:
-                status = "overloaded"
-                self._reject()
-                await refuse(
-                    context,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    QUEUE_FULL_MESSAGE,
-                    retry_after_s=BUSY_RETRY_S,
-                )
-            except EngineStoppedError:
-                status = "stopped"
-                self._reject()
-                await _abort(context, grpc.StatusCode.UNAVAILABLE, "server is draining")
-            ttft_ms = round((time.monotonic() - started) * 1000, 1)
-            header_sent = True
-            yield service_pb2.EncryptedChunk(payload=enc.header)
-            while delta is not None:
-                if delta.error is not None:
-                    status, finished = "engine_error", True
-                    yield service_pb2.EncryptedChunk(payload=enc.encrypt(_error_chunk(None), final=True))
-                    return
-                if delta.finish_reason is not None:
-                    finish, usage = delta.finish_reason, (delta.prompt_tokens, delta.completion_tokens)
-                    chunk = generate_pb2.ResponseChunk(
-                        text_delta=delta.text,
-                        finish_reason=_FINISH.get(delta.finish_reason, generate_pb2.FINISH_REASON_STOP),
-                        usage=generate_pb2.Usage(prompt_tokens=usage[0], completion_tokens=usage[1]),
-                    )
-                    status, finished = "ok", True
-                    yield service_pb2.EncryptedChunk(payload=enc.encrypt(chunk, final=True))
-                    return
-                if delta.text:
-                    chunk = generate_pb2.ResponseChunk(text_delta=delta.text)
-                    yield service_pb2.EncryptedChunk(payload=enc.encrypt(chunk))
-                delta = await anext(stream, None)
-            raise EngineStoppedError("engine stream ended without a final delta")
-        except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError) or finished:
+            async for payload in response.frames():
+                yield service_pb2.EncryptedChunk(payload=payload)
+        except EngineOverloadedError:
+            self._reject()
+            await refuse(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, QUEUE_FULL_MESSAGE, retry_after_s=BUSY_RETRY_S
+            )
+        except EngineStoppedError:
+            self._reject()
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "server is draining")
+        except Exception as exc:  # a bug in the framing itself: a fixed status, never its text
+            if isinstance(exc, grpc.aio.AbortError):
                 raise
-            # A bug or an engine failure: report it generically, inside the stream.
             log_event(
                 log, "request.internal_error", logging.ERROR, request=rid, error_type=type(exc).__name__
             )
-            status, finished = "internal_error", True
-            if not header_sent:
-                yield service_pb2.EncryptedChunk(payload=enc.header)
-            yield service_pb2.EncryptedChunk(payload=enc.encrypt(_error_chunk(None), final=True))
+            response.status = "internal_error"
+            await _abort(context, grpc.StatusCode.INTERNAL, "internal error")
         finally:
+            await response.close()
             self._metrics.requests_active -= 1
-            if finished:
+            if response.finished:
                 self._metrics.requests_completed += 1
-            elif status == "cancelled":
+            elif response.status in ("ok", "cancelled"):
+                response.status = "cancelled"
                 self._metrics.requests_cancelled += 1
-            self._metrics.prompt_tokens_total += usage[0]
-            self._metrics.completion_tokens_total += usage[1]
-            if status != "ok":
-                await self._cancel(rid, stream)
-            log_event(
-                log,
-                "request.done",
-                request=rid,
-                status=status,
-                finish_reason=finish or None,
-                prompt_tokens=usage[0],
-                completion_tokens=usage[1],
-                ttft_ms=ttft_ms,
-                duration_ms=round((time.monotonic() - started) * 1000, 1),
-            )
+            self._metrics.prompt_tokens_total += response.usage[0]
+            self._metrics.completion_tokens_total += response.usage[1]
+            self._log_done(rid, response, plain.stream)
 
-    async def _cancel(self, rid: str, stream: AsyncIterator[Delta] | None) -> None:
-        """Stop the engine work for ``rid`` and free its KV blocks (idempotent)."""
-        try:
-            self._engine.cancel(rid)
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        except Exception as exc:  # never let cleanup mask the original outcome
-            log_event(
-                log, "request.cancel_failed", logging.WARNING, request=rid, error_type=type(exc).__name__
+    def _log_done(self, rid: str, response: FramedResponse, streamed: bool) -> None:
+        """The per-request log line: bucketed sizes and coarse timings unless the policy allows exact."""
+        prompt, completion = response.usage
+        elapsed_ms = response.elapsed_s() * 1000
+        fields: dict[str, object] = {
+            "request": rid,
+            "status": response.status,
+            "finish_reason": response.finish_reason,
+            "streamed": streamed,
+            "prompt_tokens_bucket": _bucket(prompt),
+            "completion_tokens_bucket": _bucket(completion),
+            "duration_ms": int(-(-elapsed_ms // 100) * 100),  # rounded up to 100 ms
+        }
+        if self._log_exact_counts:  # only where the attested data policy says so
+            ttft = response.ttft_s
+            fields.update(
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                ttft_ms=-1.0 if ttft is None else round(ttft * 1000, 1),
+                duration_ms=round(elapsed_ms, 1),
             )
+        log_event(log, "request.done", logging.INFO, **fields)
 
 
 class MetricsServicer(service_pb2_grpc.MetricsServiceServicer):

@@ -7,9 +7,15 @@ carries the FINAL tag. Secretstream's internal counter makes reordering,
 replay and tampering fail authentication; this module adds the two rules the
 library leaves to its caller: nothing may follow FINAL, and a stream that ends
 without FINAL is an error (:class:`TruncatedStreamError`), never a short answer.
+
+How many chunks the enclave sends, how large and when, is the response framing rule in
+:mod:`veil.attestation.channel.padding` (:meth:`StreamEncryptor.encrypt_frame`): equal-size
+frames on a cadence, or one bucketed frame, so the wire does not show the token count.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from nacl import bindings as sodium
 from nacl import exceptions as sodium_errors
@@ -69,6 +75,14 @@ class StreamEncryptor:
         padded = generate_pb2.ResponseChunk()
         padded.CopyFrom(chunk)
         return self.push_bytes(pad_to_bucket(padded, chunk_bucket), final=final)
+
+    def encrypt_frame(
+        self, chunk: generate_pb2.ResponseChunk, bucket: Callable[[int], int], *, final: bool = False
+    ) -> bytes:
+        """Pad ``chunk`` by ``bucket`` (``response_bucket`` or an ``exact_size`` rule) and encrypt it."""
+        padded = generate_pb2.ResponseChunk()
+        padded.CopyFrom(chunk)
+        return self.push_bytes(pad_to_bucket(padded, bucket), final=final)
 
 
 class StreamDecryptor:
