@@ -213,6 +213,7 @@ def _chat(harness: Harness, channel: grpc.Channel) -> list[generate_pb2.Response
         response_key=secrets.token_bytes(32),
         prompt="Name one colour.",
         params=generate_pb2.SamplingParams(max_tokens=2, temperature=0.0),
+        issued_at_ms=int(time.time() * 1000),  # inside the replay window
     )
     stub = service_pb2_grpc.InferenceServiceStub(channel)
     messages = iter(stub.Generate(seal_request(req, harness.identity.public_key), timeout=60))
@@ -404,6 +405,7 @@ def test_a_prompt_over_the_byte_limit_is_an_encrypted_error_without_tokenizing(h
             response_key=secrets.token_bytes(32),
             prompt=prompt,
             params=generate_pb2.SamplingParams(max_tokens=2),
+            issued_at_ms=int(time.time() * 1000),  # inside the replay window
         )
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             call = service_pb2_grpc.InferenceServiceStub(ch).Generate(
