@@ -8,14 +8,11 @@ is a different peer from the well-behaved gRPC client on 127.0.0.1.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import socket
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -25,13 +22,11 @@ import h2.connection
 import h2.events
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_harness import Harness
 
 from veil.attestation.channel.hpke import seal_request
 from veil.attestation.channel.stream import StreamDecryptor
-from veil.enclave.keys import build_digest, create_identity, measurement_from_build_digest
-from veil.enclave.server import EnclaveServer, ServerOptions
 from veil.enclave.servicers import EVIDENCE_RATE_LIMITED_MESSAGE, GENERATE_RATE_LIMITED_MESSAGE
-from veil.enclave.tee.simulated import SimulatedTeeProvider, load_or_create_simulation
 from veil.enclave.transport import (
     MALFORMED_REQUEST_MESSAGE,
     PEER_BUSY_MESSAGE,
@@ -50,59 +45,9 @@ HEALTH = "/grpc.health.v1.Health/Check"
 OK, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 0, 3, 4, 8
 
 
-class Harness:
-    """One engine on an event loop in a thread; servers started on it on demand."""
-
-    def __init__(self, model: Any, state_dir: Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="veil-abuse-loop", daemon=True)
-        self.thread.start()
-        self.authority = load_or_create_simulation(state_dir)
-        self.engine: Any = self.run(self._start_engine(model), timeout=180)
-        self.digest = build_digest()
-        digest = self.engine.model_digest
-        self.identity = create_identity(
-            model_digest=digest if isinstance(digest, bytes) else bytes.fromhex(digest),
-            engine_version=self.engine.engine_version,
-            data_policy_digest=b"\x00" * 32,
-            server_build_digest=self.digest,
-            simulated=True,
-        )
-
-    async def _start_engine(self, model: Any) -> Any:
-        from veil.enclave.engine.async_engine import AsyncEngine
-        from veil.enclave.engine.block_manager import blocks_for_budget
-        from veil.enclave.runner.cpu import CpuRunner
-
-        blocks = blocks_for_budget(32 * 2**20, model.config.kv_bytes_per_token, 16)
-        engine = AsyncEngine(CpuRunner(model, blocks, 16), max_batch=4)
-        await engine.start()
-        return engine
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def server(self, **options: Any) -> EnclaveServer:
-        provider = SimulatedTeeProvider(self.authority, measurement_from_build_digest(self.digest))
-        srv = EnclaveServer(
-            self.engine, self.identity, provider, ServerOptions(host="127.0.0.1", port=0, **options)
-        )
-        self.run(srv.start())
-        return srv
-
-    def stop(self, srv: EnclaveServer) -> None:
-        self.run(srv.drain(0.5), timeout=30)
-
-    def close(self) -> None:
-        self.run(self.engine.stop(1.0), timeout=60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def harness(loaded_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    h = Harness(loaded_model, tmp_path_factory.mktemp("state"))
+    h = Harness(loaded_model, tmp_path_factory.mktemp("state"), kv_cache_mb=32, max_batch=4)
     yield h
     h.close()
 
@@ -251,7 +196,7 @@ def _retry_after_ms(err: grpc.RpcError) -> int:
 
 
 def test_320_half_open_generate_streams_on_one_connection_lock_nobody_out(harness: Harness) -> None:
-    srv = harness.server(request_timeout_s=3.0)
+    srv = harness.start_server(request_timeout_s=3.0)
     abuser = RawH2(srv.port)
     try:
         for _ in range(320):  # headers only, never a request: sent before the server's SETTINGS is read
@@ -280,11 +225,11 @@ def test_320_half_open_generate_streams_on_one_connection_lock_nobody_out(harnes
         assert _wait_for(lambda: srv.guard.gate.total == 0)
     finally:
         abuser.close()
-        harness.stop(srv)
+        harness.stop_server(srv, grace=0.5)
 
 
 def test_one_peer_holds_at_most_its_share_of_calls(harness: Harness) -> None:
-    srv = harness.server(max_calls_per_peer=4, request_timeout_s=5.0)
+    srv = harness.start_server(max_calls_per_peer=4, request_timeout_s=5.0)
     abuser = RawH2(srv.port)
     try:
         sids = [abuser.open(GENERATE, None, end=False) for _ in range(6)]
@@ -299,14 +244,14 @@ def test_one_peer_holds_at_most_its_share_of_calls(harness: Harness) -> None:
             assert _healthy(ch)
     finally:
         abuser.close()
-        harness.stop(srv)
+        harness.stop_server(srv, grace=0.5)
 
 
 # --- per-peer rate limits --------------------------------------------------------------------------
 
 
 def test_one_peer_looping_get_evidence_does_not_stop_another_from_attesting(harness: Harness) -> None:
-    srv = harness.server(peer_evidence_rate=0.2, peer_evidence_burst=3)
+    srv = harness.start_server(peer_evidence_rate=0.2, peer_evidence_burst=3)
     abuser = RawH2(srv.port)
     try:
         answers = [abuser.call(EVIDENCE, _nonce_request()) for _ in range(12)]
@@ -331,11 +276,11 @@ def test_one_peer_looping_get_evidence_does_not_stop_another_from_attesting(harn
         assert srv.metrics.evidence_rate_limited == 9 + 1 + 1
     finally:
         abuser.close()
-        harness.stop(srv)
+        harness.stop_server(srv, grace=0.5)
 
 
 def test_one_peer_looping_generate_does_not_stop_another_from_chatting(harness: Harness) -> None:
-    srv = harness.server(peer_generate_rate=0.2, peer_generate_burst=2)
+    srv = harness.start_server(peer_generate_rate=0.2, peer_generate_burst=2)
     abuser = RawH2(srv.port)
     try:
         junk = service_pb2.EncryptedRequest(key_id=harness.identity.key_id, ciphertext=bytes(64))
@@ -348,14 +293,14 @@ def test_one_peer_looping_generate_does_not_stop_another_from_chatting(harness: 
             assert not _chat(harness, ch)[-1].HasField("error")
     finally:
         abuser.close()
-        harness.stop(srv)
+        harness.stop_server(srv, grace=0.5)
 
 
 # --- fixed strings for transport-level refusals ----------------------------------------------------
 
 
 def test_malformed_oversized_empty_and_unknown_calls_get_fixed_strings(harness: Harness) -> None:
-    srv = harness.server()
+    srv = harness.start_server()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             cases = [
@@ -392,11 +337,11 @@ def test_malformed_oversized_empty_and_unknown_calls_get_fixed_strings(harness: 
         finally:
             raw.close()
     finally:
-        harness.stop(srv)
+        harness.stop_server(srv, grace=0.5)
 
 
 def test_a_prompt_over_the_byte_limit_is_an_encrypted_error_without_tokenizing(harness: Harness) -> None:
-    srv = harness.server()
+    srv = harness.start_server()
     try:
         canary = f"CANARY{secrets.token_hex(6)}"
         prompt = canary + "a" * (harness.engine.max_prompt_bytes + 1)
@@ -420,4 +365,4 @@ def test_a_prompt_over_the_byte_limit_is_an_encrypted_error_without_tokenizing(h
         assert chunks[0].error.code == generate_pb2.ChunkError.CODE_PROMPT_TOO_LONG
         assert "byte" in chunks[0].error.message and canary not in chunks[0].error.message
     finally:
-        harness.stop(srv)
+        harness.stop_server(srv, grace=0.5)

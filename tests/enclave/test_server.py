@@ -7,14 +7,12 @@ the tests talk to them with the synchronous gRPC client over 127.0.0.1, like a u
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
 import secrets
 import signal
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +20,7 @@ import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_harness import Harness
 
 from veil.attestation.binding import Claims, gpu_nonce, report_data
 from veil.attestation.channel.hpke import PublicKey, seal_request
@@ -32,11 +31,11 @@ from veil.attestation.options import VerifyOptions
 from veil.attestation.snp.report import parse_snp_report
 from veil.attestation.snp.verify import verify_snp
 from veil.attestation.stapled import stapled_nvidia
-from veil.enclave.keys import build_digest, create_identity, measurement_from_build_digest
+from veil.enclave.keys import measurement_from_build_digest
 from veil.enclave.local_server import LocalServer
-from veil.enclave.server import EnclaveServer, ServerOptions
+from veil.enclave.server import EnclaveServer
 from veil.enclave.servicers import EVIDENCE_RATE_LIMITED_MESSAGE, STALE_KEY_MESSAGE, UNDECRYPTABLE_MESSAGE
-from veil.enclave.tee.simulated import SIMULATION_ROOT_FILE, SimulatedTeeProvider, load_or_create_simulation
+from veil.enclave.tee.simulated import SIMULATION_ROOT_FILE
 from veil.enclave.transport import REQUEST_TOO_LARGE_MESSAGE, RETRY_AFTER_KEY
 from veil.proto.v1 import evidence_pb2, generate_pb2, service_pb2, service_pb2_grpc
 
@@ -44,61 +43,6 @@ T = TypeVar("T")
 PROMPT = "Name one colour."
 # ignore_eos: runs to max_tokens whatever the sampled trajectory.
 LONG = {"prompt": "Write a long essay about the sea.", "temperature": 1.0, "seed": 7, "ignore_eos": True}
-
-
-class Harness:
-    """An event loop in a thread holding one engine; servers are started on it on demand."""
-
-    def __init__(self, model: Any, state_dir: Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="veil-test-loop", daemon=True)
-        self.thread.start()
-        self.state_dir = state_dir
-        self.authority = load_or_create_simulation(state_dir)
-        self.engine: Any = self.run(self._start_engine(model), timeout=180)
-        self.digest = build_digest()
-        self.identity = self.new_identity()
-
-    async def _start_engine(self, model: Any) -> Any:
-        from veil.enclave.engine.async_engine import AsyncEngine
-        from veil.enclave.engine.block_manager import blocks_for_budget
-        from veil.enclave.runner.cpu import CpuRunner
-
-        # what AsyncEngine.from_model(kv_cache_mb=64, max_batch=8) builds, over the session's model
-        blocks = blocks_for_budget(64 * 2**20, model.config.kv_bytes_per_token, 16)
-        engine = AsyncEngine(CpuRunner(model, blocks, 16), max_batch=8)
-        await engine.start()
-        return engine
-
-    def new_identity(self) -> Any:
-        digest = self.engine.model_digest
-        return create_identity(
-            model_digest=digest if isinstance(digest, bytes) else bytes.fromhex(digest),
-            engine_version=self.engine.engine_version,
-            data_policy_digest=b"\x00" * 32,
-            server_build_digest=self.digest,
-            simulated=True,
-        )
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start_server(self, **options: Any) -> EnclaveServer:
-        provider = SimulatedTeeProvider(self.authority, measurement_from_build_digest(self.digest))
-        server = EnclaveServer(
-            self.engine, self.identity, provider, ServerOptions(host="127.0.0.1", port=0, **options)
-        )
-        self.run(server.start())
-        return server
-
-    def stop_server(self, server: EnclaveServer, grace: float = 1.0) -> None:
-        self.run(server.drain(grace), timeout=grace + 30)
-
-    def close(self) -> None:
-        self.run(self.engine.stop(1.0), timeout=60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
