@@ -23,7 +23,7 @@ from veil.attestation.channel.padding import (
 from veil.attestation.channel.stream import HEADER_SIZE, StreamDecryptor, StreamEncryptor
 from veil.enclave.engine.sync_engine import Delta
 from veil.enclave.errors import EngineOverloadedError, InvalidRequestError
-from veil.enclave.framing import FramedResponse, ResponseFramer, error_chunk
+from veil.enclave.framing import Cadence, FramedResponse, ResponseFramer, error_chunk
 from veil.proto.v1 import generate_pb2
 
 KEY = bytes(range(32))
@@ -155,6 +155,7 @@ class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0
         self._deadlines: list[float] = []
+        self._changes = 0  # time moved or a sleeper woke: everyone settles again before time moves
 
     def __call__(self) -> float:
         return self.now
@@ -164,12 +165,15 @@ class FakeClock:
         self._deadlines.append(target)
         try:
             while self.now < target:
+                seen = self._changes
                 for _ in range(5):  # let every runnable task finish what it is doing first
                     await asyncio.sleep(0)
-                if target <= min(self._deadlines):
+                if seen == self._changes and target <= min(self._deadlines):
                     self.now = max(self.now, target)
+                    self._changes += 1
         finally:
             self._deadlines.remove(target)
+            self._changes += 1
 
 
 def _run(engine: ScriptedEngine, clock: FakeClock, *, streamed: bool) -> tuple[list[bytes], FramedResponse]:
@@ -225,3 +229,41 @@ def test_a_refusal_before_output_is_raised_for_the_servicer(streamed: bool) -> N
     with pytest.raises(EngineOverloadedError):
         _run(engine, clock, streamed=streamed)
     assert engine.cancelled == ["r1"]  # close() released the request
+
+
+def test_cadence_one_timer_for_all_streams_on_shared_boundaries() -> None:
+    """Every waiter wakes on the same boundaries (epoch + k·interval) and one sleep serves them
+    all; a late waiter waits for the next boundary (no burst); a cancelled waiter is skipped."""
+    clock = FakeClock()
+    sleeps: list[float] = []
+
+    async def counting_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        await clock.sleep(seconds)
+
+    async def go() -> dict[str, list[float]]:
+        cadence = Cadence(0.1, clock=clock, sleep=counting_sleep, epoch=0.0)
+        seen: dict[str, list[float]] = {}
+
+        async def stream(name: str, ticks: int, start: float) -> None:
+            await clock.sleep(start)
+            for _ in range(ticks):
+                await cadence.wait()
+                seen.setdefault(name, []).append(round(clock(), 9))
+
+        cancelled = asyncio.create_task(cadence.wait())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.gather(*(stream(f"s{i}", 3, 0.0) for i in range(8)), stream("late", 2, 0.25))
+        return seen
+
+    seen = asyncio.run(go())
+    for i in range(8):
+        assert seen[f"s{i}"] == [0.1, 0.2, 0.3]
+    assert seen["late"] == [0.3, 0.4]
+    assert len(sleeps) <= 5  # one timer sleep per boundary (0.1 … 0.4), not one per stream
+
+
+def test_cadence_refuses_a_non_positive_interval() -> None:
+    with pytest.raises(ValueError):
+        Cadence(0.0)

@@ -60,7 +60,7 @@ from veil.enclave.errors import (
     ReplayCacheFullError,
     ReplayRefusedError,
 )
-from veil.enclave.framing import DEFAULT_FRAME_INTERVAL_S, FramedResponse
+from veil.enclave.framing import DEFAULT_FRAME_INTERVAL_S, Cadence, FramedResponse
 from veil.enclave.keys import EnclaveIdentity
 from veil.enclave.metrics import MetricsPublisher
 from veil.enclave.replay import ReplayGuard
@@ -232,7 +232,7 @@ class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
         self._max_inflight = max_inflight
         self._limiter = limiter
         self._replay = replay if replay is not None else ReplayGuard()
-        self._frame_interval_s = frame_interval_s
+        self._cadence = Cadence(frame_interval_s)  # one clock for every streamed answer
         self._log_exact_counts = log_exact_counts
         self.draining = False
 
@@ -291,7 +291,7 @@ class InferenceServicer(service_pb2_grpc.InferenceServiceServicer):
             lambda: _engine_request(rid, plain),
             StreamEncryptor(plain.response_key, plain.request_id),
             streamed=plain.stream,
-            interval_s=self._frame_interval_s,
+            cadence=self._cadence,
         )
         self._metrics.requests_started += 1
         self._metrics.requests_active += 1
