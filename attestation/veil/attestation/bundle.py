@@ -29,6 +29,19 @@ Every check is named; the bundle-level ones are:
   pinned (a release manifest or an allow-list) and equal a pinned value; unpinned fails
   unless the policy's loud ``allow_any_measurement`` opt-out skips them
 
+* ``collateral.intel`` — the stapled Intel collateral parses (TDX platforms only)
+* ``policy.azure_pcrs`` — Azure platforms: the vTPM PCRs the release names (empty fails)
+
+Per platform the CPU report is verified by: SEV-SNP (real and simulated) —
+:func:`~veil.attestation.snp.verify.verify_snp` and :func:`~veil.attestation.snp.validate.validate_snp`
+over REPORT_DATA; TDX — :func:`~veil.attestation.tdx.verify.verify_tdx` with the stapled Intel
+collateral and :func:`~veil.attestation.tdx.validate.validate_tdx` (MRTD, RTMRs, TCB status);
+Azure SEV-SNP / TDX — the hardware report inside the HCL report
+(:func:`~veil.attestation.snp.azure_verify.verify_azure_snp`,
+:func:`~veil.attestation.tdx.azure_verify.verify_azure_tdx`), where the hardware signs
+H(var_data) and Veil's 64 bytes are the HCL ``user-data`` (``azure.user_data``), and the vTPM quote
+carries ``binding.tpm_nonce(report_data)`` (``azure.tpm.nonce``).
+
 * ``simulated.measurement`` — simulated evidence only: the simulator reports the server
   build digest (zero-padded to 48 bytes) as its launch measurement, so it must equal
   ``claims.server_build_digest ‖ 0¹⁶``
@@ -49,23 +62,43 @@ here proves the attested GPU is the one physically attached to this confidential
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from cryptography import x509
 from google.protobuf.message import DecodeError
 
-from veil.attestation.binding import EVIDENCE_FORMAT_VERSION, NONCE_SIZE, Claims, gpu_nonce, report_data
+from veil.attestation.binding import (
+    EVIDENCE_FORMAT_VERSION,
+    NONCE_SIZE,
+    Claims,
+    gpu_nonce,
+    report_data,
+    tpm_nonce,
+)
 from veil.attestation.channel.hpke import HpkeSuite, PublicKey
-from veil.attestation.errors import MalformedInputError
+from veil.attestation.errors import MalformedInputError, VeilAttestationError
 from veil.attestation.nvidia.report import parse_gpu_report
 from veil.attestation.nvidia.verify import GpuKind, load_cert_chain, verify_gpu
 from veil.attestation.options import VerifyOptions
 from veil.attestation.policy import PlatformName, Policy, vendor_amd_roots
+from veil.attestation.snp.azure import TpmQuote, parse_hcl_report, parse_runtime_data
+from veil.attestation.snp.azure_verify import verify_azure_snp
 from veil.attestation.snp.certs import load_certificates
-from veil.attestation.snp.report import SnpReport
-from veil.attestation.snp.validate import ANY_MEASUREMENT, validate_snp
+from veil.attestation.snp.validate import ANY_MEASUREMENT, validate_azure_pcrs, validate_snp
 from veil.attestation.snp.verify import verify_snp_bytes
-from veil.attestation.stapled import stapled_amd_crl, stapled_nvidia
+from veil.attestation.stapled import stapled_amd_crl, stapled_intel, stapled_nvidia
+from veil.attestation.tdx.azure_verify import verify_azure_tdx
+from veil.attestation.tdx.collateral import TdxCollateral
+from veil.attestation.tdx.quote import TdxQuote, parse_tdx_quote
+from veil.attestation.tdx.validate import validate_tdx
+from veil.attestation.tdx.verify import (
+    intel_sgx_root_ca,
+    tcb_advisories_of,
+    tcb_status_of,
+    tcb_unappraised_reason,
+    verify_tdx,
+)
 from veil.attestation.verdict import Verdict, VerdictBuilder
 from veil.proto.v1 import evidence_pb2
 
@@ -74,6 +107,16 @@ __all__ = ["VerifiedEvidence", "parse_evidence", "verify_evidence"]
 SUPPORTED_FORMAT_VERSION = EVIDENCE_FORMAT_VERSION
 MAX_EVIDENCE_BYTES = 8 * 1024 * 1024
 _SNP_PLATFORMS = (PlatformName.SEV_SNP, PlatformName.SIMULATED_SEV_SNP)
+_AZURE_PLATFORMS = (PlatformName.AZURE_SEV_SNP, PlatformName.AZURE_TDX)
+
+
+@dataclass(frozen=True, slots=True)
+class _CpuResult:
+    """A verified CPU report, whatever the platform: where Veil's 64 bytes sit, and its appraisal."""
+
+    report_data: bytes  # the SNP/TDX REPORT_DATA, or on Azure the HCL user-data (hardware-bound)
+    measurement: bytes  # SNP launch measurement / TDX MRTD
+    appraise: Callable[[Policy, bytes | None], Verdict]  # the policy.* checks of the CPU fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,33 +244,38 @@ def verify_evidence(
         f"claims.simulated={simulated_claims}",
     )
 
-    # ---- CPU report
-    report = _verify_cpu(v, msg, platform, policy, options)
-
-    # ---- binding of nonce, claims and GPU reports into report_data
+    # ---- what REPORT_DATA must be: H(nonce, claims, GPU reports)
     expected: bytes | None = None
+    problem = ""
     if len(bound_nonce) != NONCE_SIZE:
-        v.fail("binding.report_data", f"nonce is {len(bound_nonce)} bytes, not {NONCE_SIZE}")
-    elif report is None:
-        v.fail("binding.report_data", "no parsed CPU report to compare with")
+        problem = f"nonce is {len(bound_nonce)} bytes, not {NONCE_SIZE}"
     else:
         try:
             expected = report_data(bound_nonce, bytes(msg.claims), msg.gpus)
         except MalformedInputError as exc:
-            v.fail("binding.report_data", str(exc))
-        else:
-            ok = hmac.compare_digest(expected, report.report_data)
-            v.check(
-                "binding.report_data",
-                ok,
-                "H(nonce, claims, GPU kinds, indices and reports) = signed REPORT_DATA"
-                if ok
-                else "signed REPORT_DATA does not match H(nonce, claims, GPU kinds, indices and reports)",
-            )
+            problem = str(exc)
 
-    if report is not None and claims is not None and platform is PlatformName.SIMULATED_SEV_SNP:
-        expected_measurement = claims.server_build_digest.ljust(len(report.measurement), b"\0")
-        ok = hmac.compare_digest(report.measurement, expected_measurement)
+    # ---- CPU report
+    cpu = _verify_cpu(v, msg, platform, policy, options, expected)
+
+    # ---- binding of nonce, claims and GPU reports into report_data
+    if expected is None:
+        v.fail("binding.report_data", problem)
+    elif cpu is None:
+        v.fail("binding.report_data", "no parsed CPU report to compare with")
+    else:
+        ok = hmac.compare_digest(expected, cpu.report_data)
+        v.check(
+            "binding.report_data",
+            ok,
+            "H(nonce, claims, GPU kinds, indices and reports) = signed REPORT_DATA"
+            if ok
+            else "signed REPORT_DATA does not match H(nonce, claims, GPU kinds, indices and reports)",
+        )
+
+    if cpu is not None and claims is not None and platform is PlatformName.SIMULATED_SEV_SNP:
+        expected_measurement = claims.server_build_digest.ljust(len(cpu.measurement), b"\0")
+        ok = hmac.compare_digest(cpu.measurement, expected_measurement)
         v.check(
             "simulated.measurement",
             ok,
@@ -253,7 +301,7 @@ def verify_evidence(
         msg,
         platform=platform,
         policy=policy,
-        report=report,
+        cpu=cpu,
         claims=claims,
         expected_report_data=expected,
     )
@@ -285,11 +333,39 @@ def _verify_cpu(
     platform: PlatformName | None,
     policy: Policy,
     options: VerifyOptions,
-) -> SnpReport | None:
-    if platform not in _SNP_PLATFORMS:
-        name = platform.value if platform else f"unknown platform {msg.platform}"
-        v.fail("platform.verify", f"{name}: verification of this platform is not supported by this client")
+    expected: bytes | None,
+) -> _CpuResult | None:
+    if platform in _SNP_PLATFORMS or platform is PlatformName.AZURE_SEV_SNP:
+        return _verify_snp(v, msg, platform, policy, options, expected)
+    if platform in (PlatformName.TDX, PlatformName.AZURE_TDX):
+        return _verify_tdx(v, msg, platform, policy, options, expected)
+    name = platform.value if platform else f"unknown platform {msg.platform}"
+    v.fail("platform.verify", f"{name}: verification of this platform is not supported by this client")
+    return None
+
+
+def _tpm_quote(msg: evidence_pb2.Evidence) -> TpmQuote:
+    azure = msg.azure
+    return TpmQuote(bytes(azure.tpm_quote_message), bytes(azure.tpm_quote_signature), tuple(azure.pcrs))
+
+
+def _azure_user_data(msg: evidence_pb2.Evidence) -> bytes | None:
+    """The HCL user-data (Veil's report_data on Azure); None when it is missing or unparsable
+    (``azure.*`` checks have said why)."""
+    try:
+        return parse_runtime_data(parse_hcl_report(bytes(msg.azure.hcl_report)).variable_data).user_data
+    except VeilAttestationError:
         return None
+
+
+def _verify_snp(
+    v: VerdictBuilder,
+    msg: evidence_pb2.Evidence,
+    platform: PlatformName | None,
+    policy: Policy,
+    options: VerifyOptions,
+    expected: bytes | None,
+) -> _CpuResult | None:
     roots: tuple[x509.Certificate, ...]
     if platform is PlatformName.SIMULATED_SEV_SNP:
         roots = policy.trusted_roots.simulation_roles()[0]
@@ -315,9 +391,20 @@ def _verify_cpu(
         crl, crl_problem = None, True
     else:
         crl_problem = False
-    report, verdict = verify_snp_bytes(
-        bytes(msg.cpu_report), certs, replace(options, trusted_roots=roots), crl=crl
-    )
+    snp_options = replace(options, trusted_roots=roots)
+    azure = platform is PlatformName.AZURE_SEV_SNP
+    if azure:
+        report, verdict = verify_azure_snp(
+            bytes(msg.azure.hcl_report),
+            _tpm_quote(msg),
+            certs,
+            snp_options,
+            nonce=tpm_nonce(expected) if expected is not None else None,
+            user_data=expected,
+            crl=crl,
+        )
+    else:
+        report, verdict = verify_snp_bytes(bytes(msg.cpu_report), certs, snp_options, crl=crl)
     for check in verdict.checks:
         if check.name != "snp.chain.crl" or crl is not None:
             v.extend([check])
@@ -331,7 +418,84 @@ def _verify_cpu(
             )
         else:
             v.skip("snp.chain.crl", "no AMD CRL stapled, and the policy does not require one")
-    return report
+    if report is None:
+        return None
+    snp = report
+    if azure:
+        # The SNP report's REPORT_DATA is H(var_data); Veil's 64 bytes are the bound user-data.
+        user_data = _azure_user_data(msg)
+        if user_data is None:
+            return None
+        return _CpuResult(
+            user_data, snp.measurement, lambda p, _e: validate_snp(snp, p.snp_policy(snp, None))
+        )
+    return _CpuResult(
+        snp.report_data, snp.measurement, lambda p, e: validate_snp(snp, p.snp_policy(snp, e))
+    )
+
+
+def _verify_tdx(
+    v: VerdictBuilder,
+    msg: evidence_pb2.Evidence,
+    platform: PlatformName,
+    policy: Policy,
+    options: VerifyOptions,
+    expected: bytes | None,
+) -> _CpuResult | None:
+    roots = policy.trusted_roots.intel
+    if not roots:
+        v.fail("tdx.pck.chain", "the policy trusts no Intel root")
+        return None
+    try:
+        quote = parse_tdx_quote(bytes(msg.cpu_report))
+    except VeilAttestationError as exc:
+        v.fail("tdx.quote.parse", str(exc))
+        return None
+    collateral: TdxCollateral | None = None
+    try:
+        collateral = stapled_intel(msg.collateral)
+    except VeilAttestationError as exc:
+        v.fail("collateral.intel", f"the stapled Intel collateral does not parse: {exc}")
+    else:
+        if collateral is None:
+            v.skip("collateral.intel", "no Intel collateral stapled: the TCB status cannot be appraised")
+        else:
+            v.passed("collateral.intel", "TCB info, QE identity and CRLs stapled")
+    # The shipped Intel root: no roots in the options (verify_tdx pins it itself).
+    tdx_options = replace(options, trusted_roots=() if roots == (intel_sgx_root_ca(),) else roots)
+    azure = platform is PlatformName.AZURE_TDX
+    if azure:
+        verdict = verify_azure_tdx(
+            quote,
+            bytes(msg.azure.hcl_report),
+            _tpm_quote(msg),
+            tdx_options,
+            collateral=collateral,
+            nonce=tpm_nonce(expected) if expected is not None else None,
+            user_data=expected,
+        )
+        bound = _azure_user_data(msg)
+    else:
+        verdict = verify_tdx(quote, tdx_options, collateral=collateral)
+        bound = quote.td_report.report_data
+    v.extend(verdict.checks)
+    if bound is None:
+        return None
+
+    def appraise(p: Policy, e: bytes | None) -> Verdict:
+        return _validate_tdx(quote, verdict, p, None if azure else e)
+
+    return _CpuResult(bound, quote.td_report.mr_td, appraise)
+
+
+def _validate_tdx(quote: TdxQuote, verdict: Verdict, policy: Policy, report_data: bytes | None) -> Verdict:
+    return validate_tdx(
+        quote,
+        policy.tdx_policy(report_data),
+        tcb_status=tcb_status_of(verdict),
+        advisory_ids=tcb_advisories_of(verdict),
+        tcb_not_appraised=tcb_unappraised_reason(verdict),
+    )
 
 
 def _verify_gpus(
@@ -412,7 +576,7 @@ def _appraise(
     *,
     platform: PlatformName | None,
     policy: Policy,
-    report: SnpReport | None,
+    cpu: _CpuResult | None,
     claims: Claims | None,
     expected_report_data: bytes | None,
 ) -> None:
@@ -437,11 +601,14 @@ def _appraise(
     else:
         v.passed("policy.simulated", "hardware evidence (not simulated)")
 
-    if report is None:
+    if cpu is None:
         for name in ("policy.debug", "policy.min_tcb", "policy.measurement"):
             v.fail(name, "no verified CPU report to appraise")
     else:
-        _appraise_snp(v, report, policy, expected_report_data)
+        v.extend(cpu.appraise(policy, expected_report_data).checks)
+    if platform in _AZURE_PLATFORMS:
+        pcrs = validate_azure_pcrs(_tpm_quote(msg), policy.azure_pcrs, allow_any=policy.allow_any_measurement)
+        v.extend(pcrs.checks)
 
     if claims is None:
         for name in ("policy.build_digest", "policy.model_digest", "policy.data_policy_digest"):
@@ -509,9 +676,3 @@ def _appraise_release(v: VerdictBuilder, platform: PlatformName | None, policy: 
             f"release {release.name} (publisher key id {str(release.publisher_key_id)[:16]}…) "
             + (f"names {platform.value}" if named else f"does not name platform {platform.value}"),
         )
-
-
-def _appraise_snp(
-    v: VerdictBuilder, report: SnpReport, policy: Policy, expected_report_data: bytes | None
-) -> None:
-    v.extend(validate_snp(report, policy.snp_policy(report, expected_report_data)).checks)
