@@ -260,7 +260,9 @@ def test_garbage_and_unsupported(policy: Policy) -> None:
     unknown = evidence_pb2.Evidence(format_version=2, platform=99, nonce=bytes(32))
     failed = {
         c.name
-        for c in verify_evidence(unknown, VerifyOptions(now=NOW), policy=Policy(), nonce=bytes(32)).verdict.failed
+        for c in verify_evidence(
+            unknown, VerifyOptions(now=NOW), policy=Policy(), nonce=bytes(32)
+        ).verdict.failed
     }
     assert "platform.verify" in failed
     wrong_version = evidence_pb2.Evidence(format_version=1)  # v1 (GPU kind not bound) is refused

@@ -394,6 +394,7 @@ def _verify_snp(
     snp_options = replace(options, trusted_roots=roots)
     azure = platform is PlatformName.AZURE_SEV_SNP
     if azure:
+        _check_azure_cpu_report(v, msg)
         report, verdict = verify_azure_snp(
             bytes(msg.azure.hcl_report),
             _tpm_quote(msg),
@@ -429,8 +430,24 @@ def _verify_snp(
         return _CpuResult(
             user_data, snp.measurement, lambda p, _e: validate_snp(snp, p.snp_policy(snp, None))
         )
-    return _CpuResult(
-        snp.report_data, snp.measurement, lambda p, e: validate_snp(snp, p.snp_policy(snp, e))
+    return _CpuResult(snp.report_data, snp.measurement, lambda p, e: validate_snp(snp, p.snp_policy(snp, e)))
+
+
+def _check_azure_cpu_report(v: VerdictBuilder, msg: evidence_pb2.Evidence) -> None:
+    """``azure.cpu_report``: ``Evidence.cpu_report`` is the SNP report inside the HCL report (the one
+    verified), so no unverified copy travels beside it."""
+    try:
+        inner = parse_hcl_report(bytes(msg.azure.hcl_report)).snp_report_bytes
+    except VeilAttestationError as exc:
+        v.fail("azure.cpu_report", f"no SNP report in the HCL report: {exc}")
+        return
+    same = hmac.compare_digest(bytes(msg.cpu_report), inner)
+    v.check(
+        "azure.cpu_report",
+        same,
+        "cpu_report is the HCL report's SNP report"
+        if same
+        else "cpu_report differs from the HCL report's SNP report",
     )
 
 

@@ -80,7 +80,15 @@ def stapled_nvidia(collateral: evidence_pb2.Collateral) -> StapledNvidia:
 
 
 def _signed_body(member: str, signed: bytes, signature: bytes) -> bytes:
-    return b'{"' + member.encode() + b'":' + signed + b',"signature":' + json.dumps(signature.hex()).encode() + b"}"
+    return (
+        b'{"'
+        + member.encode()
+        + b'":'
+        + signed
+        + b',"signature":'
+        + json.dumps(signature.hex()).encode()
+        + b"}"
+    )
 
 
 def _pem(chain: tuple[x509.Certificate, ...]) -> bytes:

@@ -302,7 +302,9 @@ async def _serve(args: Any, policy: Any, state_dir: Path, hardware: Any, dumpabl
         _say("SIMULATED TEE: evidence is signed by a software simulation root, not by AMD or NVIDIA hardware")
         _say(f"SIMULATED TEE: simulation root: {authority.root_path}")
         _say(f"SIMULATED TEE: root sha256: ark={fingerprints[0]} gpu={fingerprints[1]}")
-        _say(f"SIMULATED TEE: core dumps disabled, dumpable={dumpable}, data policy sha256={policy.digest.hex()}")
+        _say(
+            f"SIMULATED TEE: core dumps disabled, dumpable={dumpable}, data policy sha256={policy.digest.hex()}"
+        )
     else:
         from veil.enclave.tee.hardware import start_hardware
 
@@ -334,7 +336,9 @@ async def _serve(args: Any, policy: Any, state_dir: Path, hardware: Any, dumpabl
             simulated=simulated,
         )
         if simulated:
-            provider = SimulatedTeeProvider(authority, measurement_from_build_digest(digest), gpu_count=_SIM_GPUS)
+            provider = SimulatedTeeProvider(
+                authority, measurement_from_build_digest(digest), gpu_count=_SIM_GPUS
+            )
             manifest = write_simulation_release(
                 state_dir,
                 build_digest=digest,

@@ -55,7 +55,9 @@ def runtime_data(ak: rsa.RSAPublicKey, user_data: bytes | None) -> bytes:
     """The HCL variable data: JSON naming the attestation key and the user-data (hex)."""
     nums = ak.public_numbers()
     doc: dict[str, object] = {
-        "keys": [{"kid": AK_KEY_ID, "key_ops": ["sign"], "kty": "RSA", "e": _b64url(nums.e), "n": _b64url(nums.n)}],
+        "keys": [
+            {"kid": AK_KEY_ID, "key_ops": ["sign"], "kty": "RSA", "e": _b64url(nums.e), "n": _b64url(nums.n)}
+        ],
         "vm-configuration": {"console-enabled": False, "secure-boot": True, "tpm-enabled": True},
     }
     if user_data is not None:

@@ -90,7 +90,11 @@ class Tpm2Tools:
     def _run(self, *args: str, stdin: bytes | None = None) -> bytes:
         try:
             done = subprocess.run(
-                [*args, "-T", self.tcti], input=stdin, capture_output=True, timeout=self.timeout_s, check=False
+                [*args, "-T", self.tcti],
+                input=stdin,
+                capture_output=True,
+                timeout=self.timeout_s,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise AttestationProviderError(f"TPM: {args[0]} failed to run: {type(exc).__name__}") from None
@@ -108,7 +112,16 @@ class Tpm2Tools:
         try:
             self._run("tpm2_nvreadpublic", f"0x{index:08x}")
         except AttestationProviderError:
-            self._run("tpm2_nvdefine", "-C", "o", "-s", str(len(data)), "-a", "ownerread|ownerwrite|authread|authwrite", f"0x{index:08x}")
+            self._run(
+                "tpm2_nvdefine",
+                "-C",
+                "o",
+                "-s",
+                str(len(data)),
+                "-a",
+                "ownerread|ownerwrite|authread|authwrite",
+                f"0x{index:08x}",
+            )
         self._run("tpm2_nvwrite", "-C", "o", "-i", "-", f"0x{index:08x}", stdin=data)
 
     def quote(self, handle: int, nonce: bytes, pcrs: Sequence[int]) -> tuple[bytes, bytes, list[bytes]]:
@@ -126,13 +139,13 @@ class Tpm2Tools:
 def imds_get(url: str) -> bytes:
     """GET from the instance metadata service (link-local; never reached in tests)."""
     req = urllib.request.Request(url, headers={"Metadata": "true"})
-    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310  # fixed link-local URL
+    with urllib.request.urlopen(req, timeout=10) as resp:  # fixed link-local URL
         return bytes(resp.read())
 
 
 def imds_post(url: str, body: bytes) -> bytes:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310  # fixed link-local URL
+    with urllib.request.urlopen(req, timeout=10) as resp:  # fixed link-local URL
         return bytes(resp.read())
 
 
@@ -158,7 +171,9 @@ class AzureVtpmSource:
         try:
             hcl = parse_hcl_report(tpm.nv_read(NV_HCL_REPORT))
         except VeilAttestationError as exc:
-            raise TeeUnavailableError(f"TPM: NV index 0x{NV_HCL_REPORT:08x} holds no HCL report: {exc}") from None
+            raise TeeUnavailableError(
+                f"TPM: NV index 0x{NV_HCL_REPORT:08x} holds no HCL report: {exc}"
+            ) from None
         self.snp = hcl.report_type == REPORT_TYPE_SNP
         self.platform = evidence_pb2.PLATFORM_AZURE_SEV_SNP if self.snp else evidence_pb2.PLATFORM_AZURE_TDX
         self.name = f"Azure {'SEV-SNP' if self.snp else 'TDX'} CVM (vTPM HCL report)"
@@ -207,4 +222,6 @@ class AzureVtpmSource:
             doc = json.loads(self._post(TDQUOTE_URL, body))
             return _b64url_decode(doc["quote"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise AttestationProviderError(f"Azure quote endpoint: no TD quote ({type(exc).__name__})") from None
+            raise AttestationProviderError(
+                f"Azure quote endpoint: no TD quote ({type(exc).__name__})"
+            ) from None

@@ -9,7 +9,7 @@ attribute exists), read ``generation``, write the 64 bytes to ``inblob``, read `
 our write and read (a race), and the report may be for its inblob: we retry with a new entry.
 
 The seam is the root directory: tests point it at a fake tree whose ``outblob`` a fake kernel
-fills (:mod:`tests.enclave.tee_fakes`). The report is checked before use: it must parse, and its
+fills (``tests/enclave/tee_fakes.py``, through :class:`ConfigfsFiles`). The report is checked before use: it must parse, and its
 REPORT_DATA must be the bytes written (a truncated or foreign blob is an error, never served).
 """
 
@@ -31,7 +31,7 @@ from veil.enclave.tee.cert_table import cert_table_to_pem
 from veil.enclave.tee.provider import CpuEvidencePart
 from veil.proto.v1 import evidence_pb2
 
-__all__ = ["TSM_REPORT_ROOT", "ConfigfsTsm", "ConfigfsTsmSource", "TsmReport"]
+__all__ = ["TSM_REPORT_ROOT", "ConfigfsFiles", "ConfigfsTsm", "ConfigfsTsmSource", "TsmReport"]
 
 log = logging.getLogger("veil.enclave.tee")
 TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
@@ -45,6 +45,31 @@ class TsmReport:
     outblob: bytes
     auxblob: bytes
     generation: int
+
+
+class ConfigfsFiles:
+    """The file operations configfs-tsm needs (the real file system; tests pass a fake kernel)."""
+
+    def mkdir(self, path: Path) -> None:
+        path.mkdir()
+
+    def rmdir(self, path: Path) -> None:
+        path.rmdir()
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def write(self, path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            if os.write(fd, data) != len(data):
+                raise AttestationProviderError(f"configfs-tsm: short write to {path.name}")
+        finally:
+            os.close(fd)
+
+    def read(self, path: Path) -> bytes:
+        with path.open("rb") as f:
+            return f.read(_MAX_BLOB + 1)
 
 
 def _entry_name() -> str:
@@ -61,8 +86,10 @@ class ConfigfsTsm:
         privlevel: int | None = 0,
         attempts: int = 3,
         entry_name: Callable[[], str] = _entry_name,
+        files: ConfigfsFiles | None = None,
     ) -> None:
         self.root = Path(root)
+        self.files = files or ConfigfsFiles()
         self.privlevel = privlevel
         self.attempts = attempts
         self._entry_name = entry_name
@@ -74,7 +101,7 @@ class ConfigfsTsm:
         for attempt in range(1, self.attempts + 1):
             entry = self.root / self._entry_name()
             try:
-                entry.mkdir()
+                self.files.mkdir(entry)
             except FileNotFoundError:
                 raise TeeUnavailableError(
                     f"configfs-tsm: {self.root} does not exist (needs Linux >= 6.7 with CONFIG_TSM_REPORTS "
@@ -89,7 +116,7 @@ class ConfigfsTsm:
                 report = self._one(entry, inblob)
             finally:
                 try:
-                    entry.rmdir()
+                    self.files.rmdir(entry)
                 except OSError as exc:
                     log.warning("configfs-tsm: could not remove %s (%s)", entry.name, exc.strerror)
             if report is not None:
@@ -101,46 +128,37 @@ class ConfigfsTsm:
 
     def _one(self, entry: Path, inblob: bytes) -> TsmReport | None:
         try:
-            if self.privlevel is not None and (entry / "privlevel").exists():
-                _write(entry / "privlevel", str(self.privlevel).encode())
-            start = _generation(entry)
-            _write(entry / "inblob", inblob)
-            outblob = _read(entry / "outblob")
-            auxblob = _read(entry / "auxblob") if (entry / "auxblob").exists() else b""
-            provider = _read(entry / "provider").decode("ascii", "replace").strip()
-            end = _generation(entry)
+            f = self.files
+            if self.privlevel is not None and f.exists(entry / "privlevel"):
+                f.write(entry / "privlevel", str(self.privlevel).encode())
+            start = self._generation(entry)
+            f.write(entry / "inblob", inblob)
+            outblob = self._read(entry / "outblob")
+            auxblob = self._read(entry / "auxblob") if f.exists(entry / "auxblob") else b""
+            provider = self._read(entry / "provider").decode("ascii", "replace").strip()
+            end = self._generation(entry)
         except PermissionError:
             raise TeeUnavailableError(f"configfs-tsm: permission denied on {entry}") from None
         except OSError as exc:
             code = errno.errorcode.get(exc.errno or 0, "?")
-            raise AttestationProviderError(f"configfs-tsm: {exc.strerror or code} ({code}) on {entry}") from None
+            raise AttestationProviderError(
+                f"configfs-tsm: {exc.strerror or code} ({code}) on {entry}"
+            ) from None
         if end != start + 1:
             return None
         return TsmReport(provider, outblob, auxblob, end)
 
+    def _read(self, path: Path) -> bytes:
+        data = self.files.read(path)
+        if len(data) > _MAX_BLOB:
+            raise AttestationProviderError(f"configfs-tsm: {path.name} is implausibly large")
+        return data
 
-def _write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        if os.write(fd, data) != len(data):
-            raise AttestationProviderError(f"configfs-tsm: short write to {path.name}")
-    finally:
-        os.close(fd)
-
-
-def _read(path: Path) -> bytes:
-    with path.open("rb") as f:
-        data = f.read(_MAX_BLOB + 1)
-    if len(data) > _MAX_BLOB:
-        raise AttestationProviderError(f"configfs-tsm: {path.name} is implausibly large")
-    return data
-
-
-def _generation(entry: Path) -> int:
-    text = _read(entry / "generation").strip()
-    if not text.isdigit():
-        raise AttestationProviderError("configfs-tsm: generation is not a number")
-    return int(text)
+    def _generation(self, entry: Path) -> int:
+        text = self._read(entry / "generation").strip()
+        if not text.isdigit():
+            raise AttestationProviderError("configfs-tsm: generation is not a number")
+        return int(text)
 
 
 class ConfigfsTsmSource:

@@ -106,7 +106,14 @@ def start_hardware(
         amd_product=product,
         amd_signer=signer,
         tdx_quote=tdx_quote,
-        gpus=[("nvswitch" if g.kind == evidence_pb2.GpuEvidence.KIND_NVSWITCH else "gpu", g.report, g.cert_chain) for g in gpu_sample],
+        gpus=[
+            (
+                "nvswitch" if g.kind == evidence_pb2.GpuEvidence.KIND_NVSWITCH else "gpu",
+                g.report,
+                g.cert_chain,
+            )
+            for g in gpu_sample
+        ],
     )
     source = VendorCollateralSource(store or CollateralStore(cache_dir=state_dir / "vendor-cache"), needs)
     cache = CollateralCache(source, state_dir / "collateral", clock=clock)

@@ -52,7 +52,9 @@ def load_nvml() -> Any:
     try:
         import pynvml
     except ImportError:
-        raise TeeUnavailableError("NVML: nvidia-ml-py is not installed (pip install 'veil[enclave]')") from None
+        raise TeeUnavailableError(
+            "NVML: nvidia-ml-py is not installed (pip install 'veil[enclave]')"
+        ) from None
     return pynvml
 
 
@@ -60,7 +62,9 @@ class NvattestSwitches:
     """NVSwitch SPDM reports through NVIDIA's ``nvattest`` (JSON: one entry per switch)."""
 
     def __init__(self, run: Callable[[list[str]], bytes] | None = None) -> None:
-        self._run = run or (lambda argv: subprocess.run(argv, capture_output=True, check=True, timeout=60).stdout)
+        self._run = run or (
+            lambda argv: subprocess.run(argv, capture_output=True, check=True, timeout=60).stdout
+        )
 
     @staticmethod
     def available() -> bool:
@@ -68,7 +72,20 @@ class NvattestSwitches:
 
     def evidence(self, nonce: bytes) -> list[GpuEvidencePart]:
         try:
-            doc = json.loads(self._run(["nvattest", "collect-evidence", "--device", "nvswitch", "--nonce", nonce.hex(), "--format", "json"]))
+            doc = json.loads(
+                self._run(
+                    [
+                        "nvattest",
+                        "collect-evidence",
+                        "--device",
+                        "nvswitch",
+                        "--nonce",
+                        nonce.hex(),
+                        "--format",
+                        "json",
+                    ]
+                )
+            )
             items = doc["evidences"] if isinstance(doc, dict) else doc
             return [
                 GpuEvidencePart(
@@ -87,17 +104,25 @@ class NvattestSwitches:
 class NvmlGpuSource:
     """A :class:`~veil.enclave.tee.hardware.GpuSource` over NVML (see the module docstring)."""
 
-    def __init__(self, nvml: Any, *, expected: int | None = None, switches: NvattestSwitches | None = None) -> None:
+    def __init__(
+        self, nvml: Any, *, expected: int | None = None, switches: NvattestSwitches | None = None
+    ) -> None:
         self.nvml = nvml
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as exc:
-            raise TeeUnavailableError(f"NVML: cannot initialise ({_nvml_text(exc)}); is the NVIDIA driver loaded?") from None
+            raise TeeUnavailableError(
+                f"NVML: cannot initialise ({_nvml_text(exc)}); is the NVIDIA driver loaded?"
+            ) from None
         state = nvml.nvmlSystemGetConfComputeState()
         if state.ccFeature != nvml.NVML_CC_SYSTEM_FEATURE_ENABLED:
-            raise TeeUnavailableError("NVML: confidential-computing mode is off (nvidia-smi conf-compute -srs / set CC mode on)")
+            raise TeeUnavailableError(
+                "NVML: confidential-computing mode is off (nvidia-smi conf-compute -srs / set CC mode on)"
+            )
         if state.devToolsMode != nvml.NVML_CC_SYSTEM_DEVTOOLS_MODE_OFF:
-            raise TeeUnavailableError("NVML: CC dev-tools mode is on: GPU memory is readable by the host; turn it off")
+            raise TeeUnavailableError(
+                "NVML: CC dev-tools mode is on: GPU memory is readable by the host; turn it off"
+            )
         if state.environment != nvml.NVML_CC_SYSTEM_ENVIRONMENT_PROD:
             raise TeeUnavailableError(f"NVML: CC environment is {state.environment}, not production")
         settings = nvml.c_nvmlSystemConfComputeSettings_v1_t()
@@ -127,7 +152,9 @@ class NvmlGpuSource:
                 rep = nvml.nvmlDeviceGetConfComputeGpuAttestationReport(handle, gpu_nonce)
                 cert = nvml.nvmlDeviceGetConfComputeGpuCertificate(handle)
             except nvml.NVMLError as exc:
-                raise AttestationProviderError(f"NVML: GPU {index} gave no evidence ({_nvml_text(exc)})") from None
+                raise AttestationProviderError(
+                    f"NVML: GPU {index} gave no evidence ({_nvml_text(exc)})"
+                ) from None
             report = bytes(rep.attestationReport[: rep.attestationReportSize])
             chain = bytes(cert.attestationCertChain[: cert.attestationCertChainSize])
             if not report or not chain:
@@ -160,7 +187,9 @@ def verify_and_set_ready(
     Raises :class:`TeeUnavailableError` naming the failed checks; the GPUs stay not-ready then.
     """
     stapled = stapled_nvidia(collateral or evidence_pb2.Collateral())
-    options = VerifyOptions(now=now, trusted_roots=roots or (nvidia_device_root(),), ocsp_post=stapled.ocsp_post)
+    options = VerifyOptions(
+        now=now, trusted_roots=roots or (nvidia_device_root(),), ocsp_post=stapled.ocsp_post
+    )
     failed: list[str] = []
     parts = source.gpu_evidence(nonce)
     for part in parts:

@@ -1,4 +1,4 @@
-"""``veil serve --tee auto|snp|tdx|azure --gpus auto|none|N``: find the TEE and the GPUs, before the model loads.
+"""`veil serve --tee auto|snp|tdx|azure --gpus auto|none|N`: find the TEE and GPUs before the model loads.
 
 Every interface is probed and reported, found or not, in this order:
 
@@ -22,12 +22,21 @@ from typing import Any
 
 from veil.enclave.errors import AttestationProviderError, TeeUnavailableError
 from veil.enclave.tee.azure import AzureVtpmSource, Tpm, Tpm2Tools
-from veil.enclave.tee.configfs_tsm import ConfigfsTsm, ConfigfsTsmSource
+from veil.enclave.tee.configfs_tsm import ConfigfsFiles, ConfigfsTsm, ConfigfsTsmSource
 from veil.enclave.tee.hardware import CpuSource
 from veil.enclave.tee.nvidia import NvmlGpuSource, load_nvml
 from veil.enclave.tee.sev_guest import SevGuestSource
 
-__all__ = ["TEE_CHOICES", "Probe", "ProbeReport", "Seams", "parse_gpus", "select_cpu", "select_gpus", "select_hardware"]
+__all__ = [
+    "TEE_CHOICES",
+    "Probe",
+    "ProbeReport",
+    "Seams",
+    "parse_gpus",
+    "select_cpu",
+    "select_gpus",
+    "select_hardware",
+]
 
 TEE_CHOICES = ("auto", "snp", "tdx", "azure", "simulated")
 _ACCEPTS = {
@@ -67,6 +76,7 @@ class Seams:
     tpm: Callable[[Path], Tpm] = Tpm2Tools
     nvml: Callable[[], Any] = load_nvml
     fetch_chain: Callable[[bytes], bytes] | None = None  # SNP certificates when the host gives none
+    configfs: ConfigfsFiles | None = None  # configfs file operations (None: the real file system)
 
     def path(self, absolute: str) -> Path:
         return self.root / absolute.lstrip("/")
@@ -83,11 +93,15 @@ def select_cpu(tee: str, seams: Seams, report: ProbeReport) -> CpuSource:
     chosen: CpuSource | None = None
     tsm_root = seams.path("/sys/kernel/config/tsm/report")
     try:
-        tsm = ConfigfsTsm(tsm_root)
+        tsm = ConfigfsTsm(tsm_root, files=seams.configfs)
         test = tsm.report(bytes(64))
         source = ConfigfsTsmSource(tsm, test.provider, fetch_chain=seams.fetch_chain)
         wanted = tee in ("auto", _platform_of(source))
-        report.add("configfs-tsm", True, f"{tsm_root}, provider {test.provider}" + ("" if wanted else f" (not {tee})"))
+        report.add(
+            "configfs-tsm",
+            True,
+            f"{tsm_root}, provider {test.provider}" + ("" if wanted else f" (not {tee})"),
+        )
         if wanted:
             chosen = source
     except AttestationProviderError as exc:
@@ -113,7 +127,9 @@ def select_cpu(tee: str, seams: Seams, report: ProbeReport) -> CpuSource:
     if not tpm_device.exists():
         report.add("TPM", False, f"{tpm_device} does not exist (no vTPM, so not an Azure CVM)")
     elif tee not in ("auto", "azure") or chosen is not None:
-        report.add("TPM", True, f"{tpm_device} (not used: {'configfs-tsm/sev-guest chosen' if chosen else tee})")
+        report.add(
+            "TPM", True, f"{tpm_device} (not used: {'configfs-tsm/sev-guest chosen' if chosen else tee})"
+        )
     else:
         try:
             azure = AzureVtpmSource(seams.tpm(tpm_device))
@@ -123,11 +139,13 @@ def select_cpu(tee: str, seams: Seams, report: ProbeReport) -> CpuSource:
             report.add("TPM", False, str(exc).removeprefix("TPM: "))
     if chosen is None:
         accepted = ", ".join(_ACCEPTS[tee])
-        raise TeeUnavailableError(f"no usable TEE for --tee {tee} (accepts {accepted}); probed:\n{report.text()}")
+        raise TeeUnavailableError(
+            f"no usable TEE for --tee {tee} (accepts {accepted}); probed:\n{report.text()}"
+        )
     return chosen
 
 
-def parse_gpus(text: str) -> int | None | str:
+def parse_gpus(text: str) -> int | str | None:
     """``auto`` → ``"auto"``, ``none`` → 0, ``N`` → N (0..64)."""
     if text in ("auto", "none"):
         return "auto" if text == "auto" else 0
@@ -136,7 +154,7 @@ def parse_gpus(text: str) -> int | None | str:
     return int(text)
 
 
-def select_gpus(gpus: int | None | str, seams: Seams, report: ProbeReport) -> NvmlGpuSource | None:
+def select_gpus(gpus: int | str | None, seams: Seams, report: ProbeReport) -> NvmlGpuSource | None:
     """NVML GPUs per ``--gpus``: ``auto`` uses them when CC mode is on (none found: CPU only);
     a number requires exactly that many; 0 uses none."""
     if gpus == 0:
@@ -153,7 +171,9 @@ def select_gpus(gpus: int | None | str, seams: Seams, report: ProbeReport) -> Nv
     return source
 
 
-def select_hardware(tee: str, gpus: str, seams: Seams | None = None) -> tuple[CpuSource, NvmlGpuSource | None, str]:
+def select_hardware(
+    tee: str, gpus: str, seams: Seams | None = None
+) -> tuple[CpuSource, NvmlGpuSource | None, str]:
     """Probe every interface (CPU TEEs, then NVML) and pick the sources; the probe report's text
     comes back for the start-up log. Raises :class:`TeeUnavailableError` listing every probe."""
     seams = seams or Seams()
@@ -176,7 +196,7 @@ def select_hardware(tee: str, gpus: str, seams: Seams | None = None) -> tuple[Cp
         gpu_error = exc
     if cpu is None or gpu_error is not None:
         what = "no usable TEE" if cpu is None else "GPUs unusable"
-        raise TeeUnavailableError(
-            f"{what} (--tee {tee} --gpus {gpus}); probed:\n{report.text()}"
-        ) from (cpu_error or gpu_error)
+        raise TeeUnavailableError(f"{what} (--tee {tee} --gpus {gpus}); probed:\n{report.text()}") from (
+            cpu_error or gpu_error
+        )
     return cpu, gpu_source, report.text()

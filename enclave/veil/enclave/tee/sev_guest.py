@@ -73,10 +73,13 @@ class SevGuestSource:
         try:
             fd = self._open(self.device)
         except FileNotFoundError:
-            raise TeeUnavailableError(f"sev-guest: {self.device} does not exist (sev-guest driver not loaded)") from None
+            raise TeeUnavailableError(
+                f"sev-guest: {self.device} does not exist (sev-guest driver not loaded)"
+            ) from None
         except PermissionError:
             raise TeeUnavailableError(
-                f"sev-guest: permission denied opening {self.device} (run as root or grant the service user access)"
+                f"sev-guest: permission denied opening {self.device} "
+                "(run as root or grant the service user access)"
             ) from None
         try:
             report, table = self._request(fd, report_data)
@@ -100,7 +103,8 @@ class SevGuestSource:
         for _ in range(2):
             certs = ctypes.create_string_buffer(certs_len)
             req = ctypes.create_string_buffer(
-                EXT_REPORT_REQ.pack(report_data, self.vmpl, ctypes.addressof(certs), certs_len), EXT_REPORT_REQ.size
+                EXT_REPORT_REQ.pack(report_data, self.vmpl, ctypes.addressof(certs), certs_len),
+                EXT_REPORT_REQ.size,
             )
             resp = ctypes.create_string_buffer(RESPONSE_SIZE)
             arg = bytearray(GUEST_REQUEST.pack(1, ctypes.addressof(req), ctypes.addressof(resp), 0))
@@ -112,7 +116,9 @@ class SevGuestSource:
                 if exc.errno == errno.EIO and vmm_error == VMM_ERR_INVALID_LEN:
                     certs_len = EXT_REPORT_REQ.unpack(req.raw)[3]
                     if not 0 < certs_len <= 64 * PAGE:
-                        raise AttestationProviderError(f"sev-guest asks for {certs_len} bytes of certificates") from None
+                        raise AttestationProviderError(
+                            f"sev-guest asks for {certs_len} bytes of certificates"
+                        ) from None
                     continue
                 if exc.errno in (errno.EPERM, errno.EACCES):
                     raise TeeUnavailableError(f"sev-guest: permission denied on {self.device}") from None
