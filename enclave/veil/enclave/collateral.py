@@ -3,7 +3,8 @@
 The client never contacts a vendor service (DESIGN.md, "Stapled collateral"): the enclave
 staples into every ``Evidence`` the vendor-signed collateral its evidence needs — the AMD CRL,
 the NVIDIA RIMs of its GPUs' driver and VBIOS, the OCSP responses for its GPUs' device chains
-and the RIM signing chains (for TDX: Intel TCB info / QE identity / PCK and root CA CRLs from Intel PCS). A :class:`CollateralSource` fetches them:
+and the RIM signing chains (for TDX: Intel TCB info / QE identity / PCK and root CA
+CRLs from Intel PCS). A :class:`CollateralSource` fetches them:
 
 * :class:`VendorCollateralSource` — the vendors' services, through
   :class:`veil.attestation.collateral.CollateralStore` (AMD KDS, NVIDIA RIM service and OCSP

@@ -302,9 +302,8 @@ async def _serve(args: Any, policy: Any, state_dir: Path, hardware: Any, dumpabl
         _say("SIMULATED TEE: evidence is signed by a software simulation root, not by AMD or NVIDIA hardware")
         _say(f"SIMULATED TEE: simulation root: {authority.root_path}")
         _say(f"SIMULATED TEE: root sha256: ark={fingerprints[0]} gpu={fingerprints[1]}")
-        _say(
-            f"SIMULATED TEE: core dumps disabled, dumpable={dumpable}, data policy sha256={policy.digest.hex()}"
-        )
+        digest_hex = policy.digest.hex()
+        _say(f"SIMULATED TEE: core dumps disabled, dumpable={dumpable}, data policy sha256={digest_hex}")
     else:
         from veil.enclave.tee.hardware import start_hardware
 

@@ -8,8 +8,9 @@ attribute exists), read ``generation``, write the 64 bytes to ``inblob``, read `
 ``generation``; if it moved by more than our one write, another process wrote the entry between
 our write and read (a race), and the report may be for its inblob: we retry with a new entry.
 
-The seam is the root directory: tests point it at a fake tree whose ``outblob`` a fake kernel
-fills (``tests/enclave/tee_fakes.py``, through :class:`ConfigfsFiles`). The report is checked before use: it must parse, and its
+The seams are the root directory and :class:`ConfigfsFiles` (the file operations): tests pass a
+fake kernel whose ``outblob`` is signed over the ``inblob`` written (``tests/enclave/tee_fakes.py``).
+The report is checked before use: it must parse, and its
 REPORT_DATA must be the bytes written (a truncated or foreign blob is an error, never served).
 """
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from veil.attestation.binding import NONCE_SIZE
 from veil.attestation.nvidia.validate import GpuPolicy
-from veil.attestation.nvidia.verify import load_cert_chain, nvidia_device_root, verify_gpu
+from veil.attestation.nvidia.verify import GpuKind, load_cert_chain, nvidia_device_root, verify_gpu
 from veil.attestation.options import VerifyOptions
 from veil.attestation.stapled import stapled_nvidia
 from veil.enclave.errors import AttestationProviderError, TeeUnavailableError
@@ -50,7 +50,7 @@ log = logging.getLogger("veil.enclave.tee")
 def load_nvml() -> Any:
     """The ``pynvml`` module of nvidia-ml-py (NVIDIA's own bindings); TeeUnavailableError without it."""
     try:
-        import pynvml
+        import pynvml  # type: ignore[import-untyped]  # nvidia-ml-py ships no stubs
     except ImportError:
         raise TeeUnavailableError(
             "NVML: nvidia-ml-py is not installed (pip install 'veil[enclave]')"
@@ -193,7 +193,7 @@ def verify_and_set_ready(
     failed: list[str] = []
     parts = source.gpu_evidence(nonce)
     for part in parts:
-        kind = "nvswitch" if part.kind == evidence_pb2.GpuEvidence.KIND_NVSWITCH else "gpu"
+        kind: GpuKind = "nvswitch" if part.kind == evidence_pb2.GpuEvidence.KIND_NVSWITCH else "gpu"
         verdict = verify_gpu(
             part.report,
             load_cert_chain(part.cert_chain),

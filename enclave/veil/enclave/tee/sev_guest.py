@@ -54,7 +54,7 @@ class SevGuestSource:
         device: Path = SEV_GUEST_DEVICE,
         *,
         vmpl: int = 0,
-        ioctl: Ioctl = fcntl.ioctl,  # type: ignore[assignment]  # overloaded in typeshed
+        ioctl: Ioctl = fcntl.ioctl,
         open_device: Callable[[Path], int] = lambda p: os.open(p, os.O_RDWR),
         fetch_chain: Callable[[bytes], bytes] | None = None,
         certs_len: int = 4 * PAGE,
