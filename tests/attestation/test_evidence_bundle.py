@@ -254,7 +254,17 @@ def test_garbage_and_unsupported(policy: Policy) -> None:
         c.name
         for c in verify_evidence(tdx, VerifyOptions(now=NOW), policy=Policy(), nonce=bytes(32)).verdict.failed
     }
-    assert {"platform.verify", "binding.claims", "binding.report_data"} <= failed
+    # TDX is verified now (issue #13): an empty quote fails its parse, never "not supported".
+    assert {"tdx.quote.parse", "binding.claims", "binding.report_data"} <= failed
+    assert "platform.verify" not in failed
+    unknown = evidence_pb2.Evidence(format_version=2, platform=99, nonce=bytes(32))
+    failed = {
+        c.name
+        for c in verify_evidence(
+            unknown, VerifyOptions(now=NOW), policy=Policy(), nonce=bytes(32)
+        ).verdict.failed
+    }
+    assert "platform.verify" in failed
     wrong_version = evidence_pb2.Evidence(format_version=1)  # v1 (GPU kind not bound) is refused
     failed = {
         c.name

@@ -14,6 +14,9 @@ vectors in ``tests/attestation/test_binding.py`` break on any change here.
   count a policy checks) broke no signature; version 2 binds the label.
 * ``gpu_nonce`` = ``SHA-256("veil/gpu-nonce/v1" ‖ nonce ‖ enclave public key bytes)``.
 * ``key_id`` = first 16 bytes of ``SHA-256(enclave public key bytes)``.
+* ``tpm_nonce`` (Azure CVMs) = ``SHA-256("veil/tpm-nonce/v1" ‖ report_data)``: the vTPM quote's
+  ``extraData``, so the quoted PCRs belong to the same exchange (32 bytes: every vTPM accepts a
+  SHA-256-sized qualifying datum). ``report_data`` itself is the HCL ``user-data``.
 
 The enclave public key bytes are the HPKE serialisation of the key: for the
 hybrid ``MLKEM768_X25519`` KEM the ML-KEM-768 encapsulation key (1184 bytes)
@@ -41,6 +44,7 @@ __all__ = [
     "key_id",
     "length_prefixed",
     "report_data",
+    "tpm_nonce",
 ]
 
 EVIDENCE_FORMAT_VERSION = 2
@@ -50,6 +54,8 @@ REPORT_DATA_DOMAIN = b"veil/report-data/v2"
 GPU_KIND_GPU = 1  # evidence_pb2.GpuEvidence.KIND_GPU
 GPU_KIND_NVSWITCH = 2  # evidence_pb2.GpuEvidence.KIND_NVSWITCH
 GPU_NONCE_DOMAIN = b"veil/gpu-nonce/v1"
+TPM_NONCE_DOMAIN = b"veil/tpm-nonce/v1"
+REPORT_DATA_SIZE = 64
 _MAX_CLAIMS_BYTES = 64 * 1024
 
 
@@ -78,6 +84,13 @@ def gpu_nonce(nonce: bytes, public_key_bytes: bytes) -> bytes:
     if not public_key_bytes:
         raise MalformedInputError("empty enclave public key")
     return hashlib.sha256(GPU_NONCE_DOMAIN + nonce + public_key_bytes).digest()
+
+
+def tpm_nonce(report_data: bytes) -> bytes:
+    """The 32-byte nonce (``extraData``) of an Azure vTPM quote bound to ``report_data``."""
+    if len(report_data) != REPORT_DATA_SIZE:
+        raise MalformedInputError(f"report_data must be {REPORT_DATA_SIZE} bytes, got {len(report_data)}")
+    return hashlib.sha256(TPM_NONCE_DOMAIN + report_data).digest()
 
 
 class BoundGpu(Protocol):

@@ -29,6 +29,19 @@ Every check is named; the bundle-level ones are:
   pinned (a release manifest or an allow-list) and equal a pinned value; unpinned fails
   unless the policy's loud ``allow_any_measurement`` opt-out skips them
 
+* ``collateral.intel`` — the stapled Intel collateral parses (TDX platforms only)
+* ``policy.azure_pcrs`` — Azure platforms: the vTPM PCRs the release names (empty fails)
+
+Per platform the CPU report is verified by: SEV-SNP (real and simulated) —
+:func:`~veil.attestation.snp.verify.verify_snp` and :func:`~veil.attestation.snp.validate.validate_snp`
+over REPORT_DATA; TDX — :func:`~veil.attestation.tdx.verify.verify_tdx` with the stapled Intel
+collateral and :func:`~veil.attestation.tdx.validate.validate_tdx` (MRTD, RTMRs, TCB status);
+Azure SEV-SNP / TDX — the hardware report inside the HCL report
+(:func:`~veil.attestation.snp.azure_verify.verify_azure_snp`,
+:func:`~veil.attestation.tdx.azure_verify.verify_azure_tdx`), where the hardware signs
+H(var_data) and Veil's 64 bytes are the HCL ``user-data`` (``azure.user_data``), and the vTPM quote
+carries ``binding.tpm_nonce(report_data)`` (``azure.tpm.nonce``).
+
 * ``simulated.measurement`` — simulated evidence only: the simulator reports the server
   build digest (zero-padded to 48 bytes) as its launch measurement, so it must equal
   ``claims.server_build_digest ‖ 0¹⁶``
@@ -51,21 +64,24 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass, replace
 
-from cryptography import x509
 from google.protobuf.message import DecodeError
 
-from veil.attestation.binding import EVIDENCE_FORMAT_VERSION, NONCE_SIZE, Claims, gpu_nonce, report_data
+from veil.attestation.binding import (
+    EVIDENCE_FORMAT_VERSION,
+    NONCE_SIZE,
+    Claims,
+    gpu_nonce,
+    report_data,
+)
 from veil.attestation.channel.hpke import HpkeSuite, PublicKey
+from veil.attestation.cpu_evidence import CpuResult, azure_tpm_quote, verify_cpu
 from veil.attestation.errors import MalformedInputError
 from veil.attestation.nvidia.report import parse_gpu_report
 from veil.attestation.nvidia.verify import GpuKind, load_cert_chain, verify_gpu
 from veil.attestation.options import VerifyOptions
-from veil.attestation.policy import PlatformName, Policy, vendor_amd_roots
-from veil.attestation.snp.certs import load_certificates
-from veil.attestation.snp.report import SnpReport
-from veil.attestation.snp.validate import ANY_MEASUREMENT, validate_snp
-from veil.attestation.snp.verify import verify_snp_bytes
-from veil.attestation.stapled import stapled_amd_crl, stapled_nvidia
+from veil.attestation.policy import PlatformName, Policy
+from veil.attestation.snp.validate import ANY_MEASUREMENT, validate_azure_pcrs
+from veil.attestation.stapled import stapled_nvidia
 from veil.attestation.verdict import Verdict, VerdictBuilder
 from veil.proto.v1 import evidence_pb2
 
@@ -73,7 +89,7 @@ __all__ = ["VerifiedEvidence", "parse_evidence", "verify_evidence"]
 
 SUPPORTED_FORMAT_VERSION = EVIDENCE_FORMAT_VERSION
 MAX_EVIDENCE_BYTES = 8 * 1024 * 1024
-_SNP_PLATFORMS = (PlatformName.SEV_SNP, PlatformName.SIMULATED_SEV_SNP)
+_AZURE_PLATFORMS = (PlatformName.AZURE_SEV_SNP, PlatformName.AZURE_TDX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,33 +217,38 @@ def verify_evidence(
         f"claims.simulated={simulated_claims}",
     )
 
-    # ---- CPU report
-    report = _verify_cpu(v, msg, platform, policy, options)
-
-    # ---- binding of nonce, claims and GPU reports into report_data
+    # ---- what REPORT_DATA must be: H(nonce, claims, GPU reports)
     expected: bytes | None = None
+    problem = ""
     if len(bound_nonce) != NONCE_SIZE:
-        v.fail("binding.report_data", f"nonce is {len(bound_nonce)} bytes, not {NONCE_SIZE}")
-    elif report is None:
-        v.fail("binding.report_data", "no parsed CPU report to compare with")
+        problem = f"nonce is {len(bound_nonce)} bytes, not {NONCE_SIZE}"
     else:
         try:
             expected = report_data(bound_nonce, bytes(msg.claims), msg.gpus)
         except MalformedInputError as exc:
-            v.fail("binding.report_data", str(exc))
-        else:
-            ok = hmac.compare_digest(expected, report.report_data)
-            v.check(
-                "binding.report_data",
-                ok,
-                "H(nonce, claims, GPU kinds, indices and reports) = signed REPORT_DATA"
-                if ok
-                else "signed REPORT_DATA does not match H(nonce, claims, GPU kinds, indices and reports)",
-            )
+            problem = str(exc)
 
-    if report is not None and claims is not None and platform is PlatformName.SIMULATED_SEV_SNP:
-        expected_measurement = claims.server_build_digest.ljust(len(report.measurement), b"\0")
-        ok = hmac.compare_digest(report.measurement, expected_measurement)
+    # ---- CPU report
+    cpu = verify_cpu(v, msg, platform=platform, policy=policy, options=options, expected=expected)
+
+    # ---- binding of nonce, claims and GPU reports into report_data
+    if expected is None:
+        v.fail("binding.report_data", problem)
+    elif cpu is None:
+        v.fail("binding.report_data", "no parsed CPU report to compare with")
+    else:
+        ok = hmac.compare_digest(expected, cpu.report_data)
+        v.check(
+            "binding.report_data",
+            ok,
+            "H(nonce, claims, GPU kinds, indices and reports) = signed REPORT_DATA"
+            if ok
+            else "signed REPORT_DATA does not match H(nonce, claims, GPU kinds, indices and reports)",
+        )
+
+    if cpu is not None and claims is not None and platform is PlatformName.SIMULATED_SEV_SNP:
+        expected_measurement = claims.server_build_digest.ljust(len(cpu.measurement), b"\0")
+        ok = hmac.compare_digest(cpu.measurement, expected_measurement)
         v.check(
             "simulated.measurement",
             ok,
@@ -253,7 +274,7 @@ def verify_evidence(
         msg,
         platform=platform,
         policy=policy,
-        report=report,
+        cpu=cpu,
         claims=claims,
         expected_report_data=expected,
     )
@@ -277,61 +298,6 @@ def _check_key(v: VerdictBuilder, claims: Claims, public_key: PublicKey) -> None
         if suite is public_key.suite
         else f"claims say suite {suite.name}, key is {public_key.suite.name}",
     )
-
-
-def _verify_cpu(
-    v: VerdictBuilder,
-    msg: evidence_pb2.Evidence,
-    platform: PlatformName | None,
-    policy: Policy,
-    options: VerifyOptions,
-) -> SnpReport | None:
-    if platform not in _SNP_PLATFORMS:
-        name = platform.value if platform else f"unknown platform {msg.platform}"
-        v.fail("platform.verify", f"{name}: verification of this platform is not supported by this client")
-        return None
-    roots: tuple[x509.Certificate, ...]
-    if platform is PlatformName.SIMULATED_SEV_SNP:
-        roots = policy.trusted_roots.simulation_roles()[0]
-        if not roots:
-            v.fail("snp.chain.ark", "simulated evidence, and the policy trusts no simulation root")
-            return None
-    else:
-        amd = policy.trusted_roots.amd
-        if not amd:
-            v.fail("snp.chain.ark", "the policy trusts no AMD root")
-            return None
-        # The package's own ARKs (no roots in the options): verify_snp fills in a missing ASK too.
-        roots = () if amd == vendor_amd_roots() else amd
-    try:
-        certs = load_certificates(bytes(msg.cpu_cert_chain)) if msg.cpu_cert_chain else []
-    except MalformedInputError as exc:
-        v.fail("snp.chain.parse", str(exc))
-        certs = []
-    try:
-        crl = stapled_amd_crl(msg.collateral)
-    except MalformedInputError as exc:
-        v.fail("snp.chain.crl", str(exc))
-        crl, crl_problem = None, True
-    else:
-        crl_problem = False
-    report, verdict = verify_snp_bytes(
-        bytes(msg.cpu_report), certs, replace(options, trusted_roots=roots), crl=crl
-    )
-    for check in verdict.checks:
-        if check.name != "snp.chain.crl" or crl is not None:
-            v.extend([check])
-        elif crl_problem:
-            continue  # already failed above, naming why
-        elif policy.require_crl:
-            v.fail(
-                "snp.chain.crl",
-                "no AMD CRL stapled (Evidence.collateral.amd.crl): the policy requires the "
-                "ASK/ASVK checked against a current ARK-signed CRL",
-            )
-        else:
-            v.skip("snp.chain.crl", "no AMD CRL stapled, and the policy does not require one")
-    return report
 
 
 def _verify_gpus(
@@ -412,7 +378,7 @@ def _appraise(
     *,
     platform: PlatformName | None,
     policy: Policy,
-    report: SnpReport | None,
+    cpu: CpuResult | None,
     claims: Claims | None,
     expected_report_data: bytes | None,
 ) -> None:
@@ -437,11 +403,16 @@ def _appraise(
     else:
         v.passed("policy.simulated", "hardware evidence (not simulated)")
 
-    if report is None:
+    if cpu is None:
         for name in ("policy.debug", "policy.min_tcb", "policy.measurement"):
             v.fail(name, "no verified CPU report to appraise")
     else:
-        _appraise_snp(v, report, policy, expected_report_data)
+        v.extend(cpu.appraise(policy, expected_report_data).checks)
+    if platform in _AZURE_PLATFORMS:
+        pcrs = validate_azure_pcrs(
+            azure_tpm_quote(msg), policy.azure_pcrs, allow_any=policy.allow_any_measurement
+        )
+        v.extend(pcrs.checks)
 
     if claims is None:
         for name in ("policy.build_digest", "policy.model_digest", "policy.data_policy_digest"):
@@ -509,9 +480,3 @@ def _appraise_release(v: VerdictBuilder, platform: PlatformName | None, policy: 
             f"release {release.name} (publisher key id {str(release.publisher_key_id)[:16]}…) "
             + (f"names {platform.value}" if named else f"does not name platform {platform.value}"),
         )
-
-
-def _appraise_snp(
-    v: VerdictBuilder, report: SnpReport, policy: Policy, expected_report_data: bytes | None
-) -> None:
-    v.extend(validate_snp(report, policy.snp_policy(report, expected_report_data)).checks)

@@ -45,6 +45,7 @@ Policy files are TOML (every key optional)::
     [roots]                           # paths relative to the policy file
     amd = ["ark.pem"]                 # replaces the shipped AMD roots
     nvidia = ["root.pem"]             # replaces the shipped NVIDIA device root
+    intel = ["root.pem"]              # replaces the shipped Intel SGX Root CA (TDX)
     simulation = "simulation-root.pem"  # needs "SIMULATED_SEV_SNP" in platforms
 
 Unknown keys, wrong types and unreadable files raise :class:`PolicyError`.
@@ -152,12 +153,15 @@ class TrustedRoots:
     amd: tuple[x509.Certificate, ...] = ()
     nvidia: tuple[x509.Certificate, ...] = ()
     simulation: tuple[x509.Certificate, ...] = ()
+    intel: tuple[x509.Certificate, ...] = ()  # Intel SGX Root CA (TDX PCK chain and collateral)
 
     @classmethod
     def vendor(cls) -> TrustedRoots:
         """The vendor roots shipped in the package (fingerprint-checked when loaded)."""
+        from veil.attestation.tdx.verify import intel_sgx_root_ca
+
         try:
-            return cls(amd=vendor_amd_roots(), nvidia=(nvidia_device_root(),))
+            return cls(amd=vendor_amd_roots(), nvidia=(nvidia_device_root(),), intel=(intel_sgx_root_ca(),))
         except (VeilAttestationError, OSError) as exc:
             raise PolicyError(f"shipped vendor roots unusable: {exc}") from exc
 
@@ -178,7 +182,7 @@ class TrustedRoots:
         """SHA-256 fingerprints of every root, per vendor."""
         return {
             name: [hashlib.sha256(_der(c)).hexdigest() for c in getattr(self, name)]
-            for name in ("amd", "nvidia", "simulation")
+            for name in ("amd", "nvidia", "intel", "simulation")
         }
 
 
@@ -556,7 +560,7 @@ def _list(doc: Mapping[str, Any], key: str, kind: type) -> list[Any]:
 
 
 def _roots(doc: Mapping[str, Any], base_dir: Path) -> TrustedRoots:
-    unknown = sorted(set(doc) - {"amd", "nvidia", "simulation"})
+    unknown = sorted(set(doc) - {"amd", "nvidia", "intel", "simulation"})
     if unknown:
         raise PolicyError(f"unknown [roots] key(s): {', '.join(unknown)}")
     vendor = TrustedRoots.vendor()
@@ -571,5 +575,6 @@ def _roots(doc: Mapping[str, Any], base_dir: Path) -> TrustedRoots:
     return TrustedRoots(
         amd=load("amd") if "amd" in doc else vendor.amd,
         nvidia=load("nvidia") if "nvidia" in doc else vendor.nvidia,
+        intel=load("intel") if "intel" in doc else vendor.intel,
         simulation=load("simulation") if "simulation" in doc else (),
     )

@@ -13,9 +13,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="port (default 0: pick a free one and print it)")
     parser.add_argument(
         "--tee",
-        choices=["simulated"],
+        choices=["auto", "snp", "tdx", "azure", "simulated"],
         default="simulated",
-        help="attestation provider (only 'simulated' today)",
+        help="attestation provider: auto (probe configfs-tsm, /dev/sev-guest, the Azure vTPM), snp "
+        "(configfs-tsm or /dev/sev-guest), tdx (configfs-tsm), azure (vTPM HCL report, SNP or TDX), "
+        "simulated (software TEE for development; default). Hardware choices probe before the model "
+        "loads and exit non-zero, naming every interface probed, when none is usable",
+    )
+    parser.add_argument(
+        "--gpus",
+        default="auto",
+        metavar="auto|none|N",
+        help="NVIDIA GPUs in CC mode via NVML: auto (use them when present, CPU-only without a driver), "
+        "none, or exactly N (refuse to start otherwise); the simulated TEE always reports one",
     )
     parser.add_argument(
         "--state-dir",

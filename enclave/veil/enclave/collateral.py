@@ -3,8 +3,8 @@
 The client never contacts a vendor service (DESIGN.md, "Stapled collateral"): the enclave
 staples into every ``Evidence`` the vendor-signed collateral its evidence needs — the AMD CRL,
 the NVIDIA RIMs of its GPUs' driver and VBIOS, the OCSP responses for its GPUs' device chains
-and the RIM signing chains (Intel TCB info / QE identity / PCK CRLs for TDX, when a TDX
-provider exists). A :class:`CollateralSource` fetches them:
+and the RIM signing chains (for TDX: Intel TCB info / QE identity / PCK and root CA
+CRLs from Intel PCS). A :class:`CollateralSource` fetches them:
 
 * :class:`VendorCollateralSource` — the vendors' services, through
   :class:`veil.attestation.collateral.CollateralStore` (AMD KDS, NVIDIA RIM service and OCSP
@@ -43,6 +43,9 @@ from veil.attestation.nvidia.certs import load_cert_chain
 from veil.attestation.nvidia.report import parse_gpu_report
 from veil.attestation.nvidia.rim import parse_rim
 from veil.attestation.nvidia.verify import GpuKind, gpu_rim_ids
+from veil.attestation.stapled import intel_collateral_proto, stapled_intel
+from veil.attestation.tdx.fetch import fetch_tdx_collateral
+from veil.attestation.tdx.quote import parse_tdx_quote
 from veil.enclave.errors import CollateralUnavailableError
 from veil.proto.v1 import evidence_pb2
 
@@ -81,6 +84,10 @@ def _windows(c: evidence_pb2.Collateral) -> list[tuple[dt.datetime, dt.datetime]
         for single in resp.responses:
             if single.next_update_utc is not None:
                 out.append((single.this_update_utc, single.next_update_utc))
+    intel = stapled_intel(c)
+    if intel is not None:
+        for doc in (intel.tcb_info, intel.qe_identity):
+            out.append((doc.issue_date, doc.next_update))
     for xml in c.nvidia.rims:
         rim = parse_rim(bytes(xml))
         if rim.certificates:
@@ -175,11 +182,13 @@ class CollateralCache:
 @dataclass(frozen=True, slots=True)
 class CollateralNeeds:
     """What an enclave's evidence needs stapled: the AMD product (``Milan`` …) and signer
-    (``vcek`` / ``vlek``), and each GPU's (kind, SPDM report, PEM device chain)."""
+    (``vcek`` / ``vlek``), a TDX quote (its FMSPC and PCK CA name the Intel collateral), and each
+    GPU's (kind, SPDM report, PEM device chain)."""
 
     amd_product: str | None = None
     amd_signer: str = "vcek"
     gpus: Sequence[tuple[GpuKind, bytes, bytes]] = ()
+    tdx_quote: bytes | None = None
 
 
 @dataclass
@@ -198,6 +207,9 @@ class VendorCollateralSource:
         out = evidence_pb2.Collateral()
         if self.needs.amd_product is not None:
             out.amd.crl = self.store.amd_crl(self.needs.amd_product, self.needs.amd_signer).content
+        if self.needs.tdx_quote is not None:
+            tdx = fetch_tdx_collateral(self.store, parse_tdx_quote(self.needs.tdx_quote))
+            out.intel.CopyFrom(intel_collateral_proto(tdx))
         rims: dict[str, bytes] = {}
         responses: list[bytes] = []
         for kind, report, chain_pem in self.needs.gpus:

@@ -18,8 +18,10 @@
     │   │                            (the server maps it to INVALID_ARGUMENT, a fixed message)
     │   └── ReplayCacheFullError     no room to remember another request id (RESOURCE_EXHAUSTED)
     ├── AttestationProviderError     a TEE attestation provider failed to produce evidence
-    │   └── CollateralUnavailableError   no current vendor collateral to staple (fetch failed and
-    │                                    the cached set expired, or it does not parse)
+    │   ├── CollateralUnavailableError   no current vendor collateral to staple (fetch failed and
+    │   │                                the cached set expired, or it does not parse)
+    │   └── TeeUnavailableError      no usable TEE / GPU interface: missing, permission denied,
+    │                                CC mode off, dev-tools mode on (``veil serve`` exits non-zero)
     └── DataPolicyError              the data-handling policy file is malformed or promises
                                      something this server cannot enforce
 
@@ -42,6 +44,7 @@ __all__ = [
     "PromptTooLongError",
     "ReplayCacheFullError",
     "ReplayRefusedError",
+    "TeeUnavailableError",
 ]
 
 
@@ -95,3 +98,7 @@ class DataPolicyError(EnclaveError):
 
 class CollateralUnavailableError(AttestationProviderError):
     """No current vendor collateral to staple into the evidence (see ``veil.enclave.collateral``)."""
+
+
+class TeeUnavailableError(AttestationProviderError):
+    """No usable TEE or GPU attestation interface (see ``veil.enclave.tee.probe``)."""

@@ -252,10 +252,19 @@ async def serve(args: Any) -> int:
         remove_temp_files,
     )
 
-    if args.tee != "simulated":
-        _say(f"veil serve: --tee {args.tee} is not available yet (only 'simulated')")
-        return 2
-    simulated = True
+    simulated = args.tee == "simulated"
+    hardware: Any = None
+    if not simulated:  # probe before anything heavy: a machine without a TEE exits in seconds
+        from veil.enclave.errors import TeeUnavailableError
+        from veil.enclave.tee.probe import select_hardware
+
+        try:
+            hardware = select_hardware(args.tee, getattr(args, "gpus", "auto"))
+        except TeeUnavailableError as exc:
+            _say(f"veil serve: {exc}")
+            return 2
+        _say(f"TEE: {hardware[0].name}" + (f"; GPUs: {hardware[1].name}" if hardware[1] else "; no GPUs"))
+        _say(f"TEE: probed:\n{hardware[2]}")
     hardening = harden_process()
     policy = load_data_policy(Path(args.data_policy) if args.data_policy else None)
     configure_logging(policy, simulated=simulated)
@@ -269,12 +278,12 @@ async def serve(args: Any) -> int:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = confine_temp_files(state_dir)
     try:
-        return await _serve(args, policy, state_dir, simulated, hardening.dumpable)
+        return await _serve(args, policy, state_dir, hardware, hardening.dumpable)
     finally:
         remove_temp_files(tmp)
 
 
-async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpable: bool | None) -> int:
+async def _serve(args: Any, policy: Any, state_dir: Path, hardware: Any, dumpable: bool | None) -> int:
     from veil.enclave.engine.async_engine import AsyncEngine
     from veil.enclave.keys import build_digest, create_identity, measurement_from_build_digest
     from veil.enclave.sim_release import write_simulation_release
@@ -285,12 +294,23 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    authority = load_or_create_simulation(state_dir)
-    fingerprints = root_fingerprints(authority.root_bundle_pem())
-    _say("SIMULATED TEE: evidence is signed by a software simulation root, not by AMD or NVIDIA hardware")
-    _say(f"SIMULATED TEE: simulation root: {authority.root_path}")
-    _say(f"SIMULATED TEE: root sha256: ark={fingerprints[0]} gpu={fingerprints[1]}")
-    _say(f"SIMULATED TEE: core dumps disabled, dumpable={dumpable}, data policy sha256={policy.digest.hex()}")
+    simulated = hardware is None
+    provider: AttestationProvider
+    if simulated:
+        authority = load_or_create_simulation(state_dir)
+        fingerprints = root_fingerprints(authority.root_bundle_pem())
+        _say("SIMULATED TEE: evidence is signed by a software simulation root, not by AMD or NVIDIA hardware")
+        _say(f"SIMULATED TEE: simulation root: {authority.root_path}")
+        _say(f"SIMULATED TEE: root sha256: ark={fingerprints[0]} gpu={fingerprints[1]}")
+        digest_hex = policy.digest.hex()
+        _say(f"SIMULATED TEE: core dumps disabled, dumpable={dumpable}, data policy sha256={digest_hex}")
+    else:
+        from veil.enclave.tee.hardware import start_hardware
+
+        # Collateral fetched (or read from the state dir) and GPUs self-verified before the model loads.
+        provider = await asyncio.to_thread(start_hardware, hardware[0], hardware[1], state_dir)
+        _say(f"TEE: {provider.name}: collateral stapled, GPUs (if any) verified and set ready")
+        _say(f"TEE: core dumps disabled, dumpable={dumpable}, data policy sha256={policy.digest.hex()}")
 
     # Everything the enclave caches lives in its state dir: the compiled kernels (a prebuilt one
     # from `make setup` is only read, verified by its sidecar and copied) and the tokenizer.
@@ -314,16 +334,19 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
             server_build_digest=digest,
             simulated=simulated,
         )
-        provider = SimulatedTeeProvider(authority, measurement_from_build_digest(digest), gpu_count=_SIM_GPUS)
-        manifest = write_simulation_release(
-            state_dir,
-            build_digest=digest,
-            model_digest=identity.claims.model_digest,
-            data_policy_digest=policy.digest,
-            gpu_count=_SIM_GPUS,
-            tcb=authority.tcb,
-        )
-        _say(f"SIMULATED TEE: release manifest (signed by the simulation publisher key): {manifest}")
+        if simulated:
+            provider = SimulatedTeeProvider(
+                authority, measurement_from_build_digest(digest), gpu_count=_SIM_GPUS
+            )
+            manifest = write_simulation_release(
+                state_dir,
+                build_digest=digest,
+                model_digest=identity.claims.model_digest,
+                data_policy_digest=policy.digest,
+                gpu_count=_SIM_GPUS,
+                tcb=authority.tcb,
+            )
+            _say(f"SIMULATED TEE: release manifest (signed by the simulation publisher key): {manifest}")
         options = ServerOptions(
             host=args.host,
             port=args.port,
@@ -348,7 +371,8 @@ async def _serve(args: Any, policy: Any, state_dir: Path, simulated: bool, dumpa
         port = await server.start()
         if server.prometheus is not None:
             _say(f"metrics (Prometheus) on http://{args.metrics_host}:{server.prometheus.port}/metrics")
-        _say(f"SIMULATED TEE: enclave key id {identity.key_id.hex()}, build sha256 {digest.hex()}")
+        label = "SIMULATED TEE" if simulated else "TEE"
+        _say(f"{label}: enclave key id {identity.key_id.hex()}, build sha256 {digest.hex()}")
         host = f"[{args.host}]" if ":" in args.host else args.host
         _say(f"listening on {host}:{port}")
         await stop.wait()

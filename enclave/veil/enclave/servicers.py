@@ -175,6 +175,7 @@ class AttestationServicer(service_pb2_grpc.AttestationServiceServicer):
             claims=ident.claims_bytes,
             nonce=bytes(request.nonce),
             simulated=parts.simulated,
+            azure=parts.cpu.azure,
             collateral=parts.collateral,
         )
 

@@ -35,12 +35,14 @@ from veil.attestation.snp.report import Product, SnpReport
 from veil.attestation.snp.verify import verify_snp_bytes
 from veil.attestation.verdict import Verdict, VerdictBuilder
 
-__all__ = ["verify_azure_snp"]
+__all__ = ["check_hcl_binding", "verify_azure_snp", "verify_vtpm"]
+
+_SNP_REPORT_DATA = slice(0x50, 0x90)
 
 
-def _check_binding(b: VerdictBuilder, hcl: HclReport) -> None:
+def check_hcl_binding(b: VerdictBuilder, hcl: HclReport, report_data: bytes) -> None:
+    """``azure.hcl.binding``: the hardware-signed ``report_data`` is H(var_data) ‖ zeros."""
     digest = hcl.variable_data_digest()
-    report_data = hcl.hw_report[0x50:0x90]
     ok = report_data[: len(digest)] == digest and not any(report_data[len(digest) :])
     b.check(
         "azure.hcl.binding",
@@ -125,6 +127,7 @@ def verify_azure_snp(
     nonce: bytes | None = None,
     user_data: bytes | None = None,
     product: Product | str | None = None,
+    crl: x509.CertificateRevocationList | None = None,
 ) -> tuple[SnpReport | None, Verdict]:
     """Verify Azure SNP CVM evidence end to end.
 
@@ -141,7 +144,8 @@ def verify_azure_snp(
     its own 64 bytes (Veil's ``report_data``) passes them as ``user_data`` (the guest
     writes them to the vTPM's user-data index before reading the HCL report; they
     are then bound by the hardware through var_data) and leaves ``SnpPolicy.report_data``
-    unset; ``nonce`` binds the vTPM quote (and so the PCRs) to the same exchange.
+    unset; ``nonce`` binds the vTPM quote (and so the PCRs) to the same exchange. ``crl`` is the
+    ARK-signed CRL for ``snp.chain.crl``, as in :func:`~veil.attestation.snp.verify.verify_snp`.
     """
     b = VerdictBuilder()
     try:
@@ -151,10 +155,19 @@ def verify_azure_snp(
         b.fail("azure.hcl.parse", str(exc))
         return None, b.build()
     b.passed("azure.hcl.parse", f"HCL report v{hcl.version}, SEV-SNP")
-    report, snp_verdict = verify_snp_bytes(snp_bytes, certs, options, product=product)
+    report, snp_verdict = verify_snp_bytes(snp_bytes, certs, options, product=product, crl=crl)
     b.extend(snp_verdict.checks)
-    _check_binding(b, hcl)
+    check_hcl_binding(b, hcl, hcl.hw_report[_SNP_REPORT_DATA])
+    verify_vtpm(b, hcl, quote, nonce=nonce, user_data=user_data)
+    return report, b.build()
 
+
+def verify_vtpm(
+    b: VerdictBuilder, hcl: HclReport, quote: TpmQuote, *, nonce: bytes | None, user_data: bytes | None
+) -> RuntimeData | None:
+    """The vTPM half of Azure CVM evidence (SNP or TDX): ``azure.runtime_data`` (the attestation
+    key in var_data), ``azure.tpm.*`` (quote signed by it, nonce, PCR digest) and
+    ``azure.user_data``; returns the runtime data when it parsed."""
     ak: rsa.RSAPublicKey | None = None
     runtime: RuntimeData | None = None
     try:
@@ -176,4 +189,4 @@ def verify_azure_snp(
         b.check(
             "azure.user_data", ok, "user-data matches" if ok else "user-data differs from the expected value"
         )
-    return report, b.build()
+    return runtime

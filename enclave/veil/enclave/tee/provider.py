@@ -16,7 +16,10 @@ Implementations:
 
 * :class:`veil.enclave.tee.simulated.SimulatedTeeProvider` — software SEV-SNP + H100
   layouts signed by a simulation chain (development and CI).
-* Real providers (a later issue) plug in by implementing the two methods:
+* :class:`veil.enclave.tee.hardware.HardwareProvider` — one CPU source
+  (:mod:`~veil.enclave.tee.configfs_tsm`, :mod:`~veil.enclave.tee.sev_guest`,
+  :mod:`~veil.enclave.tee.azure`) and optionally NVIDIA GPUs (:mod:`~veil.enclave.tee.nvidia`),
+  chosen by :mod:`~veil.enclave.tee.probe` (``veil serve --tee auto``). What they read:
 
   - **SEV-SNP / TDX via configfs-tsm** (Linux ≥ 6.7): ``mkdir
     /sys/kernel/config/tsm/report/<name>``, write the 64 bytes to ``inblob``, read
@@ -75,6 +78,7 @@ class CpuEvidencePart:
 
     report: bytes
     cert_chain: bytes
+    azure: evidence_pb2.AzureVtpmEvidence | None = None  # Azure CVMs: HCL report and vTPM quote
 
 
 @dataclass(frozen=True, slots=True)
