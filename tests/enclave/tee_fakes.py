@@ -224,6 +224,7 @@ class FakeNvml:
     devtools: bool = False
     library: bool = True
     ready: int = 0
+    protected_pcie: bool = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(pynvml, name)  # constants, structures, NVMLError
@@ -246,7 +247,11 @@ class FakeNvml:
         return s
 
     def nvmlSystemGetConfComputeSettings(self, settings: Any) -> int:
-        settings.multiGpuMode = pynvml.NVML_CC_SYSTEM_MULTIGPU_NONE
+        settings.multiGpuMode = (
+            pynvml.NVML_CC_SYSTEM_MULTIGPU_PROTECTED_PCIE
+            if self.protected_pcie
+            else pynvml.NVML_CC_SYSTEM_MULTIGPU_NONE
+        )
         return int(pynvml.NVML_SUCCESS)
 
     def nvmlDeviceGetCount(self) -> int:

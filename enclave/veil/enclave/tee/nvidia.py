@@ -137,7 +137,14 @@ class NvmlGpuSource:
         self.handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         mode = {nvml.NVML_CC_SYSTEM_MULTIGPU_PROTECTED_PCIE: "protected PCIe"}.get(self.multi_gpu_mode)
         self.switches = switches
-        if mode is not None and switches is None and NvattestSwitches.available():
+        if mode is not None and switches is None:
+            if not NvattestSwitches.available():
+                # Fail closed: in protected-PCIe mode the NVSwitches carry the GPUs' traffic, and
+                # a client could not see whether they are genuine without their evidence.
+                raise TeeUnavailableError(
+                    "NVML: multi-GPU mode is protected PCIe, whose NVSwitch evidence only NVIDIA's "
+                    "`nvattest` collects; install it (nvTrust) and put it on PATH"
+                )
             self.switches = NvattestSwitches()
         self.name = f"{count} NVIDIA GPU(s) in CC mode (NVML{', ' + mode if mode else ''}" + (
             ", NVSwitches via nvattest)" if self.switches else ")"
