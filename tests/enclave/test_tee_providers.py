@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tee_fakes import (
+    CHIP_ID,
     MEASUREMENT,
     MRTD,
     FakeAzureTpm,
@@ -17,6 +18,7 @@ from tee_fakes import (
     FakeNvml,
     FakeSnp,
     fake_sev_guest_ioctl,
+    pem,
     tdx_quote,
 )
 
@@ -302,3 +304,42 @@ def test_probe_finds_configfs_snp_and_gpus(world: dict[str, Any], tmp_path: Path
     assert "configfs-tsm: found" in text and "NVML: found" in text
     with pytest.raises(TeeUnavailableError, match="no usable TEE"):
         select_hardware("tdx", "none", seams)  # the machine is SNP
+
+
+def test_snp_host_without_certificates_gets_the_vcek_chain_from_kds(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """configfs-tsm with an empty auxblob: the VCEK for the report's chip and reported TCB, then
+    ASK+ARK, come from AMD's KDS (a loopback-free httpx transport speaking its URLs); cached."""
+    import httpx
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from veil.attestation.collateral import CollateralStore, Endpoints
+    from veil.enclave.tee.hardware import kds_chain_fetcher
+
+    snp = world["snp"]
+    asked: list[str] = []
+
+    def kds(request: httpx.Request) -> httpx.Response:
+        asked.append(f"{request.url.path}?{request.url.query.decode()}")
+        if request.url.path == f"/vcek/v1/Milan/{CHIP_ID.hex()}":
+            return httpx.Response(200, content=snp.vcek.public_bytes(Encoding.DER))
+        if request.url.path == "/vcek/v1/Milan/cert_chain":
+            return httpx.Response(200, content=pem(snp.amd.ask, snp.amd.ark))
+        return httpx.Response(404)
+
+    store = CollateralStore(
+        cache_dir=tmp_path / "kds",
+        endpoints=Endpoints(amd_kds="https://kds.test"),
+        client=httpx.Client(transport=httpx.MockTransport(kds)),
+        kds_min_interval_s=0.0,
+    )
+    fake = FakeConfigfs("sev_guest", snp.report, auxblob=b"")
+    cpu = ConfigfsTsmSource(ConfigfsTsm(TSM, files=fake), "sev_guest", fetch_chain=kds_chain_fetcher(store))
+    _check_end_to_end(
+        HardwareProvider(cpu, collateral=lambda: world["collateral"]), _policy(world, PlatformName.SEV_SNP)
+    )
+    assert asked[0] == f"/vcek/v1/Milan/{CHIP_ID.hex()}?blSPL=4&snpSPL=22&teeSPL=0&ucodeSPL=213"
+    # a report that is not one is a typed provider error, not a traceback
+    with pytest.raises(AttestationProviderError, match="VCEK lookup"):
+        kds_chain_fetcher(store)(b"\0" * 10)

@@ -255,11 +255,16 @@ async def serve(args: Any) -> int:
     simulated = args.tee == "simulated"
     hardware: Any = None
     if not simulated:  # probe before anything heavy: a machine without a TEE exits in seconds
+        from veil.attestation.collateral import CollateralStore
         from veil.enclave.errors import TeeUnavailableError
-        from veil.enclave.tee.probe import select_hardware
+        from veil.enclave.tee.hardware import kds_chain_fetcher
+        from veil.enclave.tee.probe import Seams, select_hardware
 
+        state = Path(args.state_dir) if args.state_dir else default_state_dir()
+        # SNP hosts that hand out no certificate table: the VCEK chain from AMD's KDS, cached.
+        kds = kds_chain_fetcher(CollateralStore(cache_dir=state / "vendor-cache"))
         try:
-            hardware = select_hardware(args.tee, getattr(args, "gpus", "auto"))
+            hardware = select_hardware(args.tee, getattr(args, "gpus", "auto"), Seams(fetch_chain=kds))
         except TeeUnavailableError as exc:
             _say(f"veil serve: {exc}")
             return 2

@@ -73,6 +73,39 @@ class HardwareProvider(AttestationProvider):
         return None if self._collateral is None else self._collateral()
 
 
+def kds_chain_fetcher(store: CollateralStore) -> Callable[[bytes], bytes]:
+    """For an SNP host that hands out no certificates: the VCEK for a report's chip and reported
+    TCB, then ASK+ARK, from AMD's KDS through ``store`` (cached on disk; PEM). The product comes
+    from the report's CPUID fields (version 3+ reports); older reports cannot name it."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from veil.attestation.snp.report import parse_snp_report
+
+    def fetch(report_bytes: bytes) -> bytes:
+        try:
+            report = parse_snp_report(report_bytes)
+        except VeilAttestationError as exc:
+            raise AttestationProviderError(f"SNP report unusable for a VCEK lookup: {exc}") from None
+        product = report.product
+        if product is None:
+            raise AttestationProviderError(
+                "the host gave no SNP certificates and the report (version < 3) does not name its "
+                "product; configure the host's certificate table (snphost import) instead"
+            )
+        tcb = report.reported_tcb.components()
+        names = {"bootloader": "bl", "tee": "tee", "snp": "snp", "microcode": "ucode", "fmc": "fmc"}
+        hwid = report.chip_id[:8] if report.reported_tcb.turin else report.chip_id
+        try:
+            vcek = store.amd_vcek(product.value, hwid, {names[k]: v for k, v in tcb.items()})
+            chain = store.amd_cert_chain(product.value, "vcek")
+            leaf = x509.load_der_x509_certificate(vcek.content)
+        except (VeilAttestationError, ValueError) as exc:
+            raise AttestationProviderError(f"AMD KDS: no VCEK for this chip ({exc})") from None
+        return leaf.public_bytes(Encoding.PEM) + chain.content
+
+    return fetch
+
+
 def start_hardware(
     cpu: CpuSource,
     gpus: GpuSource | None,
