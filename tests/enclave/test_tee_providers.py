@@ -262,7 +262,7 @@ def test_nvml_refuses_cc_off_dev_tools_and_a_wrong_count() -> None:
         NvmlGpuSource(FakeNvml(gpu, count=2), expected=1)
     with pytest.raises(TeeUnavailableError, match="cannot initialise"):
         NvmlGpuSource(FakeNvml(gpu, library=False))
-    with pytest.raises(TeeUnavailableError, match="protected PCIe.*nvattest"):
+    with pytest.raises(TeeUnavailableError, match=r"protected PCIe.*nvattest"):
         NvmlGpuSource(FakeNvml(gpu, protected_pcie=True))  # no nvattest on PATH here
 
 
