@@ -343,3 +343,34 @@ def test_snp_host_without_certificates_gets_the_vcek_chain_from_kds(
     # a report that is not one is a typed provider error, not a traceback
     with pytest.raises(AttestationProviderError, match="VCEK lookup"):
         kds_chain_fetcher(store)(b"\0" * 10)
+
+
+@pytest.mark.tee
+def test_this_machines_tee_signs_a_bundle_the_client_binds() -> None:
+    """On a real confidential VM (`make test` there): the probed provider's report carries this
+    enclave's binding and verifies to the vendor roots; the measurement is not pinned here."""
+    import datetime as dt
+
+    cpu, _gpus, probed = select_hardware("auto", "none")
+    provider = start_hardware_for_test(cpu)
+    nonce = secrets.token_bytes(32)
+    ev = _bundle(provider, nonce)
+    result = verify_evidence(
+        ev,
+        VerifyOptions(now=dt.datetime.now(dt.UTC)),
+        policy=Policy(allow_any_measurement=True, gpu_count=0),
+        nonce=nonce,
+    )
+    checks = {c.name: c for c in result.verdict.checks}
+    failed = {c.name for c in result.verdict.failed}
+    assert "platform.verify" not in checks, probed
+    assert not {n for n in failed if n.startswith("binding.")}, [str(c) for c in result.verdict.failed]
+
+
+def start_hardware_for_test(cpu: Any) -> HardwareProvider:
+    """The provider with the vendor collateral ``veil serve`` would staple (fetched online)."""
+    import tempfile
+
+    from veil.enclave.tee.hardware import start_hardware
+
+    return start_hardware(cpu, None, Path(tempfile.mkdtemp(prefix="veil-tee-test-")))
