@@ -106,8 +106,9 @@ class ReplicaStatus:
     """A snapshot of one replica for display (``Client.replicas``, ``GET /veil/attestation``).
 
     ``state`` is ``ready`` (attested, usable), ``unattested`` (not yet used), ``backoff``
-    (failed before accepting a request; sits out ``retry_in_s`` more seconds) or ``refused``
-    (its evidence failed verification or did not match the pinned identity).
+    (failed; sits out ``retry_in_s`` more seconds), ``recovering`` (its back-off is over: the
+    next request tries it) or ``refused`` (its evidence failed verification or did not match
+    the pinned identity).
     """
 
     target: str
@@ -215,6 +216,8 @@ class ReplicaPool(Generic[T]):
             state = "refused"
         elif retry_in > 0:
             state = "backoff"
+        elif replica.error is not None:
+            state = "recovering"
         elif replica.attestation is None:
             state = "unattested"
         else:

@@ -133,7 +133,7 @@ class Proxy:
 
     async def health(self, request: Request) -> Response:
         states = [r.state for r in self.client.replicas]
-        usable = sum(s in ("ready", "unattested") for s in states)
+        usable = sum(s in ("ready", "unattested", "recovering") for s in states)
         body = {"status": "ok" if usable else "unavailable", "replicas": len(states), "usable": usable}
         return JSONResponse(body, status_code=200 if usable else 503)
 
