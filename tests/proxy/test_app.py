@@ -8,6 +8,8 @@ simulated TEE, real channel crypto, canned model); ``test_proxy_e2e.py`` runs th
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -333,3 +335,19 @@ def test_attestation_route_lists_every_check(http: TestClient) -> None:
     checks = replica["verdict"]["checks"]
     assert checks and all(c["status"] in ("pass", "skip") for c in checks)
     assert replica["identity"]["model_digest"] == MODEL.hex()
+
+
+def test_without_the_proxy_extra_the_command_names_it() -> None:
+    """`import veil.client` loads no web stack; `veil proxy` without it exits 2 naming the extra."""
+    code = (
+        "import sys; sys.modules['uvicorn'] = None\n"
+        "import veil.client\n"
+        "assert not [m for m, v in sys.modules.items() if v and m.split('.')[0] in ('starlette', 'uvicorn')]\n"  # noqa: E501
+        "from veil.cli import main\n"
+        "sys.exit(main(['proxy', '127.0.0.1:1', '--port', '0']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'veil[proxy]'" in result.stderr and result.stderr.count("\n") == 1
