@@ -189,9 +189,11 @@ class Proxy:
             reply: ChatCompletion = await self.client.chat.completions.create(**req.kwargs)
             return JSONResponse(oa.chat_completion(reply))
         stream = await self.client.chat.completions.create(**req.kwargs, stream=True)
-        return StreamingResponse(
-            _chat_events(stream, req.include_usage), media_type="text/event-stream", headers=SSE_HEADERS
-        )
+        events = _events(
+            stream, req.include_usage, lambda c: oa.chat_chunk(c, include_usage=req.include_usage),
+            "chat.completion.chunk",
+        )  # fmt: skip
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def completions(self, request: Request) -> Response:
         req = translate(await _json_body(request), COMPLETION_PARAMS)
@@ -201,9 +203,11 @@ class Proxy:
             reply = cast(Completion, await self.client.completions.create(**req.kwargs))
             return JSONResponse(oa.text_completion(reply))
         stream = cast(AsyncTextStream, await self.client.completions.create(**req.kwargs, stream=True))
-        return StreamingResponse(
-            _text_events(stream, req.include_usage), media_type="text/event-stream", headers=SSE_HEADERS
-        )
+        events = _events(
+            stream, req.include_usage, lambda p: oa.text_chunk(p, include_usage=req.include_usage),
+            "text_completion",
+        )  # fmt: skip
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _no_such_model(name: str) -> ProxyRequestError:
@@ -215,39 +219,27 @@ def _no_such_model(name: str) -> ProxyRequestError:
     )
 
 
-async def _chat_events(stream: AsyncStream, include_usage: bool) -> AsyncIterator[bytes]:
-    last: dict[str, Any] = {}
-    try:
-        async for chunk in stream:
-            event = oa.chat_chunk(chunk, include_usage=include_usage)
-            last = event
-            yield oa.sse(event)
-        if include_usage:
-            yield oa.sse(
-                oa.usage_chunk(
-                    id=last.get("id", ""), created=last.get("created", 0), model=last.get("model", ""),
-                    usage=stream.usage, object="chat.completion.chunk",
-                )
-            )  # fmt: skip
-        yield oa.DONE
-    except VeilClientError as exc:
-        yield oa.error_event(oa.error_response(exc)[1])
-    finally:
-        await stream.close()
+async def _events(
+    stream: AsyncStream | AsyncTextStream,
+    include_usage: bool,
+    shape: Callable[[Any], dict[str, Any]],
+    kind: str,
+) -> AsyncIterator[bytes]:
+    """SSE for one stream: a ``data:`` event per piece, the usage chunk if asked, ``[DONE]``.
 
-
-async def _text_events(stream: AsyncTextStream, include_usage: bool) -> AsyncIterator[bytes]:
+    A failure after the first byte cannot change the HTTP status: it ends the stream with
+    ``event: error`` and the error object instead of ``[DONE]``.
+    """
     last: dict[str, Any] = {}
     try:
         async for piece in stream:
-            event = oa.text_chunk(piece, include_usage=include_usage)
-            last = event
-            yield oa.sse(event)
+            last = shape(piece)
+            yield oa.sse(last)
         if include_usage:
             yield oa.sse(
                 oa.usage_chunk(
                     id=last.get("id", ""), created=last.get("created", 0), model=last.get("model", ""),
-                    usage=stream.usage, object="text_completion",
+                    usage=stream.usage, object=kind,
                 )
             )  # fmt: skip
         yield oa.DONE
