@@ -16,6 +16,10 @@ from types import ModuleType
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("veil.demo.cli", "run an encrypted round trip end to end and show what crossed the wire"),
     "chat": ("veil.client.cli", "chat with an attested enclave, end-to-end encrypted"),
+    "proxy": (
+        "veil.client.proxy.cli",
+        "serve the OpenAI REST API on this machine, forwarded over the attested encrypted channel",
+    ),
     "attest": ("veil.attestation.audit.cli", "fetch, inspect and verify attestation evidence (auditor tool)"),
     "measure": (
         "veil.attestation.audit.measure",

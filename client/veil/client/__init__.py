@@ -14,9 +14,10 @@ Imports neither torch nor ``veil.enclave``.
 
 from veil.attestation.policy import Policy
 from veil.attestation.verdict import Check, CheckStatus, Verdict
-from veil.client._async_client import AsyncClient, AsyncStream
-from veil.client._client import Client, Stream
+from veil.client._async_client import AsyncClient, AsyncStream, AsyncTextStream
+from veil.client._client import Client, Stream, TextStream
 from veil.client._identity import EnclaveIdentity
+from veil.client._pool import ReplicaStatus
 from veil.client._transport import (
     AsyncGrpcTransport,
     AsyncResponseStream,
@@ -32,6 +33,8 @@ from veil.client._types import (
     Choice,
     ChoiceDelta,
     ChunkChoice,
+    Completion,
+    CompletionChoice,
     CompletionUsage,
 )
 from veil.client.errors import (
@@ -41,6 +44,7 @@ from veil.client.errors import (
     ConfigurationError,
     RequestRejectedError,
     ServerError,
+    StreamInterruptedError,
     VeilClientError,
 )
 
@@ -49,6 +53,7 @@ __all__ = [
     "AsyncGrpcTransport",
     "AsyncResponseStream",
     "AsyncStream",
+    "AsyncTextStream",
     "AsyncTransport",
     "AttestationError",
     "ChannelError",
@@ -62,15 +67,20 @@ __all__ = [
     "ChunkChoice",
     "Client",
     "ClientClosedError",
+    "Completion",
+    "CompletionChoice",
     "CompletionUsage",
     "ConfigurationError",
     "EnclaveIdentity",
     "GrpcTransport",
     "Policy",
+    "ReplicaStatus",
     "RequestRejectedError",
     "ResponseStream",
     "ServerError",
     "Stream",
+    "StreamInterruptedError",
+    "TextStream",
     "Transport",
     "VeilClientError",
     "Verdict",

@@ -4,7 +4,9 @@
 sans-I/O :class:`~veil.client._core.ClientCore`; the two clients differ only in
 how they do I/O. What both do the same way lives here too: refusing text that
 cannot be encoded before anything is sent, the one evidence retry after
-``RESOURCE_EXHAUSTED`` (:func:`evidence_backoff`), and the closed state.
+``RESOURCE_EXHAUSTED`` (:func:`evidence_backoff`), the closed state, and the replica pool
+(:mod:`veil.client._pool`): one transport and one attested key per target, all pinned to one
+identity.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from veil.attestation.binding import Claims
 from veil.attestation.errors import PolicyError
@@ -28,10 +30,19 @@ from veil.client._core import (
     check_params,
 )
 from veil.client._identity import EnclaveIdentity
-from veil.client.errors import ClientClosedError, ConfigurationError, ServerError
+from veil.client._pool import Failover, Replica, ReplicaPool, ReplicaStatus, failover
+from veil.client.errors import (
+    AttestationError,
+    ClientClosedError,
+    ConfigurationError,
+    ServerError,
+    VeilClientError,
+)
 from veil.proto.v1 import generate_pb2
 
-__all__ = ["DEFAULT_TIMEOUT", "EVIDENCE_RETRY_MAX", "Messages", "evidence_backoff"]
+__all__ = ["DEFAULT_TIMEOUT", "EVIDENCE_RETRY_MAX", "Messages", "evidence_backoff", "replica_targets"]
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 120.0
 Messages = Iterable[Mapping[str, Any] | Any]
@@ -81,6 +92,29 @@ def _encodable(text: object, where: str) -> None:
         ) from None
 
 
+def replica_targets(
+    target: str | Sequence[str] | None, transport: T | Sequence[T] | None, make: Callable[[str], T]
+) -> list[tuple[str, T]]:
+    """(name, transport) per replica, from targets (``make`` opens each) or given transports.
+
+    Given transports are named by the targets when there are as many of them, else by position.
+    """
+    targets = [target] if isinstance(target, str) else list(target) if target is not None else []
+    if not all(isinstance(t, str) and t for t in targets):
+        raise ConfigurationError("every target must be a non-empty 'host:port' string")
+    if len(set(targets)) != len(targets):
+        raise ConfigurationError("the same target is named twice")
+    if transport is not None:
+        given: list[T] = list(transport) if isinstance(transport, list | tuple) else [transport]  # type: ignore[list-item]
+        if not given:
+            raise ConfigurationError("transport must not be an empty list")
+        names = targets if len(targets) == len(given) else [f"replica-{i}" for i in range(len(given))]
+        return list(zip(names, given, strict=True))
+    if not targets:
+        raise ConfigurationError("the client needs a target (host:port), a list of them, or a transport")
+    return [(t, make(t)) for t in targets]
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -113,6 +147,7 @@ class _BaseClient:
         self.timeout = timeout
         self._attestation: Attestation | None = None
         self._closed = False
+        self._pool: ReplicaPool[Any]
 
     @property
     def closed(self) -> bool:
@@ -148,19 +183,57 @@ class _BaseClient:
         """How long a verified enclave key is used before the client attests afresh."""
         return self._core.key_ttl
 
-    def _fresh(self) -> Attestation | None:
-        """The pinned attestation while its key has not expired, else None."""
-        current = self._attestation
+    @property
+    def replicas(self) -> tuple[ReplicaStatus, ...]:
+        """A snapshot of every replica: state, requests in flight, last verdict and error."""
+        return tuple(self._pool.status(r) for r in self._pool.replicas)
+
+    def _fresh(self, replica: Replica[Any]) -> Attestation | None:
+        """``replica``'s attestation while its key has not expired, else None."""
+        current = replica.attestation
         return current if current is not None and not self._core.expired(current) else None
+
+    def _failed(
+        self, replica: Replica[Any], exc: VeilClientError, *, attesting: bool, release: bool = True
+    ) -> bool:
+        """Record a failure of ``replica``; True when the request may go to another replica.
+
+        Call it under the pool's serialization (the sync client's lock; the async client's loop).
+        """
+        if release:
+            self._pool.release(replica)
+        if isinstance(exc, ClientClosedError):
+            return False
+        action = failover(exc, attesting=attesting)
+        if action is Failover.REFUSE and isinstance(exc, AttestationError):
+            self._pool.refuse(replica, exc)
+        elif action is Failover.BACKOFF and isinstance(exc, ServerError):
+            self._pool.failed(replica, exc, retry_after=exc.retry_after)
+        return action is not Failover.RAISE
+
+    @staticmethod
+    def _pool_error(failures: list[VeilClientError]) -> VeilClientError:
+        """What to raise when every replica failed: an attestation failure first, else the last."""
+        refused = [e for e in failures if isinstance(e, AttestationError)]
+        if refused:
+            return refused[0]
+        return failures[-1] if failures else ServerError("UNAVAILABLE", "no replica to send the request to")
 
     @property
     def evidence(self) -> bytes | None:
         """The raw ``Evidence`` bytes of the current attestation, as received."""
         return self._attestation.evidence if self._attestation else None
 
-    def _install(self, attestation: Attestation) -> Attestation:
+    def _install(self, replica: Replica[Any], attestation: Attestation) -> Attestation:
+        self._pool.attested(replica, attestation)
         self._attestation = attestation
         return attestation
+
+    def _current(self) -> Attestation:
+        """The attestation installed last; only called after one was installed."""
+        if self._attestation is None:  # pragma: no cover - attest() installs one or raises
+            raise ConfigurationError("the client has not attested an enclave yet")
+        return self._attestation
 
     @staticmethod
     def _write_evidence(path: str | Path, attestation: Attestation) -> Path:
@@ -184,6 +257,29 @@ class _BaseClient:
             messages = list(messages)
         check_encodable(messages if isinstance(messages, list) else [], stop)
         return check_messages(messages), check_params(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            stream=stream,
+        )  # fmt: skip
+
+    @staticmethod
+    def _prepare_prompt(
+        prompt: str | Sequence[str],
+        *,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        top_k: int | None,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+        stream: bool = False,
+    ) -> tuple[str, GenerateParams]:
+        if isinstance(prompt, list | tuple) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigurationError("prompt must be one non-empty string (batches are not supported)")
+        _encodable(prompt, "prompt")
+        check_encodable([], stop)
+        return prompt, check_params(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             stream=stream,
         )  # fmt: skip

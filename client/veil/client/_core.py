@@ -380,10 +380,12 @@ class ClientCore:
     def seal(
         self,
         attestation: Attestation,
-        messages: Sequence[generate_pb2.ChatMessage],
+        messages: Sequence[generate_pb2.ChatMessage] | str,
         params: GenerateParams,
     ) -> tuple[service_pb2.EncryptedRequest, ResponseReader]:
-        """Seal one chat request to the attested key; returns it and the reader for its answer.
+        """Seal one chat request (or, given a ``str``, a plain-text prompt) to the attested key.
+
+        Returns the sealed request and the reader for its answer.
 
         The sealed request says whether the answer is streamed (equal-size frames on the
         enclave's cadence) or not (one frame), and carries the time it was sealed: the enclave
@@ -395,7 +397,7 @@ class ClientCore:
         issued_at_ms = int(self.clock().timestamp() * 1000)
         request = generate_pb2.GenerateRequest(
             request_id=request_id,
-            chat=generate_pb2.ChatMessages(messages=list(messages)),
+            **_input(messages),
             params=params.to_proto(),
             response_key=response_key,
             stream=params.stream,
@@ -413,3 +415,10 @@ class ClientCore:
             model=attestation.model,
         )
         return sealed, reader
+
+
+def _input(messages: Sequence[generate_pb2.ChatMessage] | str) -> dict[str, Any]:
+    """The ``input`` oneof of a ``GenerateRequest``: chat messages or a plain prompt."""
+    if isinstance(messages, str):
+        return {"prompt": messages}
+    return {"chat": generate_pb2.ChatMessages(messages=list(messages))}

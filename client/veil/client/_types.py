@@ -17,6 +17,8 @@ __all__ = [
     "Choice",
     "ChoiceDelta",
     "ChunkChoice",
+    "Completion",
+    "CompletionChoice",
     "CompletionUsage",
 ]
 
@@ -116,3 +118,58 @@ class ChatCompletionChunk:
     choices: tuple[ChunkChoice, ...]
     usage: CompletionUsage | None = None
     object: str = "chat.completion.chunk"
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionChoice:
+    """One choice of a plain-text completion (``choices[0].text``)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A plain-text completion (``client.completions.create``), whole or one streamed piece.
+
+    As in the OpenAI API, a streamed text completion is a sequence of these objects; the last
+    carries ``finish_reason`` and ``usage``.
+    """
+
+    id: str
+    created: int
+    model: str
+    choices: tuple[CompletionChoice, ...]
+    usage: CompletionUsage | None
+    object: str = "text_completion"
+
+    @classmethod
+    def from_chunk(cls, chunk: ChatCompletionChunk) -> Completion:
+        """The text-completion view of one decrypted chunk."""
+        return cls(
+            id=_text_id(chunk.id),
+            created=chunk.created,
+            model=chunk.model,
+            choices=tuple(
+                CompletionChoice(c.index, c.delta.content or "", c.finish_reason) for c in chunk.choices
+            ),
+            usage=chunk.usage,
+        )
+
+    @classmethod
+    def from_chat(cls, reply: ChatCompletion) -> Completion:
+        """The text-completion view of a whole answer."""
+        return cls(
+            id=_text_id(reply.id),
+            created=reply.created,
+            model=reply.model,
+            choices=tuple(
+                CompletionChoice(c.index, c.message.content, c.finish_reason) for c in reply.choices
+            ),
+            usage=reply.usage,
+        )
+
+
+def _text_id(chat_id: str) -> str:
+    return "cmpl-" + chat_id.removeprefix("chatcmpl-")

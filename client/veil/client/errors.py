@@ -15,8 +15,12 @@
         │                            ``.code`` is the status name (``DEADLINE_EXCEEDED``,
         │                            ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, ...);
         │                            ``.retry_after`` the server's hint in seconds
-        └── RequestRejectedError     the enclave rejected the request's content
-                                     (sent back inside the encrypted stream)
+        ├── RequestRejectedError     the enclave rejected the request's content
+        │                            (sent back inside the encrypted stream)
+        └── StreamInterruptedError   a response stream the enclave had accepted broke off
+                                     (replica lost, deadline): never retried elsewhere,
+                                     since the request may have run; ``.target`` names
+                                     the replica
 
 Errors from ``veil.attestation`` are wrapped into these, with the original as
 ``__cause__``.
@@ -35,6 +39,7 @@ __all__ = [
     "ConfigurationError",
     "RequestRejectedError",
     "ServerError",
+    "StreamInterruptedError",
     "VeilClientError",
 ]
 
@@ -87,3 +92,15 @@ class ServerError(VeilClientError):
 
 class RequestRejectedError(ServerError):
     """The enclave rejected the request's content; the reason came encrypted."""
+
+
+class StreamInterruptedError(ServerError):
+    """A response stream broke off after the enclave accepted the request.
+
+    It is never retried on another replica (the request may already have run, so a retry could
+    run it twice). ``code`` is the gRPC status that ended it; ``target`` names the replica.
+    """
+
+    def __init__(self, code: str, message: str, *, target: str) -> None:
+        super().__init__(code, f"the response stream from {target} broke off: {message}")
+        self.target = target
