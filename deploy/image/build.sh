@@ -76,9 +76,9 @@ echo "== wheels (hash-checked against the lock files)" >&2
 cp requirements/enclave.txt requirements/model.txt "$CTX/requirements/"
 cp deploy/image/torch-cpu.txt "$CTX/requirements/torch.txt"
 for lock in enclave.txt model.txt torch.txt; do
+  # This venv's Python is the lock's target (CPython 3.11, x86_64 Linux): pip picks its wheels.
   "$PY" -m pip download --quiet --require-hashes --no-deps --only-binary :all: \
-    --platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp --abi cp311 \
-    -d "$CTX/wheels" -r "$CTX/requirements/$lock" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+    -d "$CTX/wheels" -r "$CTX/requirements/$lock" 2>&1 | { grep -v "^WARNING: Location" >&2 || true; }
 done
 "$PY" - "$CTX" <<'EOF'
 import hashlib, pathlib, re, sys
@@ -114,8 +114,16 @@ build_once() {  # -> sets IMAGE_ID DIGEST
     case "$ref" in *@sha256:????????????????????????????????????????????????????????????????) ;;
       *) echo "make image: base image $ref is not pinned by digest" >&2; exit 1 ;; esac
   done
-  echo "== image (podman build --network=none --no-cache)" >&2
-  podman build --quiet --no-cache --network=none --pull=never --timestamp "$SOURCE_DATE_EPOCH" \
+  # OCI isolation with no network where a container runtime works; where it cannot (crun refuses
+  # cgroups v1/v2 hybrid hosts, as in some CI sandboxes) chroot isolation, which buildah allows
+  # only with the host network: the build still installs with PIP_NO_INDEX from the context only.
+  local isolation=(--isolation=oci --network=none)
+  if ! podman run --rm --network=none --pull=never "$RUNTIME_BASE" /bin/true 2>/dev/null; then
+    echo "note: containers cannot run here; building with --isolation=chroot --network=host" >&2
+    isolation=(--isolation=chroot --network=host)
+  fi
+  echo "== image (podman build ${isolation[*]} --no-cache)" >&2
+  podman build --quiet --no-cache "${isolation[@]}" --pull=never --timestamp "$SOURCE_DATE_EPOCH" \
     --build-arg "BUILDER_BASE=$BUILDER_BASE" --build-arg "RUNTIME_BASE=$RUNTIME_BASE" \
     --build-arg "SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH" \
     -f deploy/image/Containerfile -t "$TAG" "$OUT" >&2
