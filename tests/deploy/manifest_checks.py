@@ -66,7 +66,8 @@ def render(overlay: str | Path) -> list[dict[str, Any]]:
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    (doc,) = [d for d in docs if d["kind"] == kind]
+    """The one object of ``kind`` (for Services: the ClusterIP one, not the headless one)."""
+    (doc,) = [d for d in docs if d["kind"] == kind and d["spec"].get("clusterIP") != "None"]
     return doc
 
 

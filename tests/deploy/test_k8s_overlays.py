@@ -53,7 +53,7 @@ def test_overlay_renders_and_validates_offline(
 ) -> None:
     docs = rendered[overlay]
     assert sorted(d["kind"] for d in docs) == [
-        "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service",
+        "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service",
     ]  # fmt: skip
     for version in KUBERNETES_VERSIONS:
         for doc in docs:
@@ -73,7 +73,7 @@ def test_selectors_bind_the_service_pdb_and_network_policy_to_the_pods(
     for docs in rendered.values():
         labels = by_kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
         selectors = [
-            by_kind(docs, "Service")["spec"]["selector"],
+            *(d["spec"]["selector"] for d in docs if d["kind"] == "Service"),
             by_kind(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
             by_kind(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
         ]
