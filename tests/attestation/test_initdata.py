@@ -32,7 +32,7 @@ KATA_ANNOTATION = (
     "QJhLKTklA4toQX5OZnKlXlFqej6yBABS/5JkcQAAAA=="
 )
 KATA_DIGEST = "c6694bb7a29d6f37ec72a15582e004b9f3142159682db8509a304407419a49e5"
-DOC = b'version = "0.1.0"\nalgorithm = "sha384"\n\n[data]\n"aa.toml" = \'\'\'\n[token_configs]\n\'\'\'\n'
+DOC = b"version = \"0.1.0\"\nalgorithm = \"sha384\"\n\n[data]\n\"aa.toml\" = '''\n[token_configs]\n'''\n"
 
 
 def test_kata_vector_and_the_annotation_key() -> None:

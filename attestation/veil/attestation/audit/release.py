@@ -85,9 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument("--tdx-status", action="append", default=[], metavar="STATUS", help="e.g. UpToDate")
 
-    initdata = sub.add_parser(
-        "initdata", help="digest, HOST_DATA and MRCONFIGID of a Kata initdata document"
-    )
+    initdata = sub.add_parser("initdata", help="digest, HOST_DATA and MRCONFIGID of a Kata initdata document")
     initdata.add_argument("file", type=Path, metavar="FILE", help="the initdata TOML")
     out = initdata.add_mutually_exclusive_group()
     out.add_argument(
