@@ -38,7 +38,8 @@ for tool in podman buildah mmdebstrap git; do
   command -v "$tool" >/dev/null || { echo "make image: $tool is not installed (apt-get install podman buildah mmdebstrap)" >&2; exit 3; }
 done
 
-export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}"
+COMMIT=$(git rev-parse HEAD)  # read once: the archive and image.json name the same commit
+export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct "$COMMIT")}"
 SUITE="${DEBIAN_SUITE:-bookworm}"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 PY="${PYTHON:-.venv/bin/python}"
@@ -102,9 +103,9 @@ if missing:
 print(f"{len(have)} wheels, each matching its lock file's hash", file=sys.stderr)
 EOF
 
-echo "== source (git archive of $(git rev-parse --short HEAD))" >&2
+echo "== source (git archive of $COMMIT)" >&2
 git diff --quiet HEAD -- . ':!build' || echo "note: uncommitted changes are NOT in the image (it builds HEAD)" >&2
-git archive --format=tar HEAD | tar -x -C "$CTX/src"
+git archive --format=tar "$COMMIT" | tar -x -C "$CTX/src"
 
 build_once() {  # -> sets IMAGE_ID DIGEST
   echo "== base images (mmdebstrap $SUITE, SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH)" >&2
@@ -149,7 +150,7 @@ doc = {
     "digest": "$DIGEST",
     "reproduced": None if $CHECK == 0 else ("$FIRST_ID" == "$IMAGE_ID" and "$FIRST_DIGEST" == "$DIGEST"),
     "inputs": {
-        "source_commit": "$(git rev-parse HEAD)",
+        "source_commit": "$COMMIT",
         "source_date_epoch": int("$SOURCE_DATE_EPOCH"),
         "debian": {"suite": "$SUITE", "mirror": "$MIRROR"},
         "builder_base": "$BUILDER_BASE",
