@@ -19,7 +19,7 @@ PIP := $(PY) -m pip --quiet
 # Python never starts with the working directory on sys.path, wherever it is run from.
 export PYTHONSAFEPATH := 1
 
-.PHONY: setup demo test check lint typecheck pytest pytest-fast proto lock bench clean
+.PHONY: setup demo test check lint typecheck pytest pytest-fast proto lock bench image image-check clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ $(STAMP): pyproject.toml $(LOCK) requirements/client.txt requirements/model.txt 
 	test -f $(OVMF) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ovmf >/dev/null; } || \
 	  echo "note: could not install OVMF; the 'veil measure' tests will skip"
+	@# kubectl (its built-in kustomize) renders deploy/k8s in the tests: Debian's kubernetes-client.
+	command -v kubectl >/dev/null || command -v kustomize >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; } || \
+	  echo "note: could not install kubectl; the deploy/k8s render tests will skip"
 	touch $@
 
 demo: setup
@@ -73,6 +78,15 @@ lock: setup
 bench: setup
 	$(PIP) install --require-hashes --no-deps -r requirements/all.txt
 	$(PY) bench/engine.py
+
+# The enclave container image (deploy/image): Debian bases from mmdebstrap, podman/buildah, the
+# lock files. Needs root (or rootless podman), podman, buildah and mmdebstrap; see deploy/README.md.
+image: setup
+	deploy/image/build.sh
+
+# The same, built twice from scratch; fails unless both builds give the same image.
+image-check: setup
+	deploy/image/build.sh --check
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache

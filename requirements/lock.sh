@@ -8,7 +8,7 @@
 # every file of every pinned version, which `pip install --require-hashes` then enforces.
 #
 # The target is the project's machines: CPython 3.11 on x86_64 Linux (manylinux 2.28).
-# all.txt is one resolution of every extra; dev.txt and client.txt are cut from it with
+# all.txt is one resolution of every extra; dev.txt, client.txt and enclave.txt are cut from it with
 # all.txt as a constraint, so the three never disagree on a version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +21,7 @@ common=(--quiet --generate-hashes --python-version 3.11 --python-platform x86_64
 "$uv" pip compile "${common[@]}" pyproject.toml requirements/torch-cpu.in \
     --extra dev -c requirements/all.txt -o requirements/dev.txt
 "$uv" pip compile "${common[@]}" pyproject.toml -c requirements/all.txt -o requirements/client.txt
-echo "wrote requirements/all.txt, dev.txt, client.txt"
+# The enclave image's lock (deploy/image): the server's closure, no dev or bench tools.
+"$uv" pip compile "${common[@]}" pyproject.toml requirements/torch-cpu.in \
+    --extra enclave -c requirements/all.txt -o requirements/enclave.txt
+echo "wrote requirements/all.txt, dev.txt, client.txt, enclave.txt"

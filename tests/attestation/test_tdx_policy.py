@@ -43,6 +43,7 @@ def exact_policy(q: TdxQuote, **kw: object) -> TdxPolicy:
         "rtmr": tuple(frozenset({r}) for r in td.rtmrs),
         "mrseam": frozenset({td.mr_seam}),
         "report_data": td.report_data,
+        "mr_config_id": td.mr_config_id,
     }
     fields.update(kw)
     return TdxPolicy(**fields)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ platform (``SEV_SNP``, ``AZURE_SEV_SNP``, ``TDX``, ``AZURE_TDX``, ``SIMULATED_SE
 
     measurements      SNP launch measurements / TDX MRTDs (hex, 48 bytes)
     host_data         SNP HOST_DATA (hex, 32 bytes; optional)
+    mr_config_id      TDX MRCONFIGID (hex, 48 bytes; optional)
     rtmr              TDX RTMR0-3 allow-lists (four lists of hex, 48 bytes)
     azure_pcrs        Azure CVM vTPM PCRs {"<index>": hex 32 bytes}
     model_digests     SHA-256 of the weights files (hex)
@@ -15,6 +16,9 @@ platform (``SEV_SNP``, ``AZURE_SEV_SNP``, ``TDX``, ``AZURE_TDX``, ``SIMULATED_SE
     gpu_count         GPU reports required (NVSwitches not counted)
     gpu_firmware      {"driver": [...], "vbios": [...]} allowed versions
     tcb_floor         SNP {"Milan": {"bootloader": 4, ...}} / TDX {"tdx_statuses": [...]}
+
+A Confidential Containers pod's initdata (:mod:`veil.attestation.initdata`) lands in
+``host_data`` on SNP and ``mr_config_id`` on TDX (``veil release build --initdata FILE``).
 
 The statement travels in a DSSE envelope (``payloadType`` ``application/vnd.in-toto+json``)
 signed with an Ed25519 publisher key. Why DSSE + in-toto rather than a Sigstore bundle: a
@@ -72,8 +76,9 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://veil.dev/attestation/release/v1"  # an identifier; never fetched
 SUBJECT_NAME = "veil-server-build"
 MAX_MANIFEST_BYTES = 1024 * 1024
+_TDX_FAMILY = frozenset({PlatformName.TDX, PlatformName.AZURE_TDX})
 _PLATFORM_KEYS = frozenset({
-    "measurements", "host_data", "rtmr", "azure_pcrs", "model_digests", "data_policy_digest",
+    "measurements", "host_data", "mr_config_id", "rtmr", "azure_pcrs", "model_digests", "data_policy_digest",
     "policy_test_report_digest", "gpu_count", "gpu_firmware", "tcb_floor",
 })  # fmt: skip
 
@@ -112,6 +117,7 @@ class PlatformRelease:
 
     measurements: frozenset[bytes] = frozenset()
     host_data: bytes | None = None
+    mr_config_id: bytes | None = None
     rtmr: tuple[frozenset[bytes], ...] = (frozenset(), frozenset(), frozenset(), frozenset())
     azure_pcrs: Mapping[int, bytes] = field(default_factory=dict)
     model_digests: frozenset[bytes] = frozenset()
@@ -130,6 +136,8 @@ class PlatformRelease:
         }
         if self.host_data is not None:
             doc["host_data"] = self.host_data.hex()
+        if self.mr_config_id is not None:
+            doc["mr_config_id"] = self.mr_config_id.hex()
         if any(self.rtmr):
             doc["rtmr"] = [_hexes(r) for r in self.rtmr]
         if self.azure_pcrs:
@@ -165,6 +173,8 @@ class PlatformRelease:
         }
         if "host_data" in doc:
             kw["host_data"] = _unhex(doc["host_data"], 32, f"{where}.host_data")
+        if "mr_config_id" in doc:
+            kw["mr_config_id"] = _unhex(doc["mr_config_id"], 48, f"{where}.mr_config_id")
         if "rtmr" in doc:
             rtmr = doc["rtmr"]
             if not isinstance(rtmr, list) or len(rtmr) != 4:
@@ -404,13 +414,15 @@ def policy_from_release(
             if product in floor and floor[product] != levels:
                 raise ReleaseError(f"release {release.name}: platforms disagree on the {product} TCB floor")
             floor[product] = levels
-    host_data = {p.host_data for p in pins}
+    # HOST_DATA is an SNP field and MRCONFIGID a TDX one: each is compared among its own family.
+    host_data = {release.platforms[p].host_data for p in allowed if p not in _TDX_FAMILY} or {None}
+    mr_config_id = {release.platforms[p].mr_config_id for p in allowed if p in _TDX_FAMILY} or {None}
     data_policy = {p.data_policy_digest for p in pins}
     gpu_counts = {p.gpu_count for p in pins}
-    if len(host_data) > 1 or len(data_policy) > 1 or len(gpu_counts) > 1:
+    if len(host_data) > 1 or len(mr_config_id) > 1 or len(data_policy) > 1 or len(gpu_counts) > 1:
         raise ReleaseError(
-            f"release {release.name}: platforms differ in host_data, data policy or GPU count; "
-            "choose one with platform="
+            f"release {release.name}: platforms differ in host_data, mr_config_id, data policy or "
+            "GPU count; choose one with platform="
         )
     return Policy(
         platforms=frozenset(allowed),
@@ -427,7 +439,10 @@ def policy_from_release(
         ),
         tcb_floor=floor or shipped_floor(),
         tdx=dataclasses.replace(
-            tdx, rtmr=(r0, r1, r2, r3), allowed_tcb_statuses=statuses or tdx.allowed_tcb_statuses
+            tdx,
+            rtmr=(r0, r1, r2, r3),
+            allowed_tcb_statuses=statuses or tdx.allowed_tcb_statuses,
+            mr_config_id=mr_config_id.pop(),
         ),
         trusted_roots=roots,
         release=release,

@@ -6,6 +6,12 @@
   the unsigned in-toto Statement; ``--add-to STATEMENT`` adds one more platform to it. The
   SNP measurement is ``veil measure snp``'s output: ``--snp-measurement HEX`` or
   ``--measurement-file FILE`` (the file ``veil measure snp > FILE`` wrote).
+  ``--initdata FILE`` takes a Confidential Containers pod's initdata document (the TOML whose
+  gzip+base64 form is the pod annotation ``io.katacontainers.config.hypervisor.cc_init_data``)
+  and pins its digest the way Kata launches it: SNP ``host_data`` (32 bytes) or TDX
+  ``mr_config_id`` (48 bytes); see :mod:`veil.attestation.initdata`.
+* ``veil release initdata FILE [--annotation] [--json]`` — that document's digest and the
+  HOST_DATA / MRCONFIGID it yields; ``--annotation`` prints the annotation value instead.
 * ``veil release sign STATEMENT --key KEY -o MANIFEST`` — the DSSE envelope.
 * ``veil release verify MANIFEST --publisher-key KEY.pub`` — exit 0 when it verifies, 1 with
   the named check (``policy.release``) when refused, 2 for unusable input.
@@ -56,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--mrtd", action="append", default=[], metavar="HEX", help="TDX MRTD (repeatable)")
     build.add_argument("--rtmr", action="append", default=[], metavar="I=HEX", help="TDX RTMR I (0-3)")
     build.add_argument("--host-data", metavar="HEX", help="SNP HOST_DATA (32 bytes)")
+    build.add_argument("--mr-config-id", metavar="HEX", help="TDX MRCONFIGID (48 bytes)")
+    build.add_argument(
+        "--initdata",
+        type=Path,
+        metavar="FILE",
+        help="Kata initdata TOML: its digest becomes host_data (SNP) or mr_config_id (TDX)",
+    )
     build.add_argument("--azure-pcr", action="append", default=[], metavar="I=HEX", help="Azure vTPM PCR")
     build.add_argument("--model-digest", action="append", default=[], metavar="HEX", help="repeatable")
     build.add_argument("--data-policy-digest", metavar="HEX")
@@ -72,6 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument("--tdx-status", action="append", default=[], metavar="STATUS", help="e.g. UpToDate")
 
+    initdata = sub.add_parser("initdata", help="digest, HOST_DATA and MRCONFIGID of a Kata initdata document")
+    initdata.add_argument("file", type=Path, metavar="FILE", help="the initdata TOML")
+    out = initdata.add_mutually_exclusive_group()
+    out.add_argument(
+        "--annotation", action="store_true", help="print the pod annotation value (gzip + base64)"
+    )
+    out.add_argument("--json", action="store_true")
+
     sign = sub.add_parser("sign", help="sign a statement with an Ed25519 key: the DSSE envelope")
     sign.add_argument("statement", type=Path, metavar="STATEMENT")
     sign.add_argument("--key", required=True, type=Path, metavar="KEY")
@@ -87,7 +108,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    command = {"keygen": _keygen, "build": _build, "sign": _sign, "verify": _verify, "show": _show}
+    command = {
+        "keygen": _keygen,
+        "build": _build,
+        "initdata": _initdata,
+        "sign": _sign,
+        "verify": _verify,
+        "show": _show,
+    }
     try:
         return command[args.release_command](args)
     except ReleaseError as exc:
@@ -155,7 +183,7 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _platform_doc(args: argparse.Namespace) -> dict[str, Any]:
+def _platform_doc(args: argparse.Namespace, platform: Any) -> dict[str, Any]:
     measurements = [_hex(m, "--snp-measurement") for m in args.snp_measurement]
     if args.measurement_file is not None:
         words = _read(args.measurement_file).decode(errors="replace").split()
@@ -178,6 +206,10 @@ def _platform_doc(args: argparse.Namespace) -> dict[str, Any]:
         doc["azure_pcrs"] = _indexed(args.azure_pcr, "--azure-pcr", 23)
     if args.host_data:
         doc["host_data"] = _hex(args.host_data, "--host-data")
+    if args.mr_config_id:
+        doc["mr_config_id"] = _hex(args.mr_config_id, "--mr-config-id")
+    if args.initdata is not None:
+        _pin_initdata(doc, args.initdata, platform)
     if args.data_policy_digest:
         doc["data_policy_digest"] = _hex(args.data_policy_digest, "--data-policy-digest")
     if args.policy_test_report is not None:
@@ -200,6 +232,52 @@ def _platform_doc(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def _pin_initdata(doc: dict[str, Any], path: Path, platform: Any) -> None:
+    """Pin the initdata digest where Kata puts it for ``platform`` (refusing a contradiction)."""
+    from veil.attestation.initdata import parse_initdata
+    from veil.attestation.policy import PlatformName
+
+    initdata = parse_initdata(_read(path))
+    if platform is PlatformName.SEV_SNP:
+        field, value = "host_data", initdata.host_data.hex()
+    elif platform is PlatformName.TDX:
+        field, value = "mr_config_id", initdata.mr_config_id.hex()
+    else:
+        raise _UsageError(
+            f"--initdata applies to Confidential Containers pods on SEV_SNP or TDX, not {platform.value}"
+        )
+    if doc.get(field, value) != value:
+        raise _UsageError(f"--initdata gives {field} {value}, which contradicts the {field} given")
+    doc[field] = value
+
+
+def _initdata(args: argparse.Namespace) -> int:
+    from veil.attestation.initdata import ANNOTATION, encode_annotation, parse_initdata
+
+    raw = _read(args.file)
+    initdata = parse_initdata(raw)
+    if args.annotation:
+        print(encode_annotation(raw))
+        return 0
+    fields = {
+        "annotation": ANNOTATION,
+        "algorithm": initdata.algorithm,
+        "digest": initdata.digest.hex(),
+        "host_data": initdata.host_data.hex(),
+        "mr_config_id": initdata.mr_config_id.hex(),
+        "files": sorted(initdata.data),
+    }
+    if args.json:
+        print(json.dumps(fields, indent=2))
+        return 0
+    print(f"file: {args.file} (initdata {initdata.algorithm}; files: {', '.join(fields['files'])})")
+    print(f"digest: {fields['digest']}")
+    print(f"SEV-SNP host_data: {fields['host_data']}  (veil release build --platform SEV_SNP --initdata)")
+    print(f"TDX mr_config_id: {fields['mr_config_id']}  (veil release build --platform TDX --initdata)")
+    print(f"pod annotation: {ANNOTATION}: `veil release initdata {args.file} --annotation`")
+    return 0
+
+
 def _build(args: argparse.Namespace) -> int:
     from veil.attestation.policy import PlatformName
     from veil.attestation.release import Release
@@ -215,7 +293,7 @@ def _build(args: argparse.Namespace) -> int:
             raise _UsageError("--name and --build-digest are required (or --add-to STATEMENT)")
         release = Release(args.name, bytes.fromhex(_hex(args.build_digest, "--build-digest")), {})
         statement = release.statement()
-    statement["predicate"]["platforms"][platform.value] = _platform_doc(args)
+    statement["predicate"]["platforms"][platform.value] = _platform_doc(args, platform)
     checked = Release.from_statement(statement)  # every value checked before anything is written
     _write(args.output, (json.dumps(checked.statement(), indent=2, sort_keys=True) + "\n").encode())
     print(f"wrote {args.output}: release {checked.name}, platforms {', '.join(_names(checked))} (unsigned)")

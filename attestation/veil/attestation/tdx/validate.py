@@ -57,6 +57,9 @@ class TdxPolicy:
     rejected_advisories: frozenset[str] = frozenset()
     report_data: bytes | None = None
     allow_any_measurement: bool = False
+    # MRCONFIGID a release names: a Confidential Containers pod's initdata digest
+    # (veil.attestation.initdata). None: the release names none and the check is skipped.
+    mr_config_id: bytes | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mrtd", _digests(self.mrtd, 48, "MRTD"))
@@ -73,6 +76,8 @@ class TdxPolicy:
         object.__setattr__(self, "rejected_advisories", frozenset(self.rejected_advisories))
         if self.report_data is not None and len(self.report_data) != 64:
             raise MalformedInputError("report_data must be 64 bytes")
+        if self.mr_config_id is not None and len(self.mr_config_id) != 48:
+            raise MalformedInputError("mr_config_id must be 48 bytes")
 
     @staticmethod
     def from_mapping(data: Mapping[str, Any]) -> TdxPolicy:
@@ -190,6 +195,15 @@ def validate_tdx(
             any_ok=any_ok,
         )
     _in_list(b, "policy.mrseam", td.mr_seam, policy.mrseam, "MRSEAM")
+    if policy.mr_config_id is None:
+        b.skip("policy.mrconfigid", "no MRCONFIGID named (the release pins no initdata)")
+    else:
+        b.check(
+            "policy.mrconfigid",
+            hmac.compare_digest(td.mr_config_id, policy.mr_config_id),
+            f"MRCONFIGID {td.mr_config_id.hex()}"
+            + (" is the pinned one" if td.mr_config_id == policy.mr_config_id else " is not the pinned one"),
+        )
 
     if tcb_status is None:
         if tcb_not_appraised is not None:
