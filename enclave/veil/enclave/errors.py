@@ -20,8 +20,10 @@
     ├── AttestationProviderError     a TEE attestation provider failed to produce evidence
     │   └── CollateralUnavailableError   no current vendor collateral to staple (fetch failed and
     │                                    the cached set expired, or it does not parse)
-    └── DataPolicyError              the data-handling policy file is malformed or promises
-                                     something this server cannot enforce
+    ├── DataPolicyError              the data-handling policy file is malformed or promises
+    │                                something this server cannot enforce
+    └── DeviceUnavailableError       the requested compute device is not there (``--device cuda``
+                                     without a GPU)
 
 Messages never contain prompt or completion text (data-handling policy).
 """
@@ -32,6 +34,7 @@ __all__ = [
     "AttestationProviderError",
     "CollateralUnavailableError",
     "DataPolicyError",
+    "DeviceUnavailableError",
     "EnclaveError",
     "EngineInternalError",
     "EngineOverloadedError",
@@ -95,3 +98,7 @@ class DataPolicyError(EnclaveError):
 
 class CollateralUnavailableError(AttestationProviderError):
     """No current vendor collateral to staple into the evidence (see ``veil.enclave.collateral``)."""
+
+
+class DeviceUnavailableError(EnclaveError):
+    """The requested compute device (a CUDA GPU, or the Triton interpreter on the CPU) is not available."""
