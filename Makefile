@@ -19,7 +19,7 @@ PIP := $(PY) -m pip --quiet
 # Python never starts with the working directory on sys.path, wherever it is run from.
 export PYTHONSAFEPATH := 1
 
-.PHONY: setup demo test check lint typecheck pytest pytest-fast proto lock bench clean
+.PHONY: setup demo test check lint typecheck pytest pytest-fast proto lock bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -73,6 +73,10 @@ lock: setup
 bench: setup
 	$(PIP) install --require-hashes --no-deps -r requirements/all.txt
 	$(PY) bench/engine.py
+
+# On a machine with an NVIDIA GPU: gpu tests, kernel and engine benchmarks, every figure in one file.
+gpu-check:
+	bench/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache

@@ -144,6 +144,9 @@ class CudaRunner:
         self.cos = cos[:, :half].contiguous().to(self.dev)
         self.sin = sin[:, :half].contiguous().to(self.dev)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        # The interpreter runs programs one by one: one KV split (see veil.kernels.triton_common.
+        # interpreter_block_n); on a GPU the split is chosen from the shapes.
+        self._splits: int | None = 1 if self.dev.type == "cpu" else None
         self.max_blocks_per_seq = -(-self.max_context // block_size)
 
         ladder = sorted({b for b in graph_batches if 0 < b <= max_batch} | {max_batch})
@@ -202,7 +205,7 @@ class CudaRunner:
         def attend(li: int, q: torch.Tensor) -> torch.Tensor:
             return paged_attention_decode(
                 q, self._k[li], self._v[li], self._tables[:batch], self._lens[:batch],
-                scale=self.scale, max_context_len=self.max_context,
+                scale=self.scale, max_context_len=self.max_context, num_splits=self._splits,
             )  # fmt: skip
 
         return attend
@@ -312,7 +315,7 @@ class CudaRunner:
             ):
                 out[meta.decode_rows] = paged_attention_decode(
                     q[meta.decode_rows], k_cache[li], v_cache[li], meta.decode_tables, meta.decode_lens,
-                    scale=self.scale, max_context_len=self.max_context,
+                    scale=self.scale, max_context_len=self.max_context, num_splits=self._splits,
                 )  # fmt: skip
             if (
                 meta.prefill_rows is not None
