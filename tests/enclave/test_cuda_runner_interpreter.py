@@ -26,10 +26,10 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from veil.enclave.engine.sampling import SamplingParams  # noqa: E402
-from veil.enclave.engine.sync_engine import EngineRequest, LLMEngine  # noqa: E402
-from veil.enclave.runner.cpu import CpuRunner  # noqa: E402
-from veil.enclave.runner.protocol import GREEDY, SeqStep  # noqa: E402
+from veil.enclave.engine.sampling import SamplingParams
+from veil.enclave.engine.sync_engine import EngineRequest, LLMEngine
+from veil.enclave.runner.cpu import CpuRunner
+from veil.enclave.runner.protocol import GREEDY, SeqStep
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
 NEW_TOKENS = 4
