@@ -19,7 +19,7 @@ PIP := $(PY) -m pip --quiet
 # Python never starts with the working directory on sys.path, wherever it is run from.
 export PYTHONSAFEPATH := 1
 
-.PHONY: setup demo test check lint typecheck pytest pytest-fast proto lock bench image image-check clean
+.PHONY: setup demo test check lint typecheck pytest pytest-fast proto lock bench image image-check gpu-check clean
 
 setup: $(STAMP)
 
@@ -87,6 +87,10 @@ image: setup
 # The same, built twice from scratch; fails unless both builds give the same image.
 image-check: setup
 	deploy/image/build.sh --check
+
+# On a machine with an NVIDIA GPU: gpu tests, kernel and engine benchmarks, every figure in one file.
+gpu-check:
+	bench/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache

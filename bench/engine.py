@@ -18,6 +18,12 @@ left padding. Veil goes through the asyncio engine (``veil.enclave.engine.AsyncE
     python bench/engine.py                 # the full comparison (several minutes on 2 cores)
     python bench/engine.py --quick         # a smoke run: 32 new tokens, concurrency 1 and 4
     python bench/engine.py --only veil     # one system
+    python bench/engine.py --device cuda   # on a GPU: Veil's CUDA runner vs HF transformers on the GPU
+                                           # (and vLLM, given --vllm-python; llama.cpp stays on the CPU)
+
+``--device cuda`` runs Veil with ``--device cuda`` (Triton kernels, CUDA graphs, sampling on the
+device) and HF transformers in bf16 on the GPU; ``--vllm-python PATH`` adds vLLM, run by that
+interpreter (a separate venv: vLLM pins its own torch), on the same GGUF file.
 
 Needs the ``bench`` extra (``llama-cpp-python``, ``psutil``); a missing peer is reported, not fatal.
 """
@@ -36,7 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("veil", "llamacpp", "hf")
+SYSTEMS = ("veil", "llamacpp", "hf", "vllm")
+DEFAULT_SYSTEMS = ("veil", "llamacpp", "hf")  # vllm only when asked (--vllm-python / --only vllm)
 _WORDS = [
     "the",
     "a",
@@ -119,11 +126,11 @@ def _run_veil(args: argparse.Namespace) -> dict[str, Any]:
     need_tokens = max_c * (200 + args.new_tokens + 16)
     kv_mb = args.kv_mb or max(64, need_tokens * 48 * 1024 // 2**20 + 16)  # SmolLM2: 45 KiB/token
     engine = AsyncEngine.from_model(
-        args.model, kv_cache_mb=kv_mb, max_batch=max(64, max_c), threads=args.threads
+        args.model, kv_cache_mb=kv_mb, max_batch=max(64, max_c), threads=args.threads, device=args.device
     )
     runner = engine._engine.runner
     tok = runner.tokenizer
-    w = runner.model.weights
+    w = runner.weights if args.device == "cuda" else runner.model.weights
     weight_bytes = w.nbytes - w.embed.nbytes  # bytes read per decoded token (the lookup reads one row)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
 
@@ -237,9 +244,12 @@ def _run_hf(args: argparse.Namespace) -> dict[str, Any]:
     logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     p = Path(args.model)
+    device = "cuda" if args.device == "cuda" else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        str(p.parent), gguf_file=p.name, dtype=torch.float32, local_files_only=True
-    ).eval()
+        str(p.parent), gguf_file=p.name, dtype=dtype, local_files_only=True
+    )
+    model = model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -248,8 +258,8 @@ def _run_hf(args: argparse.Namespace) -> dict[str, Any]:
     def batch(prompts: list[list[int]]) -> tuple[float, float, int]:
         """Generate for all prompts in one padded batch; (time to first token, wall, tokens)."""
         width = max(len(x) for x in prompts)
-        ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts])
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=device)
         t0 = time.perf_counter()
         with torch.no_grad():
             model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=pad)
@@ -285,11 +295,39 @@ def _run_hf(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+# ---------------------------------------------------------------------------------------- vLLM
+
+
+def _run_vllm(args: argparse.Namespace) -> dict[str, Any]:
+    """vLLM's offline engine on the same GGUF (its GGUF loader). Concurrent requests are one
+    ``generate`` call, which vLLM batches continuously; TTFT is not separable there."""
+    from vllm import LLM, SamplingParams
+
+    p = Path(args.model)
+    llm = LLM(model=str(p), tokenizer=args.vllm_tokenizer or str(p), gpu_memory_utilization=0.5)
+    tok = llm.get_tokenizer()
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+
+    def run(prompts: list[list[int]]) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": x} for x in prompts], params, use_tqdm=False)
+        return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)
+
+    run(_prompts(1, tok)[:1])
+    wall, n = run(_prompts(1, tok, seed=7))
+    res: dict[str, Any] = {"weight_bytes": p.stat().st_size, "single_tok_s": n / wall, "agg": {}}
+    for c in args.concurrency:
+        wall, n = run(_prompts(c, tok, seed=c))
+        res["agg"][str(c)] = n / wall
+    res["peak_rss_mb"] = _peak_rss_mb()
+    return res
+
+
 # ------------------------------------------------------------------------------------- driver
 
 
 def _worker(args: argparse.Namespace) -> None:
-    fn = {"veil": _run_veil, "llamacpp": _run_llamacpp, "hf": _run_hf}[args.worker]
+    fn = {"veil": _run_veil, "llamacpp": _run_llamacpp, "hf": _run_hf, "vllm": _run_vllm}[args.worker]
     t0 = time.process_time()
     res = fn(args)
     res["cpu_s"] = time.process_time() - t0
@@ -297,8 +335,9 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _spawn(system: str, args: argparse.Namespace) -> dict[str, Any] | str:
+    python = args.vllm_python if system == "vllm" and args.vllm_python else sys.executable
     cmd = [
-        sys.executable,
+        python,
         __file__,
         "--worker",
         system,
@@ -311,6 +350,9 @@ def _spawn(system: str, args: argparse.Namespace) -> dict[str, Any] | str:
     cmd += ["--concurrency", *map(str, args.concurrency)]
     if args.kv_mb:
         cmd += ["--kv-mb", str(args.kv_mb)]
+    cmd += ["--device", args.device]
+    if args.vllm_tokenizer:
+        cmd += ["--vllm-tokenizer", args.vllm_tokenizer]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     cores = sorted(os.sched_getaffinity(0))[: args.threads] if hasattr(os, "sched_getaffinity") else []
     preexec = (lambda: os.sched_setaffinity(0, cores)) if cores else None
@@ -363,7 +405,10 @@ def _report(results: dict[str, dict[str, Any] | str], args: argparse.Namespace) 
             f"\nVeil aggregate at 16 concurrent / llama.cpp sequential: {ok['veil']['agg']['16'] / seq:.2f}×"
         )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"threads={args.threads} new_tokens={args.new_tokens} load average (1 min) at the end: {load:.2f}")
+    print(
+        f"device={args.device} threads={args.threads} new_tokens={args.new_tokens} "
+        f"load average (1 min) at the end: {load:.2f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,6 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-mb", type=int, default=0, help="Veil KV-cache budget (default: enough for all)")
     ap.add_argument("--only", choices=SYSTEMS, action="append")
     ap.add_argument("--quick", action="store_true", help="32 new tokens, concurrency 1 and 4")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default="cpu",
+        help="where Veil (veil serve --device) and HF transformers run; llama.cpp always on the CPU",
+    )
+    ap.add_argument("--vllm-python", help="a Python with vLLM installed: adds vLLM to the systems")
+    ap.add_argument("--vllm-tokenizer", help="tokenizer for vLLM (default: read from the GGUF)")
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model is None:
@@ -385,9 +438,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args)
         return 0
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick:
         args.new_tokens, args.concurrency = 32, [1, 4]
-    results = {s: _spawn(s, args) for s in (args.only or SYSTEMS)}
+    systems = args.only or [*DEFAULT_SYSTEMS, *(["vllm"] if args.vllm_python else [])]
+    results = {s: _spawn(s, args) for s in systems}
     _report(results, args)
     return 0
 

@@ -406,34 +406,33 @@ def bench_fused(dtype: torch.dtype) -> list[Figure]:
 
 def bench_runner(dtype: torch.dtype, prompt_len: int = 128, decode_steps: int = 128) -> list[Figure]:
     """Decode throughput of the embedded SmolLM2 through ``CudaRunner`` (CUDA graphs), and the HF
-    transformers ``generate`` peer single-stream. Greedy argmax on the device, no sampler or detokenizer:
-    this is the model's decode step, the ceiling for ``bench/engine.py --device cuda``."""
+    transformers ``generate`` peer single-stream. Greedy, sampled on the device by the runner (only token
+    ids come back), no scheduler or detokenizer: this is the model's decode step, the ceiling for
+    ``bench/engine.py --device cuda``."""
     import time
 
     from veil.enclave.model.loader import default_model_path, load_model
     from veil.enclave.runner.cuda import CudaRunner
-    from veil.enclave.runner.protocol import SeqStep
+    from veil.enclave.runner.protocol import GREEDY, SeqStep
 
     path = default_model_path()
     model = load_model(path)
     block_size, max_batch = 16, 64
     per_seq = -(-(prompt_len + decode_steps + 1) // block_size)
-    runner = CudaRunner(model, per_seq * max_batch, block_size, dtype=dtype, max_batch=max_batch,
-                             device_logits=True)  # fmt: skip
+    runner = CudaRunner(model, per_seq * max_batch, block_size, dtype=dtype, max_batch=max_batch)
     vocab = model.config.vocab
     figures = []
     for batch in (1, max_batch):
         g = torch.Generator().manual_seed(batch)
         tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
         prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
-        logits = runner.execute([SeqStep(i, prompts[i], 0, tables[i]) for i in range(batch)])
-        nxt = logits.argmax(-1).tolist()
+        nxt = runner.execute([SeqStep(i, prompts[i], 0, tables[i], GREEDY) for i in range(batch)])
         torch.cuda.synchronize()
         start = time.perf_counter()
         for step in range(decode_steps):
             pos = prompt_len + step
-            logits = runner.execute([SeqStep(i, [nxt[i]], pos, tables[i]) for i in range(batch)])
-            nxt = logits.argmax(-1).tolist()  # the host needs the tokens: one sync per step, as in serving
+            # the host needs the tokens: one sync per step, as in serving
+            nxt = runner.execute([SeqStep(i, [nxt[i]], pos, tables[i], GREEDY) for i in range(batch)])
         seconds = (time.perf_counter() - start) / decode_steps
         figures.append(Figure(f"SmolLM2 decode step batch {batch} [veil cuda graphs]", seconds,
                               runner.weights.nbytes, f"{batch / seconds:,.0f} tok/s; bytes = weights",

@@ -27,7 +27,7 @@ from veil.enclave.model.llama import reference_forward  # noqa: E402
 from veil.enclave.model.loader import LoadedModel  # noqa: E402
 from veil.enclave.model.weights import BlockEmbedding, LayerSpecs, LlamaSpecs, build_weights  # noqa: E402
 from veil.enclave.runner.cuda import CudaRunner  # noqa: E402
-from veil.enclave.runner.protocol import SeqStep  # noqa: E402
+from veil.enclave.runner.protocol import GREEDY, SampleSpec, SeqStep  # noqa: E402
 from veil.kernels.quant_cpu import Int4Spec, Int8Spec  # noqa: E402
 
 VOCAB, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 80, 64, 96, 4, 2, 16
@@ -117,9 +117,12 @@ def test_prefill_decode_and_chunked_prefill_match_the_reference(tied: bool, devi
     tables = {0: order[0:6], 1: order[6:12], 2: order[12:18]}  # scattered physical blocks
     history = {0: prompts[0][:5], 1: prompts[1][:], 2: prompts[2][:]}
 
-    def check(steps: list[SeqStep], logits: torch.Tensor) -> None:
+    def check(steps: list[SeqStep]) -> None:
+        logits = runner.logits(steps)
         want = [s for s in steps if s.want_logits]
         assert logits.shape == (len(want), VOCAB) and logits.device.type == "cpu"
+        # the runner's own sampling (re-running a step writes the same cache positions)
+        assert runner.execute(steps) == logits.argmax(-1).tolist()
         for row, s in zip(logits, want, strict=True):
             ref = reference_forward(config, ref_weights, history[s.seq_id][: s.start_pos + len(s.token_ids)])[
                 -1
@@ -128,36 +131,38 @@ def test_prefill_decode_and_chunked_prefill_match_the_reference(tied: bool, devi
 
     # 1. mixed step: two prompt chunks (5 of A's 7 tokens, all of B) and a one-token prompt (C)
     steps = [
-        SeqStep(0, prompts[0][:5], 0, tables[0]),
-        SeqStep(1, prompts[1], 0, tables[1], want_logits=False),
-        SeqStep(2, prompts[2], 0, tables[2]),
+        SeqStep(0, prompts[0][:5], 0, tables[0], GREEDY),
+        SeqStep(1, prompts[1], 0, tables[1]),
+        SeqStep(2, prompts[2], 0, tables[2], GREEDY),
     ]
-    check(steps, runner.execute(steps))
+    check(steps)
     # 2. A's prompt continues (a chunk over cached positions) next to B's first decode step
     history[0] = prompts[0][:]
     history[1].append(11)
-    steps = [SeqStep(0, prompts[0][5:], 5, tables[0]), SeqStep(1, [11], 3, tables[1])]
-    check(steps, runner.execute(steps))
+    steps = [SeqStep(0, prompts[0][5:], 5, tables[0], GREEDY), SeqStep(1, [11], 3, tables[1], GREEDY)]
+    check(steps)
     # 3. three decode steps: the graph path, padded from 3 rows to the ladder's 4
     for tok in (12, 13):
         steps = []
         for sid in (0, 1, 2):
             pos = len(history[sid])
             history[sid].append(tok + sid)
-            steps.append(SeqStep(sid, [tok + sid], pos, tables[sid]))
-        check(steps, runner.execute(steps))
+            steps.append(SeqStep(sid, [tok + sid], pos, tables[sid], GREEDY))
+        check(steps)
     assert runner.graph_batches == (1, 2, 4)
 
 
 def test_execute_rejects_bad_steps(device: torch.device) -> None:
     config, specs = _model(tied=False)
     runner = _runner(config, specs, device, torch.float32)
-    assert runner.execute([]).shape == (0, VOCAB)
+    assert runner.execute([]) == []
+    assert runner.logits([]).shape == (0, VOCAB)
     for bad in (
         SeqStep(0, [1], 0, []),  # no block for position 0
         SeqStep(0, [VOCAB], 0, [0]),  # token id out of range
         SeqStep(0, [1], 0, [24]),  # block id out of range
         SeqStep(0, [1] * 3, 63, [0] * 17),  # past the context
+        SeqStep(0, [1], 0, [0], SampleSpec(GREEDY.params, 0, 0, torch.zeros(1, dtype=torch.int32))),  # mask
     ):
         with pytest.raises(InvalidRequestError):
             runner.execute([bad])
@@ -173,15 +178,16 @@ def test_gpu_smollm2_graph_decode_matches_eager_and_the_cpu_runner(loaded_model:
     cpu = CpuRunner(model, num_kv_blocks=64, block_size=16)
     prompt = model.tokenizer.encode("The capital of France is")
     table = list(range(8))
-    first = graphs.execute([SeqStep(0, prompt, 0, table)])
-    eager.execute([SeqStep(0, prompt, 0, table)])
-    on_cpu = cpu.execute([SeqStep(0, prompt, 0, table)])[0]
+    first = graphs.logits([SeqStep(0, prompt, 0, table, GREEDY)])
+    eager.execute([SeqStep(0, prompt, 0, table, GREEDY)])
+    on_cpu = cpu.logits([SeqStep(0, prompt, 0, table, GREEDY)])[0]
     # bf16 on both sides, different kernels: the distributions agree, the top token is among the CPU's top 5
     assert torch.nn.functional.cosine_similarity(first[0], on_cpu, dim=0) > 0.99
     assert int(first.argmax()) in on_cpu.topk(5).indices.tolist()
     tokens = [int(first.argmax())]
     for _ in range(8):
-        step = [SeqStep(0, [tokens[-1]], len(prompt) + len(tokens) - 1, table)]
-        a, b = graphs.execute(step), eager.execute(step)
+        step = [SeqStep(0, [tokens[-1]], len(prompt) + len(tokens) - 1, table, GREEDY)]
+        a, b = graphs.logits(step), eager.logits(step)
         torch.testing.assert_close(a, b, atol=0, rtol=0)  # a replay runs the very same kernels
+        assert graphs.execute(step) == eager.execute(step) == [int(a.argmax())]  # sampled on the device
         tokens.append(int(a.argmax()))

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from veil.enclave.engine.async_engine import AsyncEngine, Delta, EngineRequest, EngineStats
+from veil.enclave.engine.sampler import Sampler
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.engine.sync_engine import LLMEngine
 from veil.enclave.errors import (
@@ -32,7 +33,7 @@ from veil.enclave.errors import (
     PromptTooLongError,
 )
 from veil.enclave.runner.cpu import CpuRunner
-from veil.enclave.runner.protocol import SeqStep
+from veil.enclave.runner.protocol import GREEDY, SeqStep, sample_steps
 
 T = TypeVar("T")
 MULTIBYTE = "Grüße 🌍 wörld ✓ 日本語 👩‍👩‍👧 café"
@@ -82,6 +83,8 @@ class ScriptedRunner:
         self.gate: threading.Event | None = None  # when set, execute waits for it
         self.delay = 0.0  # seconds each execute takes
         self._pool: ThreadPoolExecutor | None = None
+        self.device = "cpu (scripted)"
+        self.sampler = Sampler()
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn`` on the double's one worker thread, as a real runner runs steps on its device thread."""
@@ -90,7 +93,11 @@ class ScriptedRunner:
             weakref.finalize(self, self._pool.shutdown, wait=False)
         return self._pool.submit(fn, *args)
 
-    def execute(self, steps: list[SeqStep]) -> torch.Tensor:
+    def execute(self, steps: list[SeqStep]) -> list[int]:
+        """Scripted logits, sampled by the real sampler the way both real runners sample them."""
+        return sample_steps(self.sampler, self.logits(steps), steps)
+
+    def logits(self, steps: list[SeqStep]) -> torch.Tensor:
         if self.gate is not None:
             self.gate.wait(10)
         time.sleep(self.delay)
@@ -192,9 +199,9 @@ def batch_invariant(runner: CpuRunner) -> bool:
     a = runner.tokenizer.encode("Write a short poem about the sea:")
     b = runner.tokenizer.encode(PROMPTS[7] * 2)  # a longer neighbour: a wider block table
     ta, tb = [0, 1, 2], list(range(3, 3 + len(b) // 16 + 1))
-    runner.execute([SeqStep(0, a, 0, ta, False), SeqStep(1, b, 0, tb, False)])
-    alone = runner.execute([SeqStep(0, [198], len(a), ta)])
-    both = runner.execute([SeqStep(0, [198], len(a), ta), SeqStep(1, [198], len(b), tb)])
+    runner.logits([SeqStep(0, a, 0, ta), SeqStep(1, b, 0, tb)])
+    alone = runner.logits([SeqStep(0, [198], len(a), ta, GREEDY)])
+    both = runner.logits([SeqStep(0, [198], len(a), ta, GREEDY), SeqStep(1, [198], len(b), tb, GREEDY)])
     return bool(torch.equal(alone[0], both[0]))
 
 
@@ -236,7 +243,7 @@ def same_or_tied(runner: CpuRunner, prompt: str, alone: list[int], got: list[int
     k = next(i for i, (a, b) in enumerate(zip(alone, got, strict=True)) if a != b)
     prefix = [*runner.tokenizer.encode(prompt), *alone[:k]]
     blocks = list(range(-(-len(prefix) // runner.block_size)))
-    logits = runner.execute([SeqStep(0, prefix, 0, blocks, True)])[0]
+    logits = runner.logits([SeqStep(0, prefix, 0, blocks, GREEDY)])[0]
     a, b, best = float(logits[alone[k]]), float(logits[got[k]]), float(logits.max())
     assert abs(a - b) <= abs(best) * 2**-7, f"diverged at token {k} without a tie: {a} vs {b}"
     return False
@@ -460,8 +467,8 @@ class SoftRunner(ScriptedRunner):
     def __init__(self, tokenizer: Any, **kw: Any) -> None:
         super().__init__(tokenizer, lambda prefix: 0, **kw)
 
-    def execute(self, steps: list[SeqStep]) -> torch.Tensor:
-        super().execute(steps)  # paging checks and batch bookkeeping
+    def logits(self, steps: list[SeqStep]) -> torch.Tensor:
+        super().logits(steps)  # paging checks and batch bookkeeping
         rows = []
         for step in steps:
             if step.want_logits:
@@ -533,8 +540,8 @@ def test_runner_failure_ends_only_the_guilty_request(tokenizer: Any, words: list
 
 def test_bad_logits_end_only_that_request(tokenizer: Any, words: list[int]) -> None:
     class NaNFor(ScriptedRunner):
-        def execute(self, steps: list[SeqStep]) -> torch.Tensor:
-            out = super().execute(steps)
+        def logits(self, steps: list[SeqStep]) -> torch.Tensor:
+            out = super().logits(steps)  # NaN logits: the runner's sampling raises
             rows = [s for s in steps if s.want_logits]
             for r, step in enumerate(rows):
                 if step.seq_id == 1:
@@ -730,9 +737,9 @@ def test_engine_bug_fails_in_flight_requests_and_keeps_serving(tokenizer: Any, w
     class WrongShape(ScriptedRunner):
         broken = True
 
-        def execute(self, steps: list[SeqStep]) -> torch.Tensor:
+        def execute(self, steps: list[SeqStep]) -> list[int]:
             out = super().execute(steps)
-            return torch.cat([out, out]) if self.broken else out  # breaks the runner contract
+            return out + out if self.broken else out  # breaks the runner contract
 
     scripted = WrongShape(tokenizer, hash_script(words))
 

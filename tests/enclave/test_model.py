@@ -15,7 +15,7 @@ from veil.enclave.model.llama import BatchPlan, reference_forward
 from veil.enclave.model.loader import LoadedModel
 from veil.enclave.model.weights import LlamaWeights
 from veil.enclave.runner.cpu import CpuRunner
-from veil.enclave.runner.protocol import SeqStep
+from veil.enclave.runner.protocol import GREEDY, SeqStep
 
 PROMPTS = [
     "The capital of France is",
@@ -114,14 +114,12 @@ def test_reference_path_matches_hf_closely(
 
 
 def _greedy_runner(runner: CpuRunner, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens through ``execute``: the forward pass and the runner's own sampling."""
     table = list(range(runner.num_kv_blocks))
-    out: list[int] = []
-    logits = runner.execute([SeqStep(0, ids, 0, table)])
+    out = runner.execute([SeqStep(0, ids, 0, table, GREEDY)])
     pos = len(ids)
-    for _ in range(n):
-        tok = int(logits[0].argmax())
-        out.append(tok)
-        logits = runner.execute([SeqStep(0, [tok], pos, table)])
+    while len(out) < n:
+        out += runner.execute([SeqStep(0, [out[-1]], pos, table, GREEDY)])
         pos += 1
     return out
 
@@ -166,12 +164,12 @@ def test_paged_batch_equals_each_sequence_alone(loaded: LoadedModel) -> None:
     for ids in prompts:
         runner = CpuRunner(loaded, num_kv_blocks=64, block_size=bs)
         table = list(range(64))
-        logits = runner.execute([SeqStep(0, ids, 0, table)])
+        logits = runner.logits([SeqStep(0, ids, 0, table, GREEDY)])
         toks, rows = [], [logits[0]]
         pos = len(ids)
         for _ in range(n_new):
             toks.append(int(rows[-1].argmax()))
-            rows.append(runner.execute([SeqStep(0, [toks[-1]], pos, table)])[0])
+            rows.append(runner.logits([SeqStep(0, [toks[-1]], pos, table, GREEDY)])[0])
             pos += 1
         alone.append((toks, torch.stack(rows[:-1])))
 
@@ -186,15 +184,15 @@ def test_paged_batch_equals_each_sequence_alone(loaded: LoadedModel) -> None:
             if done[i] < len(ids):
                 part = ids[done[i] : done[i] + chunk]
                 last = done[i] + len(part) == len(ids)
-                steps.append(SeqStep(i, part, done[i], tables[i], want_logits=last))
+                steps.append(SeqStep(i, part, done[i], tables[i], GREEDY if last else None))
                 done[i] += len(part)
                 if last:
                     owners.append(i)
             elif len(toks_b[i]) < n_new:
                 pos = len(ids) + len(toks_b[i]) - 1
-                steps.append(SeqStep(i, [toks_b[i][-1]], pos, tables[i]))
+                steps.append(SeqStep(i, [toks_b[i][-1]], pos, tables[i], GREEDY))
                 owners.append(i)
-        logits = runner.execute(steps)
+        logits = runner.logits(steps)
         assert logits.shape[0] == len(owners)
         for row, i in zip(logits, owners, strict=True):
             if len(toks_b[i]) < n_new:
@@ -213,7 +211,8 @@ def test_execute_rejects_malformed_steps(loaded: LoadedModel) -> None:
         runner.execute([SeqStep(0, [1], 0, [9])])  # no block 9
     with pytest.raises(InvalidRequestError):
         runner.execute([SeqStep(0, [10**6], 0, [0])])  # token id beyond the vocabulary
-    assert runner.execute([]).shape == (0, loaded.config.vocab)
+    assert runner.execute([]) == []
+    assert runner.logits([]).shape == (0, loaded.config.vocab)
 
 
 def test_blocks_for_budget(loaded: LoadedModel) -> None:

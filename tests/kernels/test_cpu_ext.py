@@ -208,13 +208,13 @@ def test_fallback_without_the_kernels() -> None:
     code = (
         "from veil.enclave.model.loader import default_model_path, load_model\n"
         "from veil.enclave.runner.cpu import CpuRunner\n"
-        "from veil.enclave.runner.protocol import SeqStep\n"
+        "from veil.enclave.runner.protocol import GREEDY, SeqStep\n"
         "from veil.kernels.quant_cpu import Int4Linear\n"
         "m = load_model(default_model_path())\n"
         "assert isinstance(m.weights.layers[0].qkv, Int4Linear)\n"
         "r = CpuRunner(m, num_kv_blocks=8, block_size=16)\n"
         "assert not r.model.fused\n"
-        "print(int(r.execute([SeqStep(0, [1, 2, 3], 0, [0])]).argmax()))\n"
+        "print(r.execute([SeqStep(0, [1, 2, 3], 0, [0], GREEDY)])[0])\n"
     )
     env = {**os.environ, "VEIL_CPU_KERNELS": "0"}
     out = subprocess.run(

@@ -33,6 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="simulation chain + temp files (default: $VEIL_STATE_DIR or ~/.local/state/veil)",
     )
     parser.add_argument("--data-policy", default=None, metavar="FILE", help="data-handling policy TOML")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default="auto",
+        help="where the model runs: cpu (Veil's CPU kernels), cuda (Triton kernels + CUDA graphs on a GPU), "
+        "auto (default: cuda when torch sees a GPU, else cpu); printed at start-up",
+    )
     parser.add_argument("--max-batch", type=int, default=None, help="most sequences decoded together")
     parser.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache size in MiB")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight streams get on SIGTERM")

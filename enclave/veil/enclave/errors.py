@@ -22,8 +22,10 @@
     │   │                                the cached set expired, or it does not parse)
     │   └── TeeUnavailableError      no usable TEE / GPU interface: missing, permission denied,
     │                                CC mode off, dev-tools mode on (``veil serve`` exits non-zero)
-    └── DataPolicyError              the data-handling policy file is malformed or promises
-                                     something this server cannot enforce
+    ├── DataPolicyError              the data-handling policy file is malformed or promises
+    │                                something this server cannot enforce
+    └── DeviceUnavailableError       the requested compute device is not there (``--device cuda``
+                                     without a GPU)
 
 Messages never contain prompt or completion text (data-handling policy).
 """
@@ -34,6 +36,7 @@ __all__ = [
     "AttestationProviderError",
     "CollateralUnavailableError",
     "DataPolicyError",
+    "DeviceUnavailableError",
     "EnclaveError",
     "EngineInternalError",
     "EngineOverloadedError",
@@ -102,3 +105,7 @@ class CollateralUnavailableError(AttestationProviderError):
 
 class TeeUnavailableError(AttestationProviderError):
     """No usable TEE or GPU attestation interface (see ``veil.enclave.tee.probe``)."""
+
+
+class DeviceUnavailableError(EnclaveError):
+    """The requested compute device (a CUDA GPU, or the Triton interpreter on the CPU) is not available."""

@@ -327,7 +327,8 @@ async def _serve(args: Any, policy: Any, state_dir: Path, hardware: Any, dumpabl
         kwargs["kv_cache_mb"] = args.kv_cache_mb
     if args.max_batch is not None:
         kwargs["max_batch"] = args.max_batch
-    engine = AsyncEngine.from_model(args.model, **kwargs)
+    engine = AsyncEngine.from_model(args.model, device=getattr(args, "device", "cpu"), **kwargs)
+    _say(f"device: {engine.device}")
     await engine.start()
     try:
         digest = build_digest()

@@ -17,6 +17,7 @@ from veil.kernels.errors import KernelInputError, KernelUnavailableError
 __all__ = [
     "DEFAULT_SM_COUNT",
     "check_device",
+    "interpreter_block_n",
     "interpreting",
     "kernels_run_on_cpu",
     "next_power_of_2",
@@ -72,6 +73,21 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return DEFAULT_SM_COUNT
+
+
+# Output columns per program of a matmul launched on CPU tensors (the interpreter), see below.
+INTERPRETER_BLOCK_N = 2048
+
+
+def interpreter_block_n(n: int) -> int:
+    """Output columns per program for a matmul of ``n`` columns run by the Triton interpreter.
+
+    The interpreter runs a launch's programs one after another in Python, each op costing a numpy
+    call, so time grows with the number of programs, not with the work in each: a GPU launch shape
+    (64 columns per program, K split to fill 132 SMs) makes one SmolLM2 token take minutes. Default
+    launches on CPU tensors therefore use the fewest, widest programs (this many columns, no split-K).
+    Same kernels, other tile sizes; the parity tests pin GPU-shaped configs explicitly."""
+    return min(INTERPRETER_BLOCK_N, max(16, next_power_of_2(n)))
 
 
 def next_power_of_2(n: int) -> int:

@@ -25,7 +25,13 @@ import triton
 import triton.language as tl
 
 from veil.kernels.errors import KernelInputError
-from veil.kernels.triton_common import check_device, next_power_of_2, pick_split, sm_count
+from veil.kernels.triton_common import (
+    check_device,
+    interpreter_block_n,
+    next_power_of_2,
+    pick_split,
+    sm_count,
+)
 from veil.kernels.triton_w4a16 import GEMV_MAX_M, MatmulConfig
 
 __all__ = [
@@ -248,9 +254,13 @@ def int8_gemv(x: torch.Tensor, w: Int8Weight, config: MatmulConfig | None = None
         floor = 64 if m == 1 else 128
         block_k = max(floor, w.group_size) if w.group_size != k else floor
         tiles = triton.cdiv(n, 64)
-        config = MatmulConfig(
-            16, 64, block_k, split_k=pick_split(tiles, triton.cdiv(k, block_k), sm_count(x.device))
-        )
+        if x.device.type == "cpu":  # the Triton interpreter: fewest programs (see interpreter_block_n)
+            wide_k = max(256, w.group_size) if w.group_size != k else 256
+            config = MatmulConfig(16, interpreter_block_n(n), wide_k, split_k=1)
+        else:
+            config = MatmulConfig(
+                16, 64, block_k, split_k=pick_split(tiles, triton.cdiv(k, block_k), sm_count(x.device))
+            )
     x2, per_channel = _prepare(x, w, config.block_k)
     steps = triton.cdiv(k, config.block_k)
     split = max(1, min(config.split_k or 1, steps))
@@ -276,7 +286,8 @@ def int8_gemm(x: torch.Tensor, w: Int8Weight, config: MatmulConfig | None = None
     n, k = w.out_features, w.in_features
     if config is None:
         block_m = 64 if m <= 64 else 128
-        config = MatmulConfig(block_m, 128, max(64, w.group_size) if w.group_size != k else 64,
+        block_n = interpreter_block_n(n) if x.device.type == "cpu" else 128  # see interpreter_block_n
+        config = MatmulConfig(block_m, block_n, max(64, w.group_size) if w.group_size != k else 64,
                               num_warps=8 if block_m == 128 else 4)  # fmt: skip
     if config.block_m < 16:
         raise KernelInputError(f"GEMM needs block_m ≥ 16, got {config.block_m}")

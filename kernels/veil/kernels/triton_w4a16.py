@@ -52,7 +52,13 @@ import triton
 import triton.language as tl
 
 from veil.kernels.errors import KernelInputError
-from veil.kernels.triton_common import check_device, next_power_of_2, pick_split, sm_count
+from veil.kernels.triton_common import (
+    check_device,
+    interpreter_block_n,
+    next_power_of_2,
+    pick_split,
+    sm_count,
+)
 
 __all__ = [
     "GEMV_MAX_M",
@@ -351,14 +357,18 @@ def default_gemv_config(m: int, n: int, k: int, device: torch.device) -> MatmulC
     block_m = 1 if m == 1 else max(16, next_power_of_2(m))
     block_n = 64
     block_k = (256 if k >= 256 else 32 * next_power_of_2(k // 32)) if m == 1 else 128
+    if device.type == "cpu":  # the Triton interpreter: fewest programs (see interpreter_block_n)
+        return MatmulConfig(block_m, interpreter_block_n(n), block_k, split_k=1)
     tiles = triton.cdiv(n, block_n)
     split = pick_split(tiles, triton.cdiv(k, block_k), sm_count(device))
     return MatmulConfig(block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=3)
 
 
-def default_gemm_config(m: int, n: int, k: int) -> MatmulConfig:
+def default_gemm_config(m: int, n: int, k: int, device: torch.device | None = None) -> MatmulConfig:
     """Tiled GEMM launch for prefill (a starting point: confirm with ``bench/kernels.py``)."""
     block_m = 64 if m <= 64 else 128
+    if device is not None and device.type == "cpu":  # the Triton interpreter (see interpreter_block_n)
+        return MatmulConfig(block_m, interpreter_block_n(n), 64)
     return MatmulConfig(block_m, 128, 64, num_warps=8 if block_m == 128 else 4, num_stages=3)
 
 
@@ -419,7 +429,7 @@ def w4a16_gemm(x: torch.Tensor, w: W4A16Weight, config: MatmulConfig | None = No
     x2 = _check_inputs(x, w)
     m, k = x2.shape
     n = w.out_features
-    cfg = config or default_gemm_config(m, n, k)
+    cfg = config or default_gemm_config(m, n, k, x2.device)
     if cfg.block_k % Q4_1_GROUP or cfg.block_k < Q4_1_GROUP or cfg.block_m < 16:
         raise KernelInputError(f"GEMM needs block_k a multiple of 32 and block_m ≥ 16, got {cfg}")
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)

@@ -46,6 +46,7 @@ from veil.enclave.errors import EngineOverloadedError, EngineStoppedError, Inval
 from veil.enclave.runner.protocol import Runner
 
 __all__ = [
+    "DEVICES",
     "ENGINE_VERSION",
     "AsyncEngine",
     "Delta",
@@ -54,7 +55,10 @@ __all__ = [
     "LLMEngine",
     "RequestOutput",
     "SamplingParams",
+    "resolve_device",
 ]
+
+DEVICES = ("cpu", "cuda", "auto")
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +149,7 @@ class AsyncEngine:
         self.model_digest: bytes = runner.model_digest
         self.engine_version: str = ENGINE_VERSION
         self.max_context: int = int(runner.max_context)
+        self.device: str = runner.device
         self._queues: dict[str, asyncio.Queue[Delta]] = {}
         self._pending_adds: deque[tuple[str, list[int], SamplingParams]] = deque()
         self._pending_cancels: deque[str] = deque()
@@ -167,18 +172,33 @@ class AsyncEngine:
         threads: int | None = None,
         block_size: int = 16,
         cache_dir: Path | None = None,
+        device: str = "cpu",
         **kw: Any,
     ) -> AsyncEngine:
         """Load a GGUF file or checkpoint (default: the embedded SmolLM2) and build an engine.
 
-        ``cache_dir``: where the loader caches the tokenizer (``veil serve``: its state dir)."""
+        ``cache_dir``: where the loader caches the tokenizer (``veil serve``: its state dir).
+        ``device``: ``"cpu"`` (:class:`~veil.enclave.runner.cpu.CpuRunner`), ``"cuda"``
+        (:class:`~veil.enclave.runner.cuda.CudaRunner` on Triton kernels and CUDA graphs; raises
+        DeviceUnavailableError without a GPU) or ``"auto"`` (CUDA when ``torch.cuda.is_available()``)."""
         from veil.enclave.engine.block_manager import blocks_for_budget
         from veil.enclave.model.loader import default_model_path, load_model
-        from veil.enclave.runner.cpu import CpuRunner
 
+        kind = resolve_device(device)
         model = load_model(Path(path) if path is not None else default_model_path(), cache_dir=cache_dir)
-        blocks = blocks_for_budget(kv_cache_mb * 2**20, model.config.kv_bytes_per_token, block_size)
-        runner = CpuRunner(model, blocks, block_size, threads=threads)
+        runner: Runner
+        if kind == "cuda":
+            from veil.enclave.runner.cuda import CudaRunner
+
+            # bf16 keys and values: 2 + 2 bytes per element
+            per_token = model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 4
+            blocks = blocks_for_budget(kv_cache_mb * 2**20, per_token, block_size)
+            runner = CudaRunner(model, blocks, block_size, device="cuda", max_batch=max_batch)
+        else:
+            from veil.enclave.runner.cpu import CpuRunner
+
+            blocks = blocks_for_budget(kv_cache_mb * 2**20, model.config.kv_bytes_per_token, block_size)
+            runner = CpuRunner(model, blocks, block_size, threads=threads)
         return cls(runner, max_batch=max_batch, **kw)
 
     # ------------------------------------------------------------------ lifecycle
@@ -373,6 +393,17 @@ class AsyncEngine:
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(self.cancel, request_id)
+
+
+def resolve_device(device: str) -> str:
+    """``"cpu"`` or ``"cuda"`` for a ``--device`` choice: ``auto`` is CUDA when a GPU is present."""
+    if device not in DEVICES:
+        raise InvalidRequestError(f"device must be one of {', '.join(DEVICES)}")
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

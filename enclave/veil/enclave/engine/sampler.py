@@ -21,7 +21,7 @@ import torch
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.errors import EngineInternalError
 
-__all__ = ["Sampler", "mix_seed", "uniform"]
+__all__ = ["Sampler", "apply_token_bitmask", "mix_seed", "uniform"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -41,16 +41,24 @@ class Sampler:
         params: Sequence[SamplingParams],
         seeds: Sequence[int],
         steps: Sequence[int],
+        *,
+        allowed: Sequence[torch.Tensor | None] | None = None,
     ) -> list[int]:
         """One token id per row of ``logits`` (``[n, vocab]``).
 
         ``seeds[i]`` is row i's request seed (drawn by the engine when the request gave
         none) and ``steps[i]`` the number of tokens that request has generated so far.
+        ``allowed[i]``, when given and not None, is row i's packed token bitmask (see
+        :func:`apply_token_bitmask`): only its tokens can be drawn.
         """
         n = logits.shape[0]
         if logits.dim() != 2 or not len(params) == len(seeds) == len(steps) == n:
             raise EngineInternalError("sampler inputs disagree in length")
+        if allowed is not None and len(allowed) != n:
+            raise EngineInternalError("sampler inputs disagree in length")
         logits = logits.float()
+        if allowed is not None and any(a is not None for a in allowed):
+            logits = apply_token_bitmask(logits, allowed)
         best, argmax = logits.max(dim=-1)  # max propagates NaN: one pass checks and picks
         if not bool(torch.isfinite(best).all()):
             raise EngineInternalError("logits contain NaN, +inf or a row of -inf")
@@ -76,6 +84,33 @@ class Sampler:
             for i, t in zip(sel, picked, strict=True):
                 out[i] = t
         return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, allowed: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``logits`` (fp32 ``[n, vocab]``) with every disallowed token of row i set to -inf (a new tensor).
+
+    ``allowed[i]`` is None (every token allowed) or a packed int32 bitmask of ``ceil(vocab / 32)``
+    words, xgrammar's layout: token ``t`` is allowed iff ``(mask[t // 32] >> (t % 32)) & 1``. A row
+    that allows nothing becomes all -inf, which the sampler refuses as an engine error.
+    """
+    vocab = logits.shape[1]
+    words = -(-vocab // 32)
+    rows = [i for i, a in enumerate(allowed) if a is not None]
+    if not rows:
+        return logits
+    masks = []
+    for i in rows:
+        a = allowed[i]
+        if a is None or a.dim() != 1 or a.shape[0] != words or a.dtype != torch.int32:
+            raise EngineInternalError(f"a token bitmask must be int32 [{words}]")
+        masks.append(a.to(logits.device))
+    packed = torch.stack(masks)  # [r, words]
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    keep = ((packed.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]  # [r, vocab]
+    out = logits.clone()
+    idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    out[idx] = out[idx].masked_fill(~keep, float("-inf"))
+    return out
 
 
 _WINDOW = 1024  # candidates looked at first for top-p alone

@@ -1,10 +1,13 @@
 """The synchronous engine core: :class:`LLMEngine` and the types the engine API speaks.
 
-One :meth:`LLMEngine.step` is: schedule → ``runner.execute`` → sample → detokenize and apply
-stop rules → one :class:`Delta` per request that has something to say. Failures stay with
-the request that caused them: a batch whose ``execute`` raises is re-run one sequence at a
-time, a sampling failure is retried row by row, and whatever still fails (or a detokenizer
-error) ends that request alone with finish reason ``error``.
+One :meth:`LLMEngine.step` is: schedule → ``runner.execute`` (forward pass and sampling, on the
+runner's device: only token ids come back) → detokenize and apply stop rules → one :class:`Delta`
+per request that has something to say. Each sampled step carries its request's
+:class:`~veil.enclave.runner.protocol.SampleSpec` (parameters, seed, token index), so a seeded
+request draws the same tokens whatever shares its batch. Failures stay with the request that caused
+them: a batch whose ``execute`` raises (in the forward pass or in sampling, e.g. NaN logits) is
+re-run one sequence at a time, and whatever still fails (or a detokenizer error) ends that request
+alone with finish reason ``error``.
 
 Logs carry metadata only (request ids, counts, exception types): never prompt or completion
 text, which also never appears in an exception message raised from here.
@@ -20,12 +23,9 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from veil.enclave.data_policy import log_event
 from veil.enclave.engine.block_manager import BlockManager
 from veil.enclave.engine.detokenizer import FINISH_CANCELLED, FINISH_ERROR, AbortReason, CompletionTracker
-from veil.enclave.engine.sampler import Sampler
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from veil.enclave.engine.sequence import Sequence
@@ -35,7 +35,7 @@ from veil.enclave.errors import (
     PromptTooLargeError,
     PromptTooLongError,
 )
-from veil.enclave.runner.protocol import Runner, SeqStep
+from veil.enclave.runner.protocol import Runner, SampleSpec, SeqStep
 from veil.proto.chat import ChatMessageError, check_chat
 
 __all__ = [
@@ -133,7 +133,6 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=max_batch, max_num_batched_tokens=max_num_batched_tokens
         )
-        self.sampler = Sampler()
         self._settings = (max_batch, max_num_batched_tokens)
         self._rng = rng if rng is not None else random.SystemRandom()
         self._requests: dict[str, _Request] = {}
@@ -224,19 +223,14 @@ class LLMEngine:
                 raise EngineInternalError("requests are queued but none can be scheduled")
             return []
         outputs: list[RequestOutput] = []
-        done, logits, failed = self._execute(sched)
+        done, tokens, failed = self._execute(sched)
         for item in failed:
             outputs.append(self._fail(self._by_seq[item.seq.seq_id], "engine.execute_failed"))
         self.scheduler.commit(SchedulerOutput(done))
         want = [self._by_seq[item.seq.seq_id] for item in done if item.want_logits]
-        if not want:
-            return outputs
-        if logits is None or logits.dim() != 2 or logits.shape[0] != len(want):
-            raise EngineInternalError("the runner returned logits of the wrong shape")
-        for req, token in zip(want, self._sample(logits, want), strict=True):
-            if token is None:
-                outputs.append(self._fail(req, "engine.sampling_failed"))
-                continue
+        if len(tokens) != len(want):
+            raise EngineInternalError("the runner returned the wrong number of tokens")
+        for req, token in zip(want, tokens, strict=True):
             try:
                 req.seq.append_token(token)
                 req.tracker.append(token)
@@ -250,19 +244,20 @@ class LLMEngine:
                 outputs.append(RequestOutput(req.request_id, self._delta(req, text, ids)))
         return outputs
 
-    def _execute(
-        self, sched: SchedulerOutput
-    ) -> tuple[list[ScheduledSeq], torch.Tensor | None, list[ScheduledSeq]]:
-        steps = [_seq_step(item) for item in sched.scheduled]
+    def _execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], list[int], list[ScheduledSeq]]:
+        """(sequences that ran, their sampled tokens in order, sequences that failed)."""
+        steps = [self._seq_step(item) for item in sched.scheduled]
         try:
             return sched.scheduled, self.runner.execute(steps), []
         except Exception as exc:
             log_event(log, "engine.batch_failed", logging.WARNING, error_type=type(exc).__name__)
         if len(steps) == 1:
-            return [], None, list(sched.scheduled)
-        # Find the culprit: run each sequence alone. Re-running writes the same KV positions.
+            return [], [], list(sched.scheduled)
+        # Find the culprit: run each sequence alone. Re-running writes the same KV positions, and a
+        # draw depends only on the request's seed and token index, so the survivors' tokens are the
+        # ones the batch would have given them.
         done: list[ScheduledSeq] = []
-        rows: list[torch.Tensor] = []
+        tokens: list[int] = []
         failed: list[ScheduledSeq] = []
         for item, step in zip(sched.scheduled, steps, strict=True):
             try:
@@ -270,30 +265,24 @@ class LLMEngine:
             except Exception:
                 failed.append(item)
                 continue
+            if len(out) != (1 if item.want_logits else 0):
+                raise EngineInternalError("the runner returned the wrong number of tokens")
             done.append(item)
-            if item.want_logits:
-                rows.append(out[0])
-        return done, (torch.stack(rows) if rows else None), failed
+            tokens.extend(out)
+        return done, tokens, failed
 
-    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | None]:
-        params = [r.params for r in reqs]
-        seeds = [r.seed for r in reqs]
-        steps = [r.seq.num_completion_tokens for r in reqs]
-        try:
-            return list(self.sampler.sample(logits, params, seeds, steps))
-        except Exception as exc:
-            log_event(log, "engine.batch_sampling_failed", logging.WARNING, error_type=type(exc).__name__)
-        out: list[int | None] = []
-        for i in range(len(reqs)):
-            try:
-                out.append(
-                    self.sampler.sample(
-                        logits[i : i + 1], params[i : i + 1], seeds[i : i + 1], steps[i : i + 1]
-                    )[0]
-                )
-            except Exception:
-                out.append(None)
-        return out
+    def _seq_step(self, item: ScheduledSeq) -> SeqStep:
+        sample = None
+        if item.want_logits:
+            req = self._by_seq[item.seq.seq_id]
+            sample = SampleSpec(req.params, req.seed, req.seq.num_completion_tokens)
+        return SeqStep(
+            seq_id=item.seq.seq_id,
+            token_ids=item.token_ids,
+            start_pos=item.start_pos,
+            block_table=list(item.seq.block_table),
+            sample=sample,
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -383,13 +372,3 @@ def _input_bytes(request: EngineRequest) -> int:
         texts = []
     # surrogatepass: a lone surrogate is counted here and refused by the tokenizer, not here
     return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if isinstance(t, str))
-
-
-def _seq_step(item: ScheduledSeq) -> SeqStep:
-    return SeqStep(
-        seq_id=item.seq.seq_id,
-        token_ids=item.token_ids,
-        start_pos=item.start_pos,
-        block_table=list(item.seq.block_table),
-        want_logits=item.want_logits,
-    )

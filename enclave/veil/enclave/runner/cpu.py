@@ -2,9 +2,10 @@
 
 :class:`CpuRunner` implements :class:`~veil.enclave.runner.protocol.Runner`: it runs scheduled
 :class:`~veil.enclave.runner.protocol.SeqStep` batches through the Llama forward pass
-(:mod:`veil.enclave.model.llama`, Veil's AVX-512 kernels with PyTorch ops as fallback) and returns
-the logits of the last position of each step that asked for them. All its torch work runs on one
-model thread (see :class:`CpuRunner`).
+(:mod:`veil.enclave.model.llama`, Veil's AVX-512 kernels with PyTorch ops as fallback) and samples
+the next token of each step that asks for one (:class:`~veil.enclave.engine.sampler.Sampler`). All its
+torch work runs on one model thread (see :class:`CpuRunner`). KV layout: see
+:mod:`veil.enclave.runner.protocol`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from veil.enclave.engine.sampler import Sampler
 from veil.enclave.errors import InvalidRequestError
 from veil.enclave.model.config import ModelConfig
 from veil.enclave.model.llama import BatchPlan, KVCache, LlamaModel
 from veil.enclave.model.loader import LoadedModel
-from veil.enclave.runner.protocol import Runner, SeqStep, validate_steps
+from veil.enclave.runner.protocol import Runner, SeqStep, sample_steps, validate_steps
 
 __all__ = ["CpuRunner"]
 
@@ -67,6 +69,8 @@ class CpuRunner:
         self.max_context: int = model.config.max_context
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
+        self.device = f"cpu ({self.threads} threads)"
+        self.sampler = Sampler()
         self.model, self.cache = self._pool.submit(self._build, model, num_kv_blocks, block_size).result()
 
     @staticmethod
@@ -83,10 +87,19 @@ class CpuRunner:
         sampler's torch work joins the model thread's OpenMP team instead of competing with it."""
         return self._pool.submit(fn, *args)
 
-    def execute(self, steps: list[SeqStep]) -> torch.Tensor:
-        """Run ``steps``; fp32 logits [number of steps with want_logits, vocab], in step order."""
+    def execute(self, steps: list[SeqStep]) -> list[int]:
+        """Run ``steps`` and sample: one token id per step with ``sample`` set, in step order."""
+        if not steps:
+            return []
+        return self._on_model_thread(self._execute, self._work(steps), steps)
+
+    def logits(self, steps: list[SeqStep]) -> torch.Tensor:
+        """Run ``steps``; fp32 logits ``[steps with sample set, vocab]`` (parity tests, benchmarks)."""
         if not steps:
             return torch.empty(0, self.config.vocab)
+        return self._on_model_thread(self._forward, self._work(steps))
+
+    def _work(self, steps: list[SeqStep]) -> list[tuple[list[int], int, list[int], bool]]:
         validate_steps(
             steps,
             block_size=self.block_size,
@@ -94,16 +107,23 @@ class CpuRunner:
             max_context=self.max_context,
             vocab=self.config.vocab,
         )
-        work = [(s.token_ids, s.start_pos, s.block_table, s.want_logits) for s in steps]
+        return [(s.token_ids, s.start_pos, s.block_table, s.sample is not None) for s in steps]
+
+    def _on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
         tid = threading.get_ident()
         if tid == self._thread:
-            return self._forward(work)
+            return fn(*args)
         if tid not in self._callers:
-            # The caller's own torch work (sampling) must not start a second multi-threaded
-            # OpenMP team (see __init__): keep that thread's torch single-threaded.
+            # The caller's own torch work must not start a second multi-threaded OpenMP team
+            # (see __init__): keep that thread's torch single-threaded.
             torch.set_num_threads(1)
             self._callers.add(tid)
-        return self._pool.submit(self._forward, work).result()
+        return self._pool.submit(fn, *args).result()
+
+    def _execute(self, work: list[tuple[list[int], int, list[int], bool]], steps: list[SeqStep]) -> list[int]:
+        logits = self._forward(work)
+        with torch.inference_mode():
+            return sample_steps(self.sampler, logits, steps)
 
     def _forward(self, work: list[tuple[list[int], int, list[int], bool]]) -> torch.Tensor:
         # Even building the plan's small tensors stays on this thread (see __init__).

@@ -2,16 +2,25 @@
 
 :class:`CudaRunner` implements :class:`~veil.enclave.runner.protocol.Runner`, like the CPU runner
 (:class:`veil.enclave.runner.cpu.CpuRunner`): ``execute(steps)`` runs one scheduled batch of
-:class:`SeqStep` and returns the fp32 logits of every step that asked for them, on the host, in step
-order; ``submit`` queues an engine step on the runner's one device thread. Only this object holds
-device tensors.
+:class:`SeqStep` and samples the next token of every step that asks for one, on the device
+(:class:`~veil.enclave.engine.sampler.Sampler`): only token ids come back to the host, a few bytes per
+sequence instead of a vocabulary of fp32 logits. ``submit`` queues an engine step on the runner's one
+device thread. Only this object holds device tensors.
+
+Device selection: ``device="cuda"`` (default) runs on a GPU in bf16; ``device="cpu"`` runs the very
+same code on CPU tensors with the Triton kernels in Triton's interpreter (``TRITON_INTERPRET=1`` set
+before the kernel modules are imported; fp32, since the interpreter has no bf16; no CUDA graphs, but
+the same padded static-buffer decode path the graphs replay). That is how CI proves the GPU path end
+to end without a GPU; it is far too slow to serve.
 
 Hot loop, per layer: fused RMSNorm + residual → QKV (w4a16 / int8 Triton matmul, Q/K/V fused) →
 fused RoPE + paged-KV write → paged attention → O → fused RMSNorm + residual → gate/up (fused) →
 SiLU·mul → down. Weights are repacked once from the loader's unpacked specs (``LoadedModel.specs()``)
 by :mod:`veil.enclave.runner.gpu_weights`.
 
-KV cache: per layer ``[num_blocks, block_size, n_kv_heads, head_dim]`` (the CPU runner's layout).
+KV cache: ``[n_layers, n_kv_heads, num_blocks, block_size, head_dim]``, the one layout of both runners
+(:mod:`veil.enclave.runner.protocol`). The kernels take strides and index ``[block, row, kv_head,
+dim]``, so each layer's cache is handed to them as the view ``cache[layer].permute(1, 2, 0, 3)``.
 
 Decode steps (every step one token) run from **CUDA graphs** captured at start-up for a ladder of
 batch sizes; a batch is padded to the next size on the ladder. Padding rows are inert: slot ``-1``
@@ -24,7 +33,7 @@ Host↔device copies use **pageable** memory on purpose. On a confidential-compu
 CC mode) ``cudaHostRegister`` and pinned host allocations are not usable for DMA from private
 memory: all transfers go through the driver's encrypted bounce buffers. So nothing here pins memory
 (no ``pin_memory()``, no ``non_blocking=True`` staging): step inputs are built in ordinary host
-tensors and copied in, and logits are copied out the same way.
+tensors and copied in; only the sampled token ids are copied out.
 """
 
 from __future__ import annotations
@@ -40,13 +49,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from veil.enclave.errors import InvalidRequestError
+from veil.enclave.engine.sampler import Sampler
+from veil.enclave.errors import DeviceUnavailableError, InvalidRequestError
 from veil.enclave.model.config import ModelConfig
 from veil.enclave.model.llama import rope_tables
 from veil.enclave.model.loader import LoadedModel
 from veil.enclave.model.weights import LlamaSpecs
 from veil.enclave.runner.gpu_weights import build_gpu_weights
-from veil.enclave.runner.protocol import Runner, SeqStep, validate_steps
+from veil.enclave.runner.protocol import Runner, SeqStep, sample_steps, validate_steps
 from veil.kernels.triton_fused import rmsnorm_residual, rope_kv_write
 from veil.kernels.triton_paged_attention import paged_attention_decode
 from veil.kernels.triton_paged_prefill import paged_attention_prefill
@@ -81,10 +91,12 @@ class CudaRunner:
 
     ``graph_batches``: the decode batch sizes to capture (only sizes up to ``max_batch`` are kept);
     ``use_graphs`` defaults to True on CUDA. ``prefill_impl`` picks the prefill attention
-    (``"sdpa"`` or ``"triton"``, see ``veil.kernels.triton_paged_prefill``). ``device_logits``
-    returns the logits on the device instead of copying them to the host: at 64 sequences × a 49k
-    vocabulary the fp32 logits are 12.6 MB per step, which through CC-mode bounce buffers can cost
-    as much as the step itself, so a sampler on the device should take them there.
+    (``"sdpa"`` or ``"triton"``, see ``veil.kernels.triton_paged_prefill``). ``dtype`` defaults to
+    bf16 on a GPU and fp32 on the CPU (the interpreter). Sampling happens on the device: at 64
+    sequences × a 49k vocabulary the fp32 logits are 12.6 MB per step, which through CC-mode bounce
+    buffers can cost as much as the step itself; greedy rows never leave the device. (Rows that sample
+    at a temperature are moved to the host by the Sampler, whose row-wise CPU ops are what keep a
+    seeded draw independent of its batch-mates.)
     """
 
     def __init__(
@@ -94,18 +106,19 @@ class CudaRunner:
         block_size: int = 16,
         *,
         device: str | torch.device = "cuda",
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | None = None,
         max_batch: int = 64,
         graph_batches: Sequence[int] = DEFAULT_GRAPH_BATCHES,
         use_graphs: bool | None = None,
         prefill_impl: str = "sdpa",
         specs: LlamaSpecs | None = None,
-        device_logits: bool = False,
     ) -> None:
         if num_kv_blocks < 1 or block_size < 1 or max_batch < 1:
             raise InvalidRequestError("the KV cache needs at least one block of one slot, and max_batch ≥ 1")
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self.dev = _usable_device(torch.device(device))
+        default_dtype = torch.bfloat16 if self.dev.type == "cuda" else torch.float32  # interpreter: no bf16
+        self.dtype = dtype if dtype is not None else default_dtype
+        self.device = _describe(self.dev)
         self.config: ModelConfig = model.config
         self.tokenizer = model.tokenizer
         self.chat_template: str | None = model.chat_template
@@ -115,32 +128,38 @@ class CudaRunner:
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
         self.prefill_impl = prefill_impl
-        self.device_logits = device_logits
+        self.sampler = Sampler()
         cfg = self.config
         self.weights = build_gpu_weights(
-            specs if specs is not None else model.specs(), cfg, self.device, dtype
+            specs if specs is not None else model.specs(), cfg, self.dev, self.dtype
         )
-        shape = (cfg.n_layers, num_kv_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        shape = (cfg.n_layers, cfg.n_kv_heads, num_kv_blocks, block_size, cfg.head_dim)  # see the docstring
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.dev)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.dev)
+        # per layer, the [block, row, kv_head, dim] views the kernels index (strided, no copy)
+        self._k = [c.permute(1, 2, 0, 3) for c in self.k_cache]
+        self._v = [c.permute(1, 2, 0, 3) for c in self.v_cache]
         cos, sin = rope_tables(cfg, cfg.max_context)  # [P, D] rotate-half, both halves equal
         half = cfg.head_dim // 2
-        self.cos = cos[:, :half].contiguous().to(self.device)
-        self.sin = sin[:, :half].contiguous().to(self.device)
+        self.cos = cos[:, :half].contiguous().to(self.dev)
+        self.sin = sin[:, :half].contiguous().to(self.dev)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        # The interpreter runs programs one by one: one KV split (see veil.kernels.triton_common.
+        # interpreter_block_n); on a GPU the split is chosen from the shapes.
+        self._splits: int | None = 1 if self.dev.type == "cpu" else None
         self.max_blocks_per_seq = -(-self.max_context // block_size)
 
         ladder = sorted({b for b in graph_batches if 0 < b <= max_batch} | {max_batch})
         self.graph_batches: tuple[int, ...] = tuple(ladder)
         top = ladder[-1]
         # Static decode inputs (graphs read these addresses; each step copies its values in).
-        self._tokens = torch.zeros(top, dtype=torch.long, device=self.device)
-        self._positions = torch.zeros(top, dtype=torch.long, device=self.device)
-        self._slots = torch.full((top,), -1, dtype=torch.long, device=self.device)
-        self._tables = torch.zeros((top, self.max_blocks_per_seq), dtype=torch.int32, device=self.device)
-        self._lens = torch.zeros(top, dtype=torch.int32, device=self.device)
+        self._tokens = torch.zeros(top, dtype=torch.long, device=self.dev)
+        self._positions = torch.zeros(top, dtype=torch.long, device=self.dev)
+        self._slots = torch.full((top,), -1, dtype=torch.long, device=self.dev)
+        self._tables = torch.zeros((top, self.max_blocks_per_seq), dtype=torch.int32, device=self.dev)
+        self._lens = torch.zeros(top, dtype=torch.int32, device=self.dev)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if use_graphs if use_graphs is not None else self.device.type == "cuda":
+        if use_graphs if use_graphs is not None else self.dev.type == "cuda":
             self._capture()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-cuda")
         weakref.finalize(self, self._pool.shutdown, wait=False)  # a dropped runner leaves no thread
@@ -173,7 +192,7 @@ class CudaRunner:
             v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)
             q, _ = rope_kv_write(
                 q, k, v, positions=positions, cos=self.cos, sin=self.sin,
-                k_cache=self.k_cache[li], v_cache=self.v_cache[li], slot_mapping=slots,
+                k_cache=self._k[li], v_cache=self._v[li], slot_mapping=slots,
             )  # fmt: skip
             x = layer.o(attention(li, q).reshape(t, nh * hd))
             h, residual = rmsnorm_residual(x, residual, layer.ffn_norm, cfg.rms_eps)
@@ -185,8 +204,8 @@ class CudaRunner:
     def _decode_attention(self, batch: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
         def attend(li: int, q: torch.Tensor) -> torch.Tensor:
             return paged_attention_decode(
-                q, self.k_cache[li], self.v_cache[li], self._tables[:batch], self._lens[:batch],
-                scale=self.scale, max_context_len=self.max_context,
+                q, self._k[li], self._v[li], self._tables[:batch], self._lens[:batch],
+                scale=self.scale, max_context_len=self.max_context, num_splits=self._splits,
             )  # fmt: skip
 
         return attend
@@ -200,17 +219,17 @@ class CudaRunner:
 
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        stream = torch.cuda.Stream(self.dev)  # type: ignore[no-untyped-call]
         for batch in sorted(self.graph_batches, reverse=True):  # largest first: the pool fits the rest
-            stream.wait_stream(torch.cuda.current_stream(self.device))
+            stream.wait_stream(torch.cuda.current_stream(self.dev))
             with torch.cuda.stream(stream):
                 self._decode_body(batch)  # compile the kernels, set up cuBLAS, outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.current_stream(self.dev).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._decode_body(batch)
             self._graphs[batch] = (graph, logits)
-        torch.cuda.synchronize(self.device)
+        torch.cuda.synchronize(self.dev)
 
     # ------------------------------------------------------------------------------------------ execute
 
@@ -223,22 +242,31 @@ class CudaRunner:
             vocab=self.config.vocab,
         )
 
-    def execute(self, steps: list[SeqStep]) -> torch.Tensor:
-        """Run ``steps``; fp32 logits ``[number of steps with want_logits, vocab]`` on the host, in order."""
+    def execute(self, steps: list[SeqStep]) -> list[int]:
+        """Run ``steps`` and sample on the device: one token id per step with ``sample`` set, in order."""
+        if not steps:
+            return []
+        self._validate(steps)
+        with torch.inference_mode():
+            return sample_steps(self.sampler, self._logits(steps), steps)
+
+    def logits(self, steps: list[SeqStep]) -> torch.Tensor:
+        """Run ``steps``; fp32 logits ``[steps with sample set, vocab]`` copied to the host (parity
+        tests and benchmarks only: serving samples on the device)."""
         if not steps:
             return torch.empty(0, self.config.vocab)
         self._validate(steps)
         with torch.inference_mode():
-            if all(len(s.token_ids) == 1 for s in steps) and len(steps) <= self.graph_batches[-1]:
-                logits = self._execute_decode(steps)
-                want = [i for i, s in enumerate(steps) if s.want_logits]
-            else:
-                logits, want = self._execute_eager(steps)
-            if len(want) != logits.shape[0]:
-                logits = logits[want]
-            # pageable device→host copy (CC mode: no pinned staging); a graph's output buffer is reused
-            # by the next replay, so device logits are handed out as a copy too
-            return logits.clone() if self.device_logits else logits.cpu()
+            return self._logits(steps).cpu()  # a copy: a graph's output buffer is reused by the next replay
+
+    def _logits(self, steps: list[SeqStep]) -> torch.Tensor:
+        """fp32 logits of the sampled positions, on the device, in step order."""
+        if all(len(s.token_ids) == 1 for s in steps) and len(steps) <= self.graph_batches[-1]:
+            logits = self._execute_decode(steps)
+            want = [i for i, s in enumerate(steps) if s.want_logits]
+        else:
+            logits, want = self._execute_eager(steps)
+        return logits if len(want) == logits.shape[0] else logits[want]
 
     def _execute_decode(self, steps: list[SeqStep]) -> torch.Tensor:
         n = len(steps)
@@ -274,7 +302,9 @@ class CudaRunner:
 
     def _execute_eager(self, steps: list[SeqStep]) -> tuple[torch.Tensor, list[int]]:
         meta, logit_rows = self._step_meta(steps)
-        k_cache, v_cache = self.k_cache, self.v_cache
+        if not logit_rows:
+            return torch.empty(0, self.config.vocab, device=self.dev), []
+        k_cache, v_cache = self._k, self._v
 
         def attend(li: int, q: torch.Tensor) -> torch.Tensor:
             out = torch.empty_like(q)
@@ -285,7 +315,7 @@ class CudaRunner:
             ):
                 out[meta.decode_rows] = paged_attention_decode(
                     q[meta.decode_rows], k_cache[li], v_cache[li], meta.decode_tables, meta.decode_lens,
-                    scale=self.scale, max_context_len=self.max_context,
+                    scale=self.scale, max_context_len=self.max_context, num_splits=self._splits,
                 )  # fmt: skip
             if (
                 meta.prefill_rows is not None
@@ -301,7 +331,7 @@ class CudaRunner:
             return out
 
         h = self._forward(meta.tokens, meta.positions, meta.slots, attend)
-        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.dev)
         return self.weights.output(h[rows]).float(), list(range(len(logit_rows)))
 
     def _step_meta(self, steps: list[SeqStep]) -> tuple[_StepMeta, list[int]]:
@@ -332,7 +362,7 @@ class CudaRunner:
                 logit_rows.append(row + n - 1)
 
         def dev(values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device)  # pageable copy
+            return torch.tensor(values, dtype=dtype).to(self.dev)  # pageable copy
 
         def tables(seqs: list[SeqStep]) -> torch.Tensor:
             width = max(-(-(s.start_pos + len(s.token_ids)) // bs) for s in seqs)
@@ -356,6 +386,33 @@ class CudaRunner:
             prefill_max_q=max((len(s.token_ids) for s in pf_seqs), default=0),
         )
         return meta, logit_rows
+
+
+def _usable_device(device: torch.device) -> torch.device:
+    """``device`` if this runner can run there: a present CUDA device, or the CPU under the interpreter."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError("no CUDA device is available (torch.cuda.is_available() is false)")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if not 0 <= index < torch.cuda.device_count():
+            raise DeviceUnavailableError(f"no CUDA device {index} ({torch.cuda.device_count()} present)")
+        return torch.device("cuda", index)
+    if device.type == "cpu":
+        from veil.kernels.triton_common import kernels_run_on_cpu
+
+        if not kernels_run_on_cpu():
+            raise DeviceUnavailableError(
+                "the CUDA runner runs on the CPU only under the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before the kernel modules are imported (or use the CPU runner)"
+            )
+        return device
+    raise DeviceUnavailableError(f"the CUDA runner cannot run on {device.type!r}")
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "cpu (Triton interpreter)"
 
 
 _RUNNER: type[Runner] = CudaRunner  # mypy checks that CudaRunner implements the protocol
