@@ -90,6 +90,12 @@ class ScriptedRunner:
             weakref.finalize(self, self._pool.shutdown, wait=False)
         return self._pool.submit(fn, *args)
 
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Forget every slot of ``blocks``: reading one before it is written again fails loudly."""
+        for b in blocks:
+            for i in range(self.block_size):
+                self.slots.pop(b * self.block_size + i, None)
+
     def execute(self, steps: list[SeqStep]) -> torch.Tensor:
         if self.gate is not None:
             self.gate.wait(10)

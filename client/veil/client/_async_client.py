@@ -195,8 +195,11 @@ class AsyncClient(_BaseClient):
         clock: Callable[[], datetime] | None = None,
         random_bytes: Callable[[int], bytes] | None = None,
         key_ttl: timedelta | float | int = DEFAULT_KEY_TTL,
+        tenant: str | bytes | None = None,
     ) -> None:
-        super().__init__(policy, timeout=timeout, clock=clock, random_bytes=random_bytes, key_ttl=key_ttl)
+        super().__init__(
+            policy, timeout=timeout, clock=clock, random_bytes=random_bytes, key_ttl=key_ttl, tenant=tenant
+        )
         if transport is None:
             if target is None:
                 raise ConfigurationError("AsyncClient needs a target (host:port) or a transport")

@@ -202,6 +202,11 @@ class Client(_BaseClient):
     the identity it was verified for and used for ``key_ttl`` (a ``timedelta`` or
     seconds; default one hour); re-attestations must show the same identity.
     ``transport``, ``clock`` and ``random_bytes`` are injectable for tests.
+    ``tenant``: the enclave's prompt (KV prefix) cache is shared only among requests
+    sealed with the same tenant secret. By default each client instance has a random
+    one of its own, so a conversation's next turn reuses the cached earlier turns and
+    no other instance can; pass the same ``tenant`` secret (at least 16 bytes, e.g.
+    ``secrets.token_hex(16)``) to several instances to let them share.
     Thread-safe: one client may serve many threads.
     """
 
@@ -215,8 +220,11 @@ class Client(_BaseClient):
         clock: Callable[[], datetime] | None = None,
         random_bytes: Callable[[int], bytes] | None = None,
         key_ttl: timedelta | float | int = DEFAULT_KEY_TTL,
+        tenant: str | bytes | None = None,
     ) -> None:
-        super().__init__(policy, timeout=timeout, clock=clock, random_bytes=random_bytes, key_ttl=key_ttl)
+        super().__init__(
+            policy, timeout=timeout, clock=clock, random_bytes=random_bytes, key_ttl=key_ttl, tenant=tenant
+        )
         if transport is None:
             if target is None:
                 raise ConfigurationError("Client needs a target (host:port) or a transport")
