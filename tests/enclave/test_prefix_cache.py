@@ -90,7 +90,7 @@ def test_same_tenant_reuses_full_blocks_other_tenant_never() -> None:
     b = _seq(1, prompt, KEY_B)
     assert bm.match_prefix(b) == []
     _run_prefill(bm, b)
-    a2 = _seq(2, prompt + [99], KEY_A)
+    a2 = _seq(2, [*prompt, 99], KEY_A)
     hits = bm.match_prefix(a2)
     assert hits == a1_blocks[:2]
     assert set(hits).isdisjoint(b.block_table)
@@ -304,7 +304,7 @@ def test_a_second_turn_hits_its_own_cache_and_preemption_keeps_outputs_equal() -
     assert outputs == {i: reference(p, m) for i, (_, p, m) in enumerate(reqs)}
     assert bm.num_cache_hits >= 3  # turn 2 reused turn 1's three full blocks; tenant B none of them
     # a cache so small that sequences preempt each other, with and without caching: same outputs
-    many = [(i % 2, turn1 + [i % 4], 6) for i in range(8)]
+    many = [(i % 2, [*turn1, i % 4], 6) for i in range(8)]
     tight, tbm, tsched = simulate(4, 5, 8, many, caching=True)
     loose, _, _ = simulate(4, 5, 8, many, caching=False)
     assert tight == loose == {i: reference(p, m) for i, (_, p, m) in enumerate(many)}
