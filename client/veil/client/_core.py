@@ -276,7 +276,9 @@ class ResponseReader:
             finish = _FINISH.get(chunk.finish_reason, "stop")
             self.finish_reason = finish
             if chunk.HasField("usage"):
-                self.usage = CompletionUsage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                self.usage = CompletionUsage(
+                    chunk.usage.prompt_tokens, chunk.usage.completion_tokens, chunk.usage.cached_tokens
+                )
         if not chunk.text_delta and not final:
             return None
         role = None if self._sent_role else "assistant"
