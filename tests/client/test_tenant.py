@@ -86,3 +86,21 @@ def test_second_turn_hits_only_its_own_tenant_cache(server: LocalServer, tmp_pat
         _turn(x, turn2)
         _, cached_y = _turn(y, turn2)
     assert cached_y >= 32  # tenant= shares across instances
+
+
+@pytest.mark.slow
+def test_a_policy_without_sharing_caches_nothing(tmp_path: Path) -> None:
+    """``share_kv_within_tenant = false`` in the attested policy: even one instance's turns share nothing."""
+    from importlib import resources
+
+    text = resources.files("veil.enclave").joinpath("data_policy.toml").read_text()
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(text.replace("share_kv_within_tenant = true", "share_kv_within_tenant = false"))
+    turn = [{"role": "user", "content": "Please list the colours of the rainbow, one per line, in order."}]
+    with (
+        LocalServer(tmp_path / "state", extra_args=["--data-policy", str(policy_file)]) as srv,
+        Client(srv.address, policy=Policy.simulated(srv.root_pem)) as client,
+    ):
+        _turn(client, turn)
+        _, cached = _turn(client, turn)
+    assert cached == 0

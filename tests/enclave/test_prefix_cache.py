@@ -329,3 +329,27 @@ def test_two_tenants_sending_the_same_prefix_never_share_a_block() -> None:
     assert set(b.block_table).isdisjoint(a.block_table) and set(b.block_table).isdisjoint(a2.block_table)
     assert a2.block_table[:4] == a.block_table[:4]
     assert b.num_cached_tokens == 0 and a2.num_cached_tokens == 16
+
+
+# ---------------------------------------------------------------------------- data policy switch
+
+
+def test_data_policy_says_whether_a_tenant_may_share() -> None:
+    from importlib import resources
+
+    from veil.enclave.data_policy import parse_data_policy
+    from veil.enclave.errors import DataPolicyError
+
+    default = resources.files("veil.enclave").joinpath("data_policy.toml").read_bytes()
+    assert parse_data_policy(default).share_kv_within_tenant is True
+    line = b"share_kv_within_tenant = true"
+    off = parse_data_policy(default.replace(line, b"share_kv_within_tenant = false"))
+    absent = parse_data_policy(default.replace(line, b""))
+    assert off.share_kv_within_tenant is False and absent.share_kv_within_tenant is False  # fail closed
+    assert len({parse_data_policy(default).digest, off.digest, absent.digest}) == 3  # attested
+    with pytest.raises(DataPolicyError, match="share_kv_within_tenant"):
+        parse_data_policy(default.replace(line, b'share_kv_within_tenant = "yes"'))
+    with pytest.raises(DataPolicyError, match="share_kv_across_requests"):
+        parse_data_policy(
+            default.replace(b"share_kv_across_requests = false", b"share_kv_across_requests = true")
+        )
