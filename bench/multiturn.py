@@ -4,8 +4,10 @@ on vs off, and vs llama.cpp with its own prompt cache (llama-cpp-python ``LlamaR
 Workload: ``--conversations`` chats (default 8) of ``--turns`` turns (default 6). Each chat has its
 own context (a system prompt of about ``--context-tokens`` tokens) and its own tenant secret, as
 when every chat runs in its own ``veil.Client`` (the default: one tenant per client instance).
-Every turn resends the whole conversation (system, the user turns, the assistant's earlier
-answers) and asks for ``--new-tokens`` greedy tokens (EOS ignored). Turn ``t`` of all chats is
+Veil's two runs (cache on, cache off) take turns turn by turn in one process, so a shared
+machine's changing load weighs on both alike. Every turn resends the whole conversation (system,
+the user turns, the assistant's earlier answers) and asks for ``--new-tokens`` greedy tokens (EOS
+ignored). Turn ``t`` of all chats is
 sent together: Veil serves them concurrently through the asyncio engine; llama.cpp serves one
 request at a time, as its Python server does (so its TTFT includes no queueing behind other chats,
 Veil's does).
@@ -100,24 +102,30 @@ class Chat:
 # ---------------------------------------------------------------------------------------- veil
 
 
-def run_veil(args: argparse.Namespace, *, prefix_caching: bool) -> dict[str, Any]:
+def run_veil(args: argparse.Namespace) -> dict[bool, dict[str, Any]]:
+    """Cache on and cache off, one engine each, taking turns: turn ``t`` runs on one engine, then
+    on the other, so a machine whose load changes during the run weighs on both alike."""
     from veil.enclave.engine.async_engine import AsyncEngine
     from veil.enclave.engine.sampling import SamplingParams
     from veil.enclave.engine.sync_engine import EngineRequest
 
-    engine = AsyncEngine.from_model(
-        args.model,
-        kv_cache_mb=args.kv_mb,
-        max_batch=max(8, args.conversations),
-        threads=args.threads,
-        prefix_caching=prefix_caching,
-    )
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-    chats = [Chat(i, args) for i in range(args.conversations)]
-    ttft: dict[int, list[float]] = {}
-    cached: dict[int, list[int]] = {}
+    engines = {
+        on: AsyncEngine.from_model(
+            args.model,
+            kv_cache_mb=args.kv_mb,
+            max_batch=max(8, args.conversations),
+            threads=args.threads,
+            prefix_caching=on,
+        )
+        for on in (True, False)
+    }
+    chats = {on: [Chat(i, args) for i in range(args.conversations)] for on in engines}
+    res: dict[bool, dict[str, Any]] = {
+        on: {"ttft": {}, "cached": {}, "busy": 0.0, "tokens": 0} for on in engines
+    }
 
-    async def turn(chat: Chat, t: int, t0: float) -> int:
+    async def turn(on: bool, chat: Chat, t: int, t0: float) -> int:
         chat.messages.append({"role": "user", "content": chat.questions[t]})
         req = EngineRequest(
             f"c{id(chat)}-{t}", params, messages=list(chat.messages), tenant_secret=chat.tenant
@@ -125,32 +133,35 @@ def run_veil(args: argparse.Namespace, *, prefix_caching: bool) -> dict[str, Any
         parts: list[str] = []
         first = float("nan")
         n = 0
-        async for d in engine.generate(req):
+        async for d in engines[on].generate(req):
             if d.token_ids and n == 0:
                 first = time.perf_counter()
             n += len(d.token_ids)
             parts.append(d.text)
             if d.finish_reason is not None:
-                cached.setdefault(t, []).append(d.cached_tokens)
-        ttft.setdefault(t, []).append(first - t0)
+                res[on]["cached"].setdefault(t, []).append(d.cached_tokens)
+        res[on]["ttft"].setdefault(t, []).append(first - t0)
         chat.messages.append({"role": "assistant", "content": "".join(parts)})
         return n
 
-    async def main() -> dict[str, Any]:
-        await engine.start()
-        warm = EngineRequest("warm", SamplingParams(max_tokens=2, temperature=0.0), prompt="Hello")
-        async for _ in engine.generate(warm):
-            pass
-        t_start = time.perf_counter()
-        total = 0
+    async def main() -> None:
+        for engine in engines.values():
+            await engine.start()
+            warm = EngineRequest("warm", SamplingParams(max_tokens=2, temperature=0.0), prompt="Hello")
+            async for _ in engine.generate(warm):
+                pass
         for t in range(args.turns):
-            t0 = time.perf_counter()
-            total += sum(await asyncio.gather(*(turn(c, t, t0) for c in chats)))
-        wall = time.perf_counter() - t_start
-        await engine.stop()
-        return {"ttft": ttft, "tok_s": total / wall, "wall_s": wall, "cached": cached}
+            for on in (t % 2 == 0, t % 2 != 0):  # alternate which engine goes first
+                t0 = time.perf_counter()
+                res[on]["tokens"] += sum(await asyncio.gather(*(turn(on, c, t, t0) for c in chats[on])))
+                res[on]["busy"] += time.perf_counter() - t0
+        for engine in engines.values():
+            await engine.stop()
 
-    return asyncio.run(main())
+    asyncio.run(main())
+    for r in res.values():
+        r["tok_s"], r["wall_s"] = r["tokens"] / r["busy"], r["busy"]
+    return res
 
 
 # ------------------------------------------------------------------------------------ llama.cpp
@@ -246,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.conversations} conversations x {args.turns} turns, {args.new_tokens} new tokens, "
         f"{args.threads} threads"
     )
-    on = run_veil(args, prefix_caching=True)
-    runs["veil cache on"] = _summary(on)
-    hit = [c for t, cs in on["cached"].items() if t >= 1 for c in cs]
+    veil = run_veil(args)
+    runs["veil cache on"] = _summary(veil[True])
+    hit = [c for t, cs in veil[True]["cached"].items() if t >= 1 for c in cs]
     print(
         f"veil cache on: prompt tokens from the cache at turns >= 2, mean {sum(hit) / max(1, len(hit)):.0f}"
     )
-    runs["veil cache off"] = _summary(run_veil(args, prefix_caching=False))
+    runs["veil cache off"] = _summary(veil[False])
     if not args.no_llamacpp:
         try:
             runs["llama.cpp RAM cache"] = _summary(run_llamacpp(args, cache=True))
