@@ -93,6 +93,12 @@ class ScriptedRunner:
             weakref.finalize(self, self._pool.shutdown, wait=False)
         return self._pool.submit(fn, *args)
 
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Forget every slot of ``blocks``: reading one before it is written again fails loudly."""
+        for b in blocks:
+            for i in range(self.block_size):
+                self.slots.pop(b * self.block_size + i, None)
+
     def execute(self, steps: list[SeqStep]) -> list[int]:
         """Scripted logits, sampled by the real sampler the way both real runners sample them."""
         return sample_steps(self.sampler, self.logits(steps), steps)

@@ -297,8 +297,11 @@ class AsyncClient(_BaseClient):
         clock: Callable[[], datetime] | None = None,
         random_bytes: Callable[[int], bytes] | None = None,
         key_ttl: timedelta | float | int = DEFAULT_KEY_TTL,
+        tenant: str | bytes | None = None,
     ) -> None:
-        super().__init__(policy, timeout=timeout, clock=clock, random_bytes=random_bytes, key_ttl=key_ttl)
+        super().__init__(
+            policy, timeout=timeout, clock=clock, random_bytes=random_bytes, key_ttl=key_ttl, tenant=tenant
+        )
         self._pool: ReplicaPool[AsyncTransport] = ReplicaPool(
             replica_targets(target, transport, AsyncGrpcTransport)
         )

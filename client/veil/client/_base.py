@@ -28,6 +28,7 @@ from veil.client._core import (
     GenerateParams,
     check_messages,
     check_params,
+    tenant_secret,
 )
 from veil.client._identity import EnclaveIdentity
 from veil.client._pool import Failover, Replica, ReplicaPool, ReplicaStatus, failover
@@ -130,6 +131,7 @@ class _BaseClient:
         clock: Callable[[], datetime] | None,
         random_bytes: Callable[[int], bytes] | None,
         key_ttl: timedelta | float | int,
+        tenant: str | bytes | None = None,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ConfigurationError("timeout must be positive (or None for no deadline)")
@@ -143,6 +145,10 @@ class _BaseClient:
             clock=clock or _utc_now,
             random_bytes=random_bytes or secrets.token_bytes,
             key_ttl=key_ttl,
+            # Without tenant=, a random secret of this instance's own (from the OS, not the
+            # injected random_bytes, whose sequence tests pin): its requests share cached
+            # prefixes with each other and with no other instance.
+            tenant_secret=tenant_secret(tenant, secrets.token_bytes),
         )
         self.timeout = timeout
         self._attestation: Attestation | None = None

@@ -315,7 +315,13 @@ class Client(_BaseClient):
     attested on first use; the first good one pins the identity every other replica and every
     re-attestation must show. The key is used for ``key_ttl`` (a ``timedelta`` or seconds;
     default one hour). ``transport`` (one or a list), ``clock`` and ``random_bytes`` are
-    injectable for tests. Thread-safe: one client may serve many threads.
+    injectable for tests.
+    ``tenant``: the enclave's prompt (KV prefix) cache is shared only among requests
+    sealed with the same tenant secret. By default each client instance has a random
+    one of its own, so a conversation's next turn reuses the cached earlier turns and
+    no other instance can; pass the same ``tenant`` secret (at least 16 bytes, e.g.
+    ``secrets.token_hex(16)``) to several instances (or replicas) to let them share.
+    Thread-safe: one client may serve many threads.
     """
 
     def __init__(
@@ -328,8 +334,11 @@ class Client(_BaseClient):
         clock: Callable[[], datetime] | None = None,
         random_bytes: Callable[[int], bytes] | None = None,
         key_ttl: timedelta | float | int = DEFAULT_KEY_TTL,
+        tenant: str | bytes | None = None,
     ) -> None:
-        super().__init__(policy, timeout=timeout, clock=clock, random_bytes=random_bytes, key_ttl=key_ttl)
+        super().__init__(
+            policy, timeout=timeout, clock=clock, random_bytes=random_bytes, key_ttl=key_ttl, tenant=tenant
+        )
         self._pool: ReplicaPool[Transport] = ReplicaPool(replica_targets(target, transport, GrpcTransport))
         self._lock = threading.Lock()  # the pool's state and the pinned identity
         self._attest_locks = [threading.Lock() for _ in self._pool.replicas]  # one attestation per replica

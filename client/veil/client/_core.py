@@ -14,6 +14,7 @@ A pinned key expires ``key_ttl`` after it was verified.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,10 +55,13 @@ __all__ = [
     "GenerateParams",
     "ResponseReader",
     "check_key_ttl",
+    "tenant_secret",
 ]
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_KEY_TTL = timedelta(hours=1)
+TENANT_SECRET_SIZE = 32
+TENANT_MIN_BYTES = 16
 STALE_KEY_CODE = "FAILED_PRECONDITION"
 _FINISH = {
     generate_pb2.FINISH_REASON_STOP: "stop",
@@ -165,6 +169,33 @@ def check_params(
     )
 
 
+def tenant_secret(tenant: str | bytes | None, random_bytes: Callable[[int], bytes]) -> bytes:
+    """The 32 bytes sealed in every request as ``tenant_secret`` (prefix-cache sharing).
+
+    ``None``: fresh random bytes, so this client instance is a tenant of its own (its
+    conversations reuse their own cached prefixes; no other instance can). A ``tenant`` secret
+    (at least 16 bytes; ``secrets.token_hex(16)`` makes one) lets every instance given the same
+    secret share a cache: whoever knows it can also time that cache, so treat it as a key.
+    """
+    if tenant is None:
+        secret = random_bytes(TENANT_SECRET_SIZE)
+        if not isinstance(secret, bytes) or len(secret) != TENANT_SECRET_SIZE:
+            raise ConfigurationError(f"random_bytes must return {TENANT_SECRET_SIZE} bytes")
+        return secret
+    if isinstance(tenant, str):
+        raw = tenant.encode("utf-8", "surrogatepass")
+    elif isinstance(tenant, bytes):
+        raw = tenant
+    else:
+        raise ConfigurationError("tenant must be a str or bytes secret, or None")
+    if len(raw) < TENANT_MIN_BYTES:
+        raise ConfigurationError(
+            f"tenant must be a secret of at least {TENANT_MIN_BYTES} bytes (anyone who knows it shares "
+            "this tenant's prompt cache); make one with secrets.token_hex(16)"
+        )
+    return hashlib.blake2b(raw, person=b"veil/tenant/v1", digest_size=TENANT_SECRET_SIZE).digest()
+
+
 def check_key_ttl(key_ttl: timedelta | float | int) -> timedelta:
     """``key_ttl`` as a positive :class:`~datetime.timedelta` (numbers are seconds)."""
     if isinstance(key_ttl, timedelta):
@@ -245,7 +276,9 @@ class ResponseReader:
             finish = _FINISH.get(chunk.finish_reason, "stop")
             self.finish_reason = finish
             if chunk.HasField("usage"):
-                self.usage = CompletionUsage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                self.usage = CompletionUsage(
+                    chunk.usage.prompt_tokens, chunk.usage.completion_tokens, chunk.usage.cached_tokens
+                )
         if not chunk.text_delta and not final:
             return None
         role = None if self._sent_role else "assistant"
@@ -300,9 +333,13 @@ class ClientCore:
         clock: Callable[[], datetime],
         random_bytes: Callable[[int], bytes],
         key_ttl: timedelta | float | int = DEFAULT_KEY_TTL,
+        tenant_secret: bytes | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ConfigurationError("policy must be a veil.client.Policy")
+        if tenant_secret is not None and len(tenant_secret) != TENANT_SECRET_SIZE:
+            raise ConfigurationError(f"tenant_secret must be {TENANT_SECRET_SIZE} bytes")
+        self.tenant_secret = tenant_secret or b""  # b"": share no cached prefix with anyone
         self.policy = policy
         self.clock = clock
         self.random_bytes = random_bytes
@@ -402,6 +439,7 @@ class ClientCore:
             response_key=response_key,
             stream=params.stream,
             issued_at_ms=max(issued_at_ms, 0),
+            tenant_secret=self.tenant_secret,
         )
         try:
             sealed = seal_request(request, attestation.public_key)

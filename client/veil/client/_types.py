@@ -29,6 +29,9 @@ class CompletionUsage:
 
     prompt_tokens: int
     completion_tokens: int
+    # prompt tokens the enclave served from this tenant's prefix cache (OpenAI's
+    # prompt_tokens_details.cached_tokens); 0 from an enclave that does not report it
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

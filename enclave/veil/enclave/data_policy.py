@@ -14,7 +14,14 @@ else, because an attested promise the code does not keep would be a lie:
   statuses are fixed strings chosen in the servicer (never an exception's message).
 * ``retain = "none"`` — nothing about a request outlives its stream: the engine frees
   its KV blocks on finish, error, cancellation and client disconnect; nothing is written.
-* ``share_kv_across_requests = false`` — the engine never shares KV blocks across requests.
+* ``share_kv_across_requests = false`` — the engine never shares KV blocks across tenants:
+  a request that names no tenant shares with no one, and blocks that held another tenant's
+  data are zeroed before they are handed over.
+* ``share_kv_within_tenant`` (optional, default ``false``) — prefix caching: requests of one
+  tenant (a tenant secret inside the sealed request; the SDK seals one per client instance)
+  may reuse each other's full KV blocks, which stay in enclave memory (never written out)
+  after a response until evicted. The cache key is derived inside the enclave; the time to
+  first token this saves is visible to the host, per tenant only.
 * ``log_exact_counts`` (optional, default ``false``) — whether a log record may carry a
   request's exact token counts. With ``false`` the filter drops :data:`EXACT_COUNT_FIELDS`
   (``prompt_tokens``, ``completion_tokens``, ``free_kv_blocks``: each, read before and after
@@ -118,7 +125,7 @@ _REQUIRED = {
     "share_kv_across_requests": False,
     "core_dumps": False,
 }
-_TOP_KEYS = {"version", *_REQUIRED, "log_exact_counts", "logging"}
+_TOP_KEYS = {"version", *_REQUIRED, "log_exact_counts", "share_kv_within_tenant", "logging"}
 _EVENT = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 _SAFE_STR = re.compile(r"^[A-Za-z0-9_.:-]{0,64}$")
 _MAX_POLICY_BYTES = 64 * 1024
@@ -136,6 +143,7 @@ class DataPolicy:
     retain: str
     share_kv_across_requests: bool
     core_dumps: bool
+    share_kv_within_tenant: bool
     log_exact_counts: bool
     allowed_log_fields: frozenset[str]
     digest: bytes
@@ -166,6 +174,9 @@ def parse_data_policy(data: bytes, source: str = "<bytes>") -> DataPolicy:
     exact = doc.get("log_exact_counts", False)
     if type(exact) is not bool:
         raise DataPolicyError(f"data policy {source}: log_exact_counts must be true or false")
+    within = doc.get("share_kv_within_tenant", False)
+    if type(within) is not bool:
+        raise DataPolicyError(f"data policy {source}: share_kv_within_tenant must be true or false")
     fields = _allowed_fields(doc.get("logging", {}), source)
     if not exact and fields & EXACT_COUNT_FIELDS:
         raise DataPolicyError(
@@ -178,6 +189,7 @@ def parse_data_policy(data: bytes, source: str = "<bytes>") -> DataPolicy:
         retain="none",
         share_kv_across_requests=False,
         core_dumps=False,
+        share_kv_within_tenant=within,
         log_exact_counts=exact,
         allowed_log_fields=fields,
         digest=hashlib.sha256(data).digest(),

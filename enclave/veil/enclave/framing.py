@@ -131,13 +131,19 @@ class ResponseFramer:
             raise EngineInternalError("text after the end of the answer")
         self._pending += text.encode()
 
-    def finish(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def finish(
+        self, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> None:
         """The answer ended normally; the FINAL frame will carry the reason and the usage."""
         if self._end is not None:
             raise EngineInternalError("answer ended twice")
         self._end = generate_pb2.ResponseChunk(
             finish_reason=_FINISH.get(finish_reason, generate_pb2.FINISH_REASON_STOP),
-            usage=generate_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+            usage=generate_pb2.Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cached_tokens=cached_tokens,
+            ),
         )
 
     def fail(self, chunk: generate_pb2.ResponseChunk) -> None:
@@ -304,7 +310,7 @@ class FramedResponse:
                 if delta.finish_reason is not None:
                     self.status, self.finish_reason = "ok", delta.finish_reason
                     self.usage = (delta.prompt_tokens, delta.completion_tokens)
-                    framer.finish(delta.finish_reason, *self.usage)
+                    framer.finish(delta.finish_reason, *self.usage, delta.cached_tokens)
                     return
             raise EngineStoppedError("engine stream ended without a final delta")
         except InvalidRequestError as exc:

@@ -322,7 +322,11 @@ async def _serve(args: Any, policy: Any, state_dir: Path, hardware: Any, dumpabl
     from veil.kernels import cpu_ext
 
     cpu_ext.configure(state_dir / "kernels", prebuilt=(cpu_ext.default_cache_dir(),))
-    kwargs: dict[str, Any] = {"cache_dir": state_dir / "cache"}
+    # prefix caching within a tenant only where the attested data policy allows it
+    kwargs: dict[str, Any] = {
+        "cache_dir": state_dir / "cache",
+        "prefix_caching": getattr(policy, "share_kv_within_tenant", False) is True,
+    }
     if args.kv_cache_mb is not None:
         kwargs["kv_cache_mb"] = args.kv_cache_mb
     if args.max_batch is not None:

@@ -194,12 +194,13 @@ def _engine_request(rid: str, req: generate_pb2.GenerateRequest) -> EngineReques
     from veil.enclave.engine.async_engine import EngineRequest
 
     params = _sampling_params(req.params)
+    tenant = req.tenant_secret or None  # checked by the engine; the cache key is derived there
     which = req.WhichOneof("input")
     if which == "prompt":
-        return EngineRequest(request_id=rid, params=params, prompt=req.prompt)
+        return EngineRequest(request_id=rid, params=params, prompt=req.prompt, tenant_secret=tenant)
     if which == "chat":
         messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
-        return EngineRequest(request_id=rid, params=params, messages=messages)
+        return EngineRequest(request_id=rid, params=params, messages=messages, tenant_secret=tenant)
     raise InvalidRequestError("request has neither a prompt nor chat messages")
 
 

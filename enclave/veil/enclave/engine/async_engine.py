@@ -132,7 +132,10 @@ class AsyncEngine:
         max_num_batched_tokens: int = 512,
         rng: random.Random | None = None,
         max_prompt_bytes: int | None = None,
+        prefix_caching: bool = False,
     ) -> None:
+        """``prefix_caching``: reuse KV blocks among requests of one tenant (the data policy's
+        ``share_kv_within_tenant``; see :class:`LLMEngine`)."""
         if max_waiting < 1:
             raise InvalidRequestError("max_waiting must be positive")
         # The device thread decodes while the tokenizer thread encodes: each has its own tokenizer.
@@ -143,6 +146,7 @@ class AsyncEngine:
             rng=rng,
             decode_tokenizer=_private_copy(runner.tokenizer),
             max_prompt_bytes=max_prompt_bytes,
+            prefix_caching=prefix_caching,
         )
         self.max_prompt_bytes: int = self._engine.max_prompt_bytes
         self.max_waiting = max_waiting
@@ -151,7 +155,7 @@ class AsyncEngine:
         self.max_context: int = int(runner.max_context)
         self.device: str = runner.device
         self._queues: dict[str, asyncio.Queue[Delta]] = {}
-        self._pending_adds: deque[tuple[str, list[int], SamplingParams]] = deque()
+        self._pending_adds: deque[tuple[str, list[int], SamplingParams, bytes | None]] = deque()
         self._pending_cancels: deque[str] = deque()
         self._encoding: set[str] = set()  # requests on the tokenizer thread
         self._cancelled_encoding: set[str] = set()  # ... and cancelled meanwhile
@@ -290,7 +294,7 @@ class AsyncEngine:
         if rid not in self._queues:
             self._cancelled_encoding.discard(rid)
             return  # the engine stopped meanwhile: the stream already has its error
-        self._pending_adds.append((rid, ids, request.params))
+        self._pending_adds.append((rid, ids, request.params, request.tenant_secret))
         if rid in self._cancelled_encoding:
             self._cancelled_encoding.discard(rid)
             self._pending_cancels.append(rid)  # applied after the add: a clean "cancelled"
@@ -354,11 +358,11 @@ class AsyncEngine:
     def _apply_pending(self) -> None:
         engine = self._engine
         while self._pending_adds:
-            rid, ids, params = self._pending_adds.popleft()
+            rid, ids, params, tenant = self._pending_adds.popleft()
             if rid not in self._queues:
                 continue  # cancelled before it was added
             try:
-                engine.add_request(rid, ids, params)
+                engine.add_request(rid, ids, params, tenant)
             except Exception as exc:
                 log_event(log, "engine.add_failed", logging.ERROR, request=rid, error_type=type(exc).__name__)
                 self._dispatch([RequestOutput(rid, Delta("", (), FINISH_ERROR, len(ids), 0, ERROR_TEXT))])

@@ -11,7 +11,10 @@ which the engine hands out in arrival order):
    down to preempting the sequence itself.
 2. If nothing was preempted, waiting sequences are admitted in order while there is budget,
    a batch slot and free blocks for their first chunk; the first that does not fit stops
-   admission (first come, first served: nothing overtakes it).
+   admission (first come, first served: nothing overtakes it). A sequence with a tenant cache
+   key first takes the cached blocks of its longest cached prefix (its own tenant's only, see
+   :class:`~veil.enclave.engine.block_manager.BlockManager`): those tokens count as computed and
+   cost no budget. After a step, :meth:`Scheduler.commit` names the newly full blocks in the cache.
 
 The oldest running sequence is never preempted by another, and a sequence whose full
 length fits the cache alone always fits once everything newer is gone, so every admitted
@@ -52,6 +55,8 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # blocks that held another tenant's data: the runner zeroes them before this step runs
+    zero_blocks: list[int] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -132,15 +137,22 @@ class Scheduler:
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
-                n = min(seq.num_uncomputed, budget)
-                if not bm.can_grow(seq, seq.num_computed + n):
+                hits = bm.match_prefix(seq)
+                start = seq.num_computed + len(hits) * bm.block_size
+                n = min(len(seq.token_ids) - start, budget)
+                if not bm.can_admit(seq, hits, start + n):
                     break
                 self.waiting.pop(0)
+                if hits:
+                    bm.admit(seq, hits)
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = min(start, seq.num_prompt_tokens)
                 bm.grow(seq, seq.num_computed + n)
                 seq.status = SequenceStatus.RUNNING
                 bisect.insort(self.running, seq, key=_key)
                 out.scheduled.append(ScheduledSeq(seq, seq.num_computed, n))
                 budget -= n
+        out.zero_blocks = bm.take_zero_list()
         return out
 
     def commit(self, out: SchedulerOutput) -> None:
@@ -150,6 +162,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or seq.num_computed != item.start_pos:
                 continue  # finished or aborted while the step ran
             seq.num_computed += item.num_tokens
+            self.block_manager.seal(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove ``seq`` (finished, cancelled or failed) and free its blocks. Idempotent."""

@@ -1,4 +1,4 @@
-"""One sequence as the scheduler sees it: token ids, KV progress, block table. No tensors."""
+"""One sequence as the scheduler sees it: token ids, KV progress, block table, tenant. No tensors."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ class Sequence:
     them, the last position's logits give the next token. Preemption by recompute sets
     ``num_computed`` back to 0 and frees the blocks: the tokens themselves are kept, so the
     recomputed prefill covers prompt and completion alike and sampling resumes where it was.
+
+    ``cache_key`` (see :mod:`~veil.enclave.engine.prefix_cache`) is the tenant's prefix-cache key,
+    or None when the sequence may share KV blocks with no one. ``block_hashes`` is the hash chain
+    of its full blocks computed so far, ``num_sealed`` how many of its leading blocks are
+    registered in (or were taken from) the prefix cache, ``num_cached_tokens`` how many prompt
+    tokens the cache supplied at its first admission.
     """
 
     seq_id: int
@@ -32,6 +38,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_preemptions: int = 0
+    cache_key: bytes | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_sealed: int = 0
+    num_cached_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -48,6 +58,11 @@ class Sequence:
     def num_uncomputed(self) -> int:
         """Tokens the model still has to read before this sequence can produce logits."""
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def tenant(self) -> object:
+        """Whose data this sequence writes into its blocks: its cache key, or itself alone."""
+        return self.cache_key if self.cache_key is not None else ("seq", self.seq_id)
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

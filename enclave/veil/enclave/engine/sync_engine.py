@@ -9,6 +9,13 @@ them: a batch whose ``execute`` raises (in the forward pass or in sampling, e.g.
 re-run one sequence at a time, and whatever still fails (or a detokenizer error) ends that request
 alone with finish reason ``error``.
 
+Prefix caching (``prefix_caching=True``, the data policy's ``share_kv_within_tenant``): a request
+that carries a tenant secret gets a cache key derived here from it and the engine's own secret
+(:func:`~veil.enclave.engine.prefix_cache.tenant_cache_key`), so it reuses the KV blocks of its
+tenant's earlier requests and no one else's. Blocks that held another tenant's data are zeroed
+by the runner before the step that hands them over (``runner.zero_blocks``, see
+:mod:`~veil.enclave.engine.block_manager`).
+
 Logs carry metadata only (request ids, counts, exception types): never prompt or completion
 text, which also never appears in an exception message raised from here.
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import random
+import secrets
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -26,6 +34,7 @@ from typing import Any
 from veil.enclave.data_policy import log_event
 from veil.enclave.engine.block_manager import BlockManager
 from veil.enclave.engine.detokenizer import FINISH_CANCELLED, FINISH_ERROR, AbortReason, CompletionTracker
+from veil.enclave.engine.prefix_cache import ENCLAVE_SECRET_SIZE, check_tenant_secret, tenant_cache_key
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from veil.enclave.engine.sequence import Sequence
@@ -61,12 +70,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
-    """A prompt, or chat messages to render with the model's template, and how to sample."""
+    """A prompt, or chat messages to render with the model's template, and how to sample.
+
+    ``tenant_secret`` (16 to 64 bytes, from inside the sealed request) names the tenant whose
+    cached KV blocks the request may reuse; None shares nothing."""
 
     request_id: str
     params: SamplingParams
     prompt: str | None = None
     messages: Seq[Mapping[str, str]] | None = None
+    tenant_secret: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +92,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the tenant's prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +131,14 @@ class LLMEngine:
         rng: random.Random | None = None,
         decode_tokenizer: Any = None,
         max_prompt_bytes: int | None = None,
+        prefix_caching: bool = False,
+        cache_secret: bytes | None = None,
+        kv_clean: bool = True,
     ) -> None:
+        """``prefix_caching``: reuse KV blocks within a tenant (the data policy says whether).
+        ``cache_secret``: the 32-byte secret tenant cache keys are derived with (default: fresh
+        random bytes). ``kv_clean``: the runner's KV cache holds nothing yet (else every block is
+        zeroed before its first use)."""
         if max_batch < 1 or max_num_batched_tokens < 1:
             raise InvalidRequestError("max_batch and max_num_batched_tokens must be positive")
         if max_prompt_bytes is not None and max_prompt_bytes < 1:
@@ -129,7 +150,13 @@ class LLMEngine:
         self.eos_token_ids = frozenset(runner.eos_token_ids)
         self.max_context = int(runner.max_context)
         self.max_prompt_bytes = max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_context
-        self.block_manager = BlockManager(runner.num_kv_blocks, runner.block_size)
+        if cache_secret is None:
+            cache_secret = secrets.token_bytes(ENCLAVE_SECRET_SIZE)
+        if not isinstance(cache_secret, bytes) or len(cache_secret) != ENCLAVE_SECRET_SIZE:
+            raise InvalidRequestError(f"cache_secret must be {ENCLAVE_SECRET_SIZE} bytes")
+        self.prefix_caching = bool(prefix_caching)
+        self._cache_secret = cache_secret
+        self.block_manager = BlockManager(runner.num_kv_blocks, runner.block_size, clean=kv_clean)
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=max_batch, max_num_batched_tokens=max_num_batched_tokens
         )
@@ -149,6 +176,9 @@ class LLMEngine:
             rng=self._rng,
             decode_tokenizer=self.decode_tokenizer,
             max_prompt_bytes=self.max_prompt_bytes,
+            prefix_caching=self.prefix_caching,
+            cache_secret=self._cache_secret,
+            kv_clean=False,  # the runner's cache still holds this engine's data
         )
 
     # ------------------------------------------------------------------ requests
@@ -162,6 +192,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters")
         if (request.prompt is None) == (request.messages is None):
             raise InvalidRequestError("give exactly one of prompt and messages")
+        check_tenant_secret(request.tenant_secret)
         if _input_bytes(request) > self.max_prompt_bytes:  # before any tokenizing or templating
             raise PromptTooLargeError(f"prompt larger than the {self.max_prompt_bytes}-byte limit")
         if request.prompt is not None:
@@ -175,15 +206,30 @@ class LLMEngine:
         self._check_length(len(ids), request.params)
         return ids
 
-    def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
-        """Queue a request whose prompt was checked by :meth:`encode`."""
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        tenant_secret: bytes | None = None,
+    ) -> None:
+        """Queue a request whose prompt was checked by :meth:`encode`.
+
+        With prefix caching on, ``tenant_secret`` selects the tenant cache the request may reuse
+        and fill; the key is derived here, inside the enclave, never taken from the request."""
         if request_id in self._requests:
             raise InvalidRequestError("duplicate request_id")
         if not prompt_token_ids:
             raise InvalidRequestError("prompt has no tokens")
         self._check_length(len(prompt_token_ids), params)
+        secret = check_tenant_secret(tenant_secret)
+        cache_key = (
+            tenant_cache_key(self._cache_secret, secret)
+            if self.prefix_caching and secret is not None
+            else None
+        )
         seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
-        seq = Sequence(self._next_seq_id, list(prompt_token_ids))
+        seq = Sequence(self._next_seq_id, list(prompt_token_ids), cache_key=cache_key)
         self._next_seq_id += 1
         tracker = CompletionTracker(self.decode_tokenizer, seq.token_ids, params, self.eos_token_ids)
         req = _Request(request_id, seq, params, seed, tracker)
@@ -222,6 +268,7 @@ class LLMEngine:
             if self.has_unfinished():
                 raise EngineInternalError("requests are queued but none can be scheduled")
             return []
+        self._zero(sched.zero_blocks)
         outputs: list[RequestOutput] = []
         done, tokens, failed = self._execute(sched)
         for item in failed:
@@ -286,6 +333,17 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ helpers
 
+    def _zero(self, blocks: list[int]) -> None:
+        """Have the runner zero ``blocks`` (another tenant's data) before the step writes them."""
+        if not blocks:
+            return
+        try:
+            self.runner.zero_blocks(blocks)
+        except Exception as exc:
+            # fail closed: the step must not run over another tenant's data
+            self.block_manager.mark_unknown(blocks)
+            raise EngineInternalError("the runner could not zero reused KV blocks") from exc
+
     def _fail(self, req: _Request, event: str, exc: BaseException | None = None) -> RequestOutput:
         log_event(
             log,
@@ -316,6 +374,7 @@ class LLMEngine:
             prompt_tokens=req.seq.num_prompt_tokens,
             completion_tokens=req.tracker.completion_tokens,
             error=ERROR_TEXT if reason == FINISH_ERROR else None,
+            cached_tokens=req.seq.num_cached_tokens,
         )
 
     def _check_length(self, num_prompt: int, params: SamplingParams) -> None:

@@ -111,6 +111,13 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero every slot of ``blocks`` in every layer (a block passing to another tenant)."""
+        if blocks:
+            index = torch.tensor(blocks, dtype=torch.long)
+            self.k.index_fill_(2, index, 0.0)
+            self.v.index_fill_(2, index, 0.0)
+
 
 @dataclass(slots=True)
 class PrefillChunk:

@@ -93,6 +93,11 @@ class CpuRunner:
             return []
         return self._on_model_thread(self._execute, self._work(steps), steps)
 
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero KV ``blocks`` in every layer (on the model thread, like every other cache write)."""
+        if blocks:
+            self._on_model_thread(self.cache.zero_blocks, blocks)
+
     def logits(self, steps: list[SeqStep]) -> torch.Tensor:
         """Run ``steps``; fp32 logits ``[steps with sample set, vocab]`` (parity tests, benchmarks)."""
         if not steps:

@@ -250,6 +250,13 @@ class CudaRunner:
         with torch.inference_mode():
             return sample_steps(self.sampler, self._logits(steps), steps)
 
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero KV ``blocks`` (axis 2 of both caches, every layer and head) on the device."""
+        if blocks:
+            index = torch.tensor(blocks, dtype=torch.long, device=self.dev)
+            self.k_cache.index_fill_(2, index, 0.0)
+            self.v_cache.index_fill_(2, index, 0.0)
+
     def logits(self, steps: list[SeqStep]) -> torch.Tensor:
         """Run ``steps``; fp32 logits ``[steps with sample set, vocab]`` copied to the host (parity
         tests and benchmarks only: serving samples on the device)."""

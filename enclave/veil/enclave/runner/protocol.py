@@ -115,6 +115,11 @@ class Runner(Protocol):
         find the sequence at fault (re-running writes the same KV positions)."""
         ...
 
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero every slot of KV ``blocks`` in every layer, before a step hands them to another
+        tenant (prefix caching); raises when it cannot, and the engine then fails the step closed."""
+        ...
+
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Queue ``fn(*args)`` on the runner's device thread (``AsyncEngine`` runs each step there)."""
         ...
