@@ -13,7 +13,7 @@ from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.engine.sync_engine import Delta, EngineRequest, LLMEngine
 from veil.enclave.errors import InvalidRequestError
 from veil.enclave.runner.cpu import CpuRunner
-from veil.enclave.runner.protocol import SeqStep
+from veil.enclave.runner.protocol import GREEDY, SeqStep
 
 TENANT_A = b"a" * 32
 TENANT_B = b"b" * 32
@@ -59,8 +59,8 @@ def same_or_tied(runner: CpuRunner, prompt_ids: list[int], want: list[int], got:
     assert len(got) == len(want)
     k = next(i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b)
     prefix = [*prompt_ids, *want[:k]]
-    step = SeqStep(0, prefix, 0, list(range(-(-len(prefix) // runner.block_size))), True)
-    logits = getattr(runner, "logits", runner.execute)([step])[0]
+    step = SeqStep(0, prefix, 0, list(range(-(-len(prefix) // runner.block_size))), GREEDY)
+    logits = runner.logits([step])[0]
     a, b, best = float(logits[want[k]]), float(logits[got[k]]), float(logits.max())
     assert abs(a - b) <= abs(best) * 2**-7, f"diverged at token {k} without a tie: {a} vs {b}"
     return False
