@@ -25,6 +25,7 @@ import torch
 from veil.enclave.data_policy import log_event
 from veil.enclave.engine.block_manager import BlockManager
 from veil.enclave.engine.detokenizer import FINISH_CANCELLED, FINISH_ERROR, AbortReason, CompletionTracker
+from veil.enclave.engine.grammar import GrammarCompiler, GrammarMatcher, MaskJob
 from veil.enclave.engine.sampler import Sampler
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -103,6 +104,7 @@ class _Request:
     params: SamplingParams
     seed: int
     tracker: CompletionTracker
+    grammar: GrammarMatcher | None = None  # structured output: the request's grammar state
 
 
 class LLMEngine:
@@ -117,6 +119,7 @@ class LLMEngine:
         rng: random.Random | None = None,
         decode_tokenizer: Any = None,
         max_prompt_bytes: int | None = None,
+        grammar: GrammarCompiler | None = None,
     ) -> None:
         if max_batch < 1 or max_num_batched_tokens < 1:
             raise InvalidRequestError("max_batch and max_num_batched_tokens must be positive")
@@ -134,6 +137,8 @@ class LLMEngine:
             self.block_manager, max_num_seqs=max_batch, max_num_batched_tokens=max_num_batched_tokens
         )
         self.sampler = Sampler()
+        # compiles response formats (cached by digest) and computes their token masks
+        self.grammar = grammar or GrammarCompiler(runner.tokenizer, self.eos_token_ids)
         self._settings = (max_batch, max_num_batched_tokens)
         self._rng = rng if rng is not None else random.SystemRandom()
         self._requests: dict[str, _Request] = {}
@@ -150,6 +155,7 @@ class LLMEngine:
             rng=self._rng,
             decode_tokenizer=self.decode_tokenizer,
             max_prompt_bytes=self.max_prompt_bytes,
+            grammar=self.grammar,
         )
 
     # ------------------------------------------------------------------ requests
@@ -174,6 +180,8 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("prompt has no tokens")
         self._check_length(len(ids), request.params)
+        if request.params.response_format is not None:  # compiled (or found cached) before any model work
+            self.grammar.check(request.params.response_format)
         return ids
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
@@ -187,7 +195,8 @@ class LLMEngine:
         seq = Sequence(self._next_seq_id, list(prompt_token_ids))
         self._next_seq_id += 1
         tracker = CompletionTracker(self.decode_tokenizer, seq.token_ids, params, self.eos_token_ids)
-        req = _Request(request_id, seq, params, seed, tracker)
+        grammar = self.grammar.matcher(params.response_format) if params.response_format is not None else None
+        req = _Request(request_id, seq, params, seed, tracker, grammar)
         self.scheduler.add(seq, len(prompt_token_ids) + params.max_tokens)
         self._requests[request_id] = req
         self._by_seq[seq.seq_id] = req
@@ -224,7 +233,11 @@ class LLMEngine:
                 raise EngineInternalError("requests are queued but none can be scheduled")
             return []
         outputs: list[RequestOutput] = []
-        done, logits, failed = self._execute(sched)
+        masks = self._start_masks(sched)  # computed on the grammar thread while the model runs
+        try:
+            done, logits, failed = self._execute(sched)
+        finally:
+            masks.wait()
         for item in failed:
             outputs.append(self._fail(self._by_seq[item.seq.seq_id], "engine.execute_failed"))
         self.scheduler.commit(SchedulerOutput(done))
@@ -233,9 +246,13 @@ class LLMEngine:
             return outputs
         if logits is None or logits.dim() != 2 or logits.shape[0] != len(want):
             raise EngineInternalError("the runner returned logits of the wrong shape")
-        for req, token in zip(want, self._sample(logits, want), strict=True):
+        allowed = masks.allowed([r.grammar for r in want])
+        for req, token in zip(want, self._sample(logits, want, allowed), strict=True):
             if token is None:
                 outputs.append(self._fail(req, "engine.sampling_failed"))
+                continue
+            if req.grammar is not None and not req.grammar.accept(token):
+                outputs.append(self._fail(req, "engine.grammar_rejected"))  # fail closed
                 continue
             try:
                 req.seq.append_token(token)
@@ -275,12 +292,21 @@ class LLMEngine:
                 rows.append(out[0])
         return done, (torch.stack(rows) if rows else None), failed
 
-    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int | None]:
+    def _start_masks(self, sched: SchedulerOutput) -> MaskJob:
+        """Start the token masks of the constrained rows that will sample this step."""
+        reqs = [self._by_seq[item.seq.seq_id] for item in sched.scheduled if item.want_logits]
+        return self.grammar.start_masks(
+            [(r.grammar, r.seq.token_ids[r.seq.num_prompt_tokens :]) for r in reqs if r.grammar is not None]
+        )
+
+    def _sample(
+        self, logits: torch.Tensor, reqs: list[_Request], allowed: list[torch.Tensor | None] | None = None
+    ) -> list[int | None]:
         params = [r.params for r in reqs]
         seeds = [r.seed for r in reqs]
         steps = [r.seq.num_completion_tokens for r in reqs]
         try:
-            return list(self.sampler.sample(logits, params, seeds, steps))
+            return list(self.sampler.sample(logits, params, seeds, steps, allowed=allowed))
         except Exception as exc:
             log_event(log, "engine.batch_sampling_failed", logging.WARNING, error_type=type(exc).__name__)
         out: list[int | None] = []
@@ -288,7 +314,11 @@ class LLMEngine:
             try:
                 out.append(
                     self.sampler.sample(
-                        logits[i : i + 1], params[i : i + 1], seeds[i : i + 1], steps[i : i + 1]
+                        logits[i : i + 1],
+                        params[i : i + 1],
+                        seeds[i : i + 1],
+                        steps[i : i + 1],
+                        allowed=None if allowed is None else allowed[i : i + 1],
                     )[0]
                 )
             except Exception:
