@@ -41,6 +41,7 @@ from veil.client._core import (
     GenerateParams,
     ResponseReader,
 )
+from veil.client._response_format import ResponseFormat
 from veil.client._transport import GrpcTransport, ResponseStream, Transport
 from veil.client._types import ChatCompletion, ChatCompletionChunk, CompletionUsage
 from veil.client.errors import ChannelError, ClientClosedError, ConfigurationError, ServerError
@@ -131,6 +132,7 @@ class Completions:
         top_k: int | None = ...,
         seed: int | None = ...,
         stop: str | Sequence[str] | None = ...,
+        response_format: ResponseFormat | None = ...,
         stream: Literal[False] = ...,
     ) -> ChatCompletion: ...
 
@@ -146,6 +148,7 @@ class Completions:
         top_k: int | None = ...,
         seed: int | None = ...,
         stop: str | Sequence[str] | None = ...,
+        response_format: ResponseFormat | None = ...,
         stream: Literal[True],
     ) -> Stream: ...
 
@@ -160,6 +163,7 @@ class Completions:
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: bool = False,
     ) -> ChatCompletion | Stream:
         """Send a chat completion request to the attested enclave.
@@ -174,7 +178,7 @@ class Completions:
         """
         chat, params = self._client._prepare(
             messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, stream=stream,
+            stop=stop, stream=stream, response_format=response_format,
         )  # fmt: skip
         result = self._client._start(chat, params, model)
         if stream:

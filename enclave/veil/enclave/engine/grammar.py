@@ -216,12 +216,12 @@ class GrammarCompiler:
                 )
             is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tok)
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise ResponseFormatError(f"response_format: unsupported {what}: {_short(str(exc))}") from None
+            raise ResponseFormatError(f"response_format: invalid or unsupported {what}: {_short(str(exc))}") from None
         if is_error:
-            raise ResponseFormatError(f"response_format: unsupported {what}: {_short('; '.join(messages))}")
+            raise ResponseFormatError(f"response_format: invalid or unsupported {what}: {_short('; '.join(messages))}")
         matcher = llguidance.LLMatcher(tok, grammar, log_level=0)
         if matcher.is_error():
-            raise ResponseFormatError(f"response_format: unsupported {what}: {_short(matcher.get_error())}")
+            raise ResponseFormatError(f"response_format: invalid or unsupported {what}: {_short(matcher.get_error())}")
         return matcher
 
     # ------------------------------------------------------------------ masks
