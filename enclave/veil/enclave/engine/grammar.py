@@ -206,6 +206,10 @@ class GrammarCompiler:
     def _compile(self, fmt: ResponseFormat) -> llguidance.LLMatcher:
         tok = self.tokenizer()
         what = "JSON Schema" if fmt.kind == "json_schema" else "grammar"
+
+        def refused(problem: str) -> ResponseFormatError:
+            return ResponseFormatError(f"response_format: invalid or unsupported {what}: {_short(problem)}")
+
         try:
             if fmt.kind == "lark_grammar":
                 grammar = llguidance.LLMatcher.grammar_from_lark(fmt.text)
@@ -216,12 +220,12 @@ class GrammarCompiler:
                 )
             is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tok)
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise ResponseFormatError(f"response_format: invalid or unsupported {what}: {_short(str(exc))}") from None
+            raise refused(str(exc)) from None
         if is_error:
-            raise ResponseFormatError(f"response_format: invalid or unsupported {what}: {_short('; '.join(messages))}")
+            raise refused("; ".join(messages))
         matcher = llguidance.LLMatcher(tok, grammar, log_level=0)
         if matcher.is_error():
-            raise ResponseFormatError(f"response_format: invalid or unsupported {what}: {_short(matcher.get_error())}")
+            raise refused(matcher.get_error())
         return matcher
 
     # ------------------------------------------------------------------ masks
