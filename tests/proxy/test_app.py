@@ -51,7 +51,6 @@ ATTESTED = f"sha256:{MODEL.hex()}"
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"audio": {"voice": "x"}}, "audio"),
@@ -80,8 +79,17 @@ def test_neutral_values_ask_for_nothing_and_are_accepted() -> None:
         },
         CHAT_PARAMS,
     )  # fmt: skip
-    assert req.kwargs == {"messages": USER, "max_tokens": 7, "seed": 3, "stop": ["\n"]}
+    assert req.kwargs == {
+        "messages": USER, "max_tokens": 7, "seed": 3, "stop": ["\n"], "response_format": {"type": "text"}
+    }  # fmt: skip
     assert (req.model, req.stream, req.include_usage) == ("m", True, True)
+
+
+def test_response_format_goes_to_the_sdk_as_sent() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "A", "schema": schema, "strict": True}}
+    req = translate({"messages": USER, "response_format": fmt}, CHAT_PARAMS)
+    assert req.kwargs["response_format"] == fmt
 
 
 def test_messages_text_parts_are_joined_and_developer_is_system() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -112,6 +113,31 @@ def test_text_completion_matches_the_sdk(proxy: LocalProxy, sdk: Client) -> None
     assert reply.usage is not None and reply.usage.completion_tokens > 0
 
 
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output_through_the_openai_client(proxy: LocalProxy) -> None:
+    oai = _oai(proxy)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    question = [{"role": "user", "content": "Describe a person as JSON."}]
+    model = oai.models.list().data[0].id
+    reply = oai.chat.completions.create(  # type: ignore[call-overload]
+        model=model, messages=question, response_format=fmt, max_tokens=48, seed=1
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+    stream = oai.chat.completions.create(  # type: ignore[call-overload]
+        messages=question, model=model, response_format={"type": "json_object"}, max_tokens=48, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert isinstance(json.loads(text), dict)
+
+
 def test_raw_sse_framing_and_errors(proxy: LocalProxy) -> None:
     body = {"messages": QUESTION, "stream": True, "max_tokens": 6}
     with httpx.stream("POST", f"{proxy.base_url}/v1/chat/completions", json=body, timeout=120) as r:
@@ -124,8 +150,8 @@ def test_raw_sse_framing_and_errors(proxy: LocalProxy) -> None:
         assert json.loads(event[6:])["object"] == "chat.completion.chunk"
     r = httpx.post(f"{proxy.base_url}/v1/chat/completions", json={"messages": QUESTION, "tools": [{"x": 1}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
-    structured = {"messages": QUESTION, "response_format": {"type": "json_object"}}
-    r = httpx.post(f"{proxy.base_url}/v1/chat/completions", json=structured)
+    bad = {"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}
+    r = httpx.post(f"{proxy.base_url}/v1/chat/completions", json=bad)
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
     health = httpx.get(f"{proxy.base_url}/health").json()
     assert health["status"] == "ok"

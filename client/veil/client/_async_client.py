@@ -37,6 +37,7 @@ from veil.client._core import (
     ResponseReader,
 )
 from veil.client._pool import Replica, ReplicaPool, ReplicaStatus
+from veil.client._response_format import ResponseFormat
 from veil.client._transport import AsyncGrpcTransport, AsyncResponseStream, AsyncTransport
 from veil.client._types import ChatCompletion, ChatCompletionChunk, Completion, CompletionUsage
 from veil.client.errors import (
@@ -232,6 +233,7 @@ class AsyncCompletions:
         top_k: int | None = ...,
         seed: int | None = ...,
         stop: str | Sequence[str] | None = ...,
+        response_format: ResponseFormat | None = ...,
         stream: Literal[False] = ...,
     ) -> ChatCompletion: ...
 
@@ -247,6 +249,7 @@ class AsyncCompletions:
         top_k: int | None = ...,
         seed: int | None = ...,
         stop: str | Sequence[str] | None = ...,
+        response_format: ResponseFormat | None = ...,
         stream: Literal[True],
     ) -> AsyncStream: ...
 
@@ -261,12 +264,13 @@ class AsyncCompletions:
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: bool = False,
     ) -> ChatCompletion | AsyncStream:
         """Send a chat completion request; the async twin of :meth:`Completions.create`."""
         chat, params = self._client._prepare(
             messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, stream=stream,
+            stop=stop, stream=stream, response_format=response_format,
         )  # fmt: skip
         result = await self._client._start(chat, params, model)
         if stream:

@@ -258,13 +258,14 @@ class _BaseClient:
         seed: int | None,
         stop: str | Sequence[str] | None,
         stream: bool = False,
+        response_format: object = None,
     ) -> tuple[list[generate_pb2.ChatMessage], GenerateParams]:
         if not isinstance(messages, str | bytes | Mapping):  # those: check_messages names the mistake
             messages = list(messages)
         check_encodable(messages if isinstance(messages, list) else [], stop)
         return check_messages(messages), check_params(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            stream=stream,
+            stream=stream, response_format=response_format,
         )  # fmt: skip
 
     @staticmethod

@@ -55,6 +55,7 @@ from veil.client._core import (
     ResponseReader,
 )
 from veil.client._pool import Replica, ReplicaPool, ReplicaStatus
+from veil.client._response_format import ResponseFormat
 from veil.client._transport import GrpcTransport, ResponseStream, Transport
 from veil.client._types import ChatCompletion, ChatCompletionChunk, Completion, CompletionUsage
 from veil.client.errors import (
@@ -248,6 +249,7 @@ class Completions:
         top_k: int | None = ...,
         seed: int | None = ...,
         stop: str | Sequence[str] | None = ...,
+        response_format: ResponseFormat | None = ...,
         stream: Literal[False] = ...,
     ) -> ChatCompletion: ...
 
@@ -263,6 +265,7 @@ class Completions:
         top_k: int | None = ...,
         seed: int | None = ...,
         stop: str | Sequence[str] | None = ...,
+        response_format: ResponseFormat | None = ...,
         stream: Literal[True],
     ) -> Stream: ...
 
@@ -277,6 +280,7 @@ class Completions:
         top_k: int | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: ResponseFormat | None = None,
         stream: bool = False,
     ) -> ChatCompletion | Stream:
         """Send a chat completion request to the attested enclave.
@@ -291,7 +295,7 @@ class Completions:
         """
         chat, params = self._client._prepare(
             messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, stream=stream,
+            stop=stop, stream=stream, response_format=response_format,
         )  # fmt: skip
         result = self._client._start(chat, params, model)
         if stream:

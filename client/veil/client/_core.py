@@ -30,6 +30,7 @@ from veil.attestation.options import VerifyOptions
 from veil.attestation.policy import Policy
 from veil.attestation.verdict import Verdict
 from veil.client._identity import EnclaveIdentity, identity_of
+from veil.client._response_format import check_response_format
 from veil.client._types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -103,6 +104,7 @@ class GenerateParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stream: bool = False  # sealed into the request: how the enclave frames the answer
+    response_format: generate_pb2.ResponseFormat | None = None  # sealed too (structured output)
 
     def to_proto(self) -> generate_pb2.SamplingParams:
         params = generate_pb2.SamplingParams(max_tokens=self.max_tokens, stop=list(self.stop))
@@ -126,6 +128,7 @@ def check_params(
     seed: int | None,
     stop: str | Sequence[str] | None,
     stream: bool = False,
+    response_format: object = None,
 ) -> GenerateParams:
     """Validate OpenAI-style arguments; raises :class:`ConfigurationError` before anything is sent."""
     if max_tokens is None:
@@ -166,6 +169,7 @@ def check_params(
         seed=seed,
         stop=stops,
         stream=bool(stream),
+        response_format=check_response_format(response_format),
     )
 
 
@@ -441,6 +445,8 @@ class ClientCore:
             issued_at_ms=max(issued_at_ms, 0),
             tenant_secret=self.tenant_secret,
         )
+        if params.response_format is not None:
+            request.response_format.CopyFrom(params.response_format)
         try:
             sealed = seal_request(request, attestation.public_key)
         except att_errors.MessageTooLargeError as exc:

@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    parser.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="constrain the answer to JSON valid under this JSON Schema (a .json file); an answer cut "
+        "by --max-tokens (finish=length) may be incomplete JSON",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per call (default 120)")
     parser.add_argument("--save-evidence", metavar="FILE", help="write the raw evidence for later audit")
     parser.add_argument("--json", action="store_true", help="print one JSON object (answer + verdict)")
@@ -76,6 +82,23 @@ def _summary(client: Client) -> str:
     return "\n".join(lines)
 
 
+def _response_format(path: str | None) -> dict[str, Any] | None:
+    """``--json-schema FILE`` as an OpenAI ``response_format`` (named after the file)."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    from veil.client.errors import ConfigurationError
+
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"--json-schema {path}: not valid JSON: {exc}") from None
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in Path(path).stem)[:64]
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+
+
 def _chat(args: argparse.Namespace) -> int:
     from veil.client import Client
 
@@ -87,6 +110,7 @@ def _chat(args: argparse.Namespace) -> int:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "seed": args.seed,
+        "response_format": _response_format(args.json_schema),
     }
     with Client(args.target, policy=_policy(args), timeout=args.timeout) as client:
         client.attest()

@@ -7,9 +7,11 @@
     │                                (missing, truncated, unsupported tensor type or architecture)
     ├── InvalidRequestError          a request is rejected before it reaches the engine loop
     │   │                            (empty prompt, max_tokens < 1, temperature < 0, top_p ∉ (0, 1])
-    │   └── PromptTooLongError       prompt (+ max_tokens) longer than the context
-    │       └── PromptTooLargeError  prompt or chat messages over the byte limit checked
-    │                                before tokenizing
+    │   ├── PromptTooLongError       prompt (+ max_tokens) longer than the context
+    │   │   └── PromptTooLargeError  prompt or chat messages over the byte limit checked
+    │   │                            before tokenizing
+    │   └── ResponseFormatError      a response_format (JSON Schema, grammar) that is invalid,
+    │                                unsupported or too large to compile
     ├── EngineOverloadedError        the waiting queue is full (the server maps it to
     │                                RESOURCE_EXHAUSTED)
     ├── EngineStoppedError           the engine is draining or stopped
@@ -47,6 +49,7 @@ __all__ = [
     "PromptTooLongError",
     "ReplayCacheFullError",
     "ReplayRefusedError",
+    "ResponseFormatError",
     "TeeUnavailableError",
 ]
 
@@ -69,6 +72,10 @@ class PromptTooLongError(InvalidRequestError):
 
 class PromptTooLargeError(PromptTooLongError):
     """The prompt (or all chat messages) is larger in bytes than the engine tokenizes."""
+
+
+class ResponseFormatError(InvalidRequestError):
+    """A response_format cannot be enforced: malformed, unsupported by the grammar library, too large."""
 
 
 class EngineOverloadedError(EnclaveError):

@@ -52,6 +52,7 @@ from veil.attestation.channel.stream import StreamEncryptor
 from veil.attestation.errors import StaleKeyError, VeilAttestationError
 from veil.enclave.admission import PeerRateLimiter, TokenBucket, peer_key
 from veil.enclave.data_policy import log_event
+from veil.enclave.engine.response_format import ResponseFormat
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.errors import (
     EngineOverloadedError,
@@ -180,8 +181,24 @@ class AttestationServicer(service_pb2_grpc.AttestationServiceServicer):
         )
 
 
-def _sampling_params(p: generate_pb2.SamplingParams) -> SamplingParams:
-    kwargs: dict[str, Any] = {"stop": tuple(p.stop), "stop_token_ids": tuple(p.stop_token_ids)}
+def _response_format(req: generate_pb2.GenerateRequest) -> ResponseFormat | None:
+    """The sealed request's ``response_format`` (field 8), None when absent; checked when built."""
+    if not req.HasField("response_format"):
+        return None
+    f = req.response_format
+    which = f.WhichOneof("format")
+    if which is None:
+        raise InvalidRequestError("response_format names no format")
+    text = "" if which == "json_object" else getattr(f, which)
+    return ResponseFormat(kind=which, text=text, name=f.name)
+
+
+def _sampling_params(p: generate_pb2.SamplingParams, fmt: ResponseFormat | None = None) -> SamplingParams:
+    kwargs: dict[str, Any] = {
+        "stop": tuple(p.stop),
+        "stop_token_ids": tuple(p.stop_token_ids),
+        "response_format": fmt,
+    }
     if p.max_tokens:
         kwargs["max_tokens"] = p.max_tokens
     for name in ("temperature", "top_p", "top_k", "seed", "ignore_eos", "min_tokens"):
@@ -193,7 +210,7 @@ def _sampling_params(p: generate_pb2.SamplingParams) -> SamplingParams:
 def _engine_request(rid: str, req: generate_pb2.GenerateRequest) -> EngineRequest:
     from veil.enclave.engine.async_engine import EngineRequest
 
-    params = _sampling_params(req.params)
+    params = _sampling_params(req.params, _response_format(req))
     tenant = req.tenant_secret or None  # checked by the engine; the cache key is derived there
     which = req.WhichOneof("input")
     if which == "prompt":

@@ -57,7 +57,18 @@ __all__ = [
 
 DONE = b"data: [DONE]\n\n"
 # ConfigurationError messages start with the argument they are about; the request field it came from.
-_KWARG_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "messages", "prompt", "model")
+_KWARG_PARAMS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "messages",
+    "prompt",
+    "model",
+    "response_format",
+)
 
 
 def error_body(
@@ -89,8 +100,8 @@ def error_response(exc: VeilClientError) -> tuple[int, dict[str, Any], dict[str,
     if isinstance(exc, RequestRejectedError):
         if exc.code == "PROMPT_TOO_LONG":
             return 400, error_body(message, type="invalid_request_error", code="context_length_exceeded"), {}
-        if exc.code == "INVALID_REQUEST":
-            return 400, error_body(message, type="invalid_request_error"), {}
+        if exc.code == "INVALID_REQUEST":  # e.g. "response_format: invalid or unsupported JSON Schema"
+            return 400, error_body(message, type="invalid_request_error", param=_param_of(message)), {}
         return 500, error_body(message, type="server_error", code=exc.code.lower()), {}
     if isinstance(exc, ServerError):
         if exc.code == "RESOURCE_EXHAUSTED":
@@ -104,7 +115,7 @@ def error_response(exc: VeilClientError) -> tuple[int, dict[str, Any], dict[str,
 
 
 def _param_of(message: str) -> str | None:
-    head = message.split(" ", 1)[0]
+    head = message.split(" ", 1)[0].rstrip(":")
     name = head.split("[", 1)[0].split(".", 1)[0]
     if name not in _KWARG_PARAMS:
         return None

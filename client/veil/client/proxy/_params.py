@@ -5,8 +5,7 @@ Every parameter the OpenAI API defines is in a table, with what the proxy does w
 with a 400 naming it. A rejected parameter is still accepted at its *neutral* value (``n=1``,
 ``logprobs=false``, ``presence_penalty=0``, ``null``), since that asks for nothing Veil lacks.
 A parameter in no table is refused too ("unrecognized request argument"): nothing is silently
-ignored. Supporting a parameter later is a one-line change here (``response_format`` becomes
-``_fwd("response_format")`` once the SDK takes it).
+ignored. Supporting a parameter later is a one-line change here.
 """
 
 from __future__ import annotations
@@ -113,10 +112,9 @@ CHAT_PARAMS: Mapping[str, Param] = {
     "parallel_tool_calls": _reject(_NO_TOOLS),
     "functions": _reject(_NO_TOOLS, []),
     "function_call": _reject(_NO_TOOLS, "none"),
-    # Structured outputs: another change adds them to the SDK; then this becomes _fwd("response_format").
-    "response_format": _reject(
-        "structured outputs (response_format) are not supported yet", {"type": "text"}
-    ),
+    # Structured outputs: the OpenAI shapes (json_object, json_schema, text) and Veil's grammar
+    # extension go to the SDK as they are; it checks them and seals them with the prompt.
+    "response_format": _fwd("response_format"),
     "audio": _reject("Veil serves text only"),
     "modalities": _reject("Veil serves text only", ["text"]),
     "prediction": _reject(_NOT_HERE),

@@ -10,6 +10,11 @@ only when the nucleus is larger than the window). Rows are grouped by that k, wh
 on the row's own parameters only, and each group is one batched ``topk``/``cumsum``/
 ``searchsorted``. The all-greedy batch is one ``max`` on the logits' device; rows that
 sample move to the CPU, where these row-wise ops do not depend on the batch shape.
+
+Structured output: ``allowed`` gives a packed token bitmask per row (or None), xgrammar's
+layout, which :func:`apply_token_bitmask` turns into -inf before anything else looks at the
+logits. It is row-wise too, so a constrained row never changes an unconstrained neighbour's
+token. A row whose mask allows nothing fails like a row of -inf logits.
 """
 
 from __future__ import annotations
@@ -48,8 +53,8 @@ class Sampler:
 
         ``seeds[i]`` is row i's request seed (drawn by the engine when the request gave
         none) and ``steps[i]`` the number of tokens that request has generated so far.
-        ``allowed[i]``, when given and not None, is row i's packed token bitmask (see
-        :func:`apply_token_bitmask`): only its tokens can be drawn.
+        ``allowed[i]``, when given and not None, is row i's packed token bitmask
+        (:func:`apply_token_bitmask`): only the tokens it allows can be picked.
         """
         n = logits.shape[0]
         if logits.dim() != 2 or not len(params) == len(seeds) == len(steps) == n:
@@ -57,7 +62,7 @@ class Sampler:
         if allowed is not None and len(allowed) != n:
             raise EngineInternalError("sampler inputs disagree in length")
         logits = logits.float()
-        if allowed is not None and any(a is not None for a in allowed):
+        if allowed is not None:
             logits = apply_token_bitmask(logits, allowed)
         best, argmax = logits.max(dim=-1)  # max propagates NaN: one pass checks and picks
         if not bool(torch.isfinite(best).all()):
@@ -86,34 +91,37 @@ class Sampler:
         return out
 
 
-def apply_token_bitmask(logits: torch.Tensor, allowed: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """``logits`` (fp32 ``[n, vocab]``) with every disallowed token of row i set to -inf (a new tensor).
+_WINDOW = 1024  # candidates looked at first for top-p alone
+_BITS = torch.arange(32, dtype=torch.int32)
 
-    ``allowed[i]`` is None (every token allowed) or a packed int32 bitmask of ``ceil(vocab / 32)``
-    words, xgrammar's layout: token ``t`` is allowed iff ``(mask[t // 32] >> (t % 32)) & 1``. A row
-    that allows nothing becomes all -inf, which the sampler refuses as an engine error.
+
+def apply_token_bitmask(logits: torch.Tensor, allowed: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``logits`` with every token a row's mask does not allow set to -inf (a new tensor if any).
+
+    ``allowed[i]`` is None (row i unconstrained) or an int32 tensor of ``ceil(vocab / 32)``
+    words: token t is allowed iff ``(mask[t // 32] >> (t % 32)) & 1`` (xgrammar's and
+    llguidance's layout). The mask may be narrower than the logits (the model's vocabulary can
+    be padded past the tokenizer's): tokens past its end are not allowed.
     """
-    vocab = logits.shape[1]
-    words = -(-vocab // 32)
-    rows = [i for i, a in enumerate(allowed) if a is not None]
+    rows = [i for i, m in enumerate(allowed) if m is not None]
     if not rows:
         return logits
-    masks = []
-    for i in rows:
-        a = allowed[i]
-        if a is None or a.dim() != 1 or a.shape[0] != words or a.dtype != torch.int32:
-            raise EngineInternalError(f"a token bitmask must be int32 [{words}]")
-        masks.append(a.to(logits.device))
-    packed = torch.stack(masks)  # [r, words]
-    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-    keep = ((packed.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]  # [r, vocab]
+    if logits.dim() != 2 or len(allowed) != logits.shape[0]:
+        raise EngineInternalError("one mask (or None) per row of logits")
+    masks = [allowed[i] for i in rows]
+    words = {int(m.shape[-1]) for m in masks if m is not None}
+    if len(words) != 1 or any(m is None or m.dim() != 1 or m.dtype != torch.int32 for m in masks):
+        raise EngineInternalError("token masks must be int32 vectors of one width")
+    vocab = logits.shape[1]
+    packed = torch.stack([m for m in masks if m is not None]).to(logits.device)
+    bits = ((packed.unsqueeze(-1) >> _BITS.to(logits.device)) & 1).bool().flatten(1)  # [r, words * 32]
+    keep = torch.zeros((len(rows), vocab), dtype=torch.bool, device=logits.device)
+    width = min(vocab, bits.shape[1])
+    keep[:, :width] = bits[:, :width]
+    index = torch.tensor(rows, device=logits.device)
     out = logits.clone()
-    idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    out[idx] = out[idx].masked_fill(~keep, float("-inf"))
+    out[index] = logits[index].masked_fill(~keep, float("-inf"))
     return out
-
-
-_WINDOW = 1024  # candidates looked at first for top-p alone
 
 
 def uniform(seed: int, step: int) -> float:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from veil.enclave.engine.response_format import ResponseFormat
 from veil.enclave.errors import InvalidRequestError
 
 __all__ = ["MAX_SEED", "MAX_STOP_STRINGS", "MAX_STOP_STRING_CHARS", "SamplingParams"]
@@ -28,6 +29,9 @@ class SamplingParams:
     in the detokenized text (the stop string itself is not returned); ``stop_token_ids`` and,
     unless ``ignore_eos``, the model's end-of-sequence tokens end it too. ``min_tokens`` holds
     back every stop condition but ``max_tokens`` until that many tokens were generated.
+    ``response_format`` constrains the completion to JSON, a JSON Schema or a grammar: tokens
+    the grammar does not allow are masked before sampling, and EOS is allowed only where the
+    grammar accepts (so it cannot be combined with ``ignore_eos`` or ``min_tokens``).
     Error messages name the field, never its text.
     """
 
@@ -40,6 +44,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         # Accept any iterable for the two tuple fields (lists from JSON or protobuf).
@@ -79,6 +84,12 @@ class SamplingParams:
                 raise InvalidRequestError("stop_token_ids must be non-negative")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos must be a bool")
+        if self.response_format is not None:
+            if not isinstance(self.response_format, ResponseFormat):
+                raise InvalidRequestError("response_format must be a ResponseFormat")
+            if self.ignore_eos or self.min_tokens:
+                # EOS is the grammar's to allow: holding it back would push the output past the grammar.
+                raise InvalidRequestError("response_format cannot be combined with ignore_eos or min_tokens")
 
     @property
     def greedy(self) -> bool:

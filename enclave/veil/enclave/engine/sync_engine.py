@@ -29,11 +29,12 @@ import secrets
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from veil.enclave.data_policy import log_event
 from veil.enclave.engine.block_manager import BlockManager
 from veil.enclave.engine.detokenizer import FINISH_CANCELLED, FINISH_ERROR, AbortReason, CompletionTracker
+from veil.enclave.engine.grammar import GrammarCompiler, GrammarMatcher
 from veil.enclave.engine.prefix_cache import ENCLAVE_SECRET_SIZE, check_tenant_secret, tenant_cache_key
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -46,6 +47,9 @@ from veil.enclave.errors import (
 )
 from veil.enclave.runner.protocol import Runner, SampleSpec, SeqStep
 from veil.proto.chat import ChatMessageError, check_chat
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ENGINE_VERSION",
@@ -117,6 +121,7 @@ class _Request:
     params: SamplingParams
     seed: int
     tracker: CompletionTracker
+    grammar: GrammarMatcher | None = None  # structured output: the request's grammar state
 
 
 class LLMEngine:
@@ -134,6 +139,7 @@ class LLMEngine:
         prefix_caching: bool = False,
         cache_secret: bytes | None = None,
         kv_clean: bool = True,
+        grammar: GrammarCompiler | None = None,
     ) -> None:
         """``prefix_caching``: reuse KV blocks within a tenant (the data policy says whether).
         ``cache_secret``: the 32-byte secret tenant cache keys are derived with (default: fresh
@@ -160,6 +166,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=max_batch, max_num_batched_tokens=max_num_batched_tokens
         )
+        # compiles response formats (cached by digest) and computes their token masks
+        self.grammar = grammar or GrammarCompiler(runner.tokenizer, self.eos_token_ids)
         self._settings = (max_batch, max_num_batched_tokens)
         self._rng = rng if rng is not None else random.SystemRandom()
         self._requests: dict[str, _Request] = {}
@@ -179,6 +187,7 @@ class LLMEngine:
             prefix_caching=self.prefix_caching,
             cache_secret=self._cache_secret,
             kv_clean=False,  # the runner's cache still holds this engine's data
+            grammar=self.grammar,
         )
 
     # ------------------------------------------------------------------ requests
@@ -204,6 +213,8 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("prompt has no tokens")
         self._check_length(len(ids), request.params)
+        if request.params.response_format is not None:  # compiled (or found cached) before any model work
+            self.grammar.check(request.params.response_format)
         return ids
 
     def add_request(
@@ -232,7 +243,8 @@ class LLMEngine:
         seq = Sequence(self._next_seq_id, list(prompt_token_ids), cache_key=cache_key)
         self._next_seq_id += 1
         tracker = CompletionTracker(self.decode_tokenizer, seq.token_ids, params, self.eos_token_ids)
-        req = _Request(request_id, seq, params, seed, tracker)
+        grammar = self.grammar.matcher(params.response_format) if params.response_format is not None else None
+        req = _Request(request_id, seq, params, seed, tracker, grammar)
         self.scheduler.add(seq, len(prompt_token_ids) + params.max_tokens)
         self._requests[request_id] = req
         self._by_seq[seq.seq_id] = req
@@ -270,7 +282,8 @@ class LLMEngine:
             return []
         self._zero(sched.zero_blocks)
         outputs: list[RequestOutput] = []
-        done, tokens, failed = self._execute(sched)
+        allowed = self._masks(sched)  # structured output: the constrained rows' token masks
+        done, tokens, failed = self._execute(sched, allowed)
         for item in failed:
             outputs.append(self._fail(self._by_seq[item.seq.seq_id], "engine.execute_failed"))
         self.scheduler.commit(SchedulerOutput(done))
@@ -278,6 +291,9 @@ class LLMEngine:
         if len(tokens) != len(want):
             raise EngineInternalError("the runner returned the wrong number of tokens")
         for req, token in zip(want, tokens, strict=True):
+            if req.grammar is not None and not req.grammar.accept(token):
+                outputs.append(self._fail(req, "engine.grammar_rejected"))  # fail closed
+                continue
             try:
                 req.seq.append_token(token)
                 req.tracker.append(token)
@@ -291,9 +307,11 @@ class LLMEngine:
                 outputs.append(RequestOutput(req.request_id, self._delta(req, text, ids)))
         return outputs
 
-    def _execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], list[int], list[ScheduledSeq]]:
+    def _execute(
+        self, sched: SchedulerOutput, allowed: dict[int, torch.Tensor]
+    ) -> tuple[list[ScheduledSeq], list[int], list[ScheduledSeq]]:
         """(sequences that ran, their sampled tokens in order, sequences that failed)."""
-        steps = [self._seq_step(item) for item in sched.scheduled]
+        steps = [self._seq_step(item, allowed) for item in sched.scheduled]
         try:
             return sched.scheduled, self.runner.execute(steps), []
         except Exception as exc:
@@ -318,11 +336,13 @@ class LLMEngine:
             tokens.extend(out)
         return done, tokens, failed
 
-    def _seq_step(self, item: ScheduledSeq) -> SeqStep:
+    def _seq_step(self, item: ScheduledSeq, allowed: dict[int, torch.Tensor]) -> SeqStep:
         sample = None
         if item.want_logits:
             req = self._by_seq[item.seq.seq_id]
-            sample = SampleSpec(req.params, req.seed, req.seq.num_completion_tokens)
+            sample = SampleSpec(
+                req.params, req.seed, req.seq.num_completion_tokens, allowed.get(item.seq.seq_id)
+            )
         return SeqStep(
             seq_id=item.seq.seq_id,
             token_ids=item.token_ids,
@@ -330,6 +350,25 @@ class LLMEngine:
             block_table=list(item.seq.block_table),
             sample=sample,
         )
+
+    def _masks(self, sched: SchedulerOutput) -> dict[int, torch.Tensor]:
+        """The next-token masks of the constrained sequences that sample this step, by seq id.
+
+        Computed on the grammar worker thread and waited for here: the runner samples on its own
+        device inside ``execute``, so a mask must be there before the forward pass starts. A row
+        whose mask could not be computed gets one that allows nothing: the runner then refuses
+        that row (and the engine fails that request alone), never samples it unconstrained.
+        """
+        reqs = [self._by_seq[i.seq.seq_id] for i in sched.scheduled if i.want_logits]
+        constrained = [r for r in reqs if r.grammar is not None]
+        if not constrained:
+            return {}
+        job = self.grammar.start_masks(
+            [(r.grammar, r.seq.token_ids[r.seq.num_prompt_tokens :]) for r in constrained if r.grammar]
+        )
+        job.wait()
+        masks = job.allowed([r.grammar for r in constrained]) or []
+        return {r.seq.seq_id: m for r, m in zip(constrained, masks, strict=True) if m is not None}
 
     # ------------------------------------------------------------------ helpers
 

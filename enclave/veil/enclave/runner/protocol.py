@@ -145,8 +145,14 @@ def validate_steps(
         if any(t < 0 or t >= vocab for t in s.token_ids):
             raise InvalidRequestError(f"sequence {s.seq_id}: token id out of range")
         allowed = s.sample.allowed if s.sample is not None else None
-        if allowed is not None and tuple(allowed.shape) != (words,):
-            raise InvalidRequestError(f"sequence {s.seq_id}: token bitmask must have {words} int32 words")
+        # A mask may be narrower than the model's vocabulary (a tokenizer smaller than the padded
+        # embedding): the tokens past its end are not allowed (see ``apply_token_bitmask``).
+        if allowed is not None and (
+            allowed.dim() != 1 or str(allowed.dtype) != "torch.int32" or not 1 <= allowed.shape[0] <= words
+        ):
+            raise InvalidRequestError(
+                f"sequence {s.seq_id}: token bitmask must be at most {words} int32 words"
+            )
 
 
 def sample_steps(sampler: Sampler, logits: torch.Tensor, steps: list[SeqStep]) -> list[int]:

@@ -24,29 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cveil/proto/v1/generate.proto\x12\x07veil.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.veil.v1.ChatMessage\"\x9c\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x04\x88\x01\x01\x12\x17\n\nmin_tokens\x18\t \x01(\rH\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_min_tokens\"\xf4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x0c\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.veil.v1.ChatMessagesH\x00\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.veil.v1.SamplingParams\x12\x14\n\x0cresponse_key\x18\x05 \x01(\x0c\x12\x0e\n\x06stream\x18\x06 \x01(\x08\x12\x14\n\x0cissued_at_ms\x18\x07 \x01(\x04\x12\x15\n\rtenant_secret\x18\t \x01(\x0c\x12\x0f\n\x07padding\x18\x0f \x01(\x0c\x42\x07\n\x05input\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xbe\x01\n\nChunkError\x12&\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x18.veil.v1.ChunkError.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\"w\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43ODE_INVALID_REQUEST\x10\x01\x12\x18\n\x14\x43ODE_PROMPT_TOO_LONG\x10\x02\x12\x11\n\rCODE_INTERNAL\x10\x03\x12\x12\n\x0e\x43ODE_CANCELLED\x10\x04\"\xa5\x01\n\rResponseChunk\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.veil.v1.FinishReason\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.veil.v1.Usage\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.veil.v1.ChunkError\x12\x0f\n\x07padding\x18\x0f \x01(\x0c*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cveil/proto/v1/generate.proto\x12\x07veil.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.veil.v1.ChatMessage\"\x9c\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x04\x88\x01\x01\x12\x17\n\nmin_tokens\x18\t \x01(\rH\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_min_tokens\"\xa0\x01\n\x0eResponseFormat\x12\x39\n\x0bjson_object\x18\x01 \x01(\x0b\x32\".veil.v1.ResponseFormat.JsonObjectH\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x03 \x01(\tH\x00\x12\x0c\n\x04name\x18\x04 \x01(\t\x1a\x0c\n\nJsonObjectB\x08\n\x06\x66ormat\"\xa6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x0c\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.veil.v1.ChatMessagesH\x00\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.veil.v1.SamplingParams\x12\x14\n\x0cresponse_key\x18\x05 \x01(\x0c\x12\x0e\n\x06stream\x18\x06 \x01(\x08\x12\x14\n\x0cissued_at_ms\x18\x07 \x01(\x04\x12\x30\n\x0fresponse_format\x18\x08 \x01(\x0b\x32\x17.veil.v1.ResponseFormat\x12\x15\n\rtenant_secret\x18\t \x01(\x0c\x12\x0f\n\x07padding\x18\x0f \x01(\x0c\x42\x07\n\x05input\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xbe\x01\n\nChunkError\x12&\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x18.veil.v1.ChunkError.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\"w\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43ODE_INVALID_REQUEST\x10\x01\x12\x18\n\x14\x43ODE_PROMPT_TOO_LONG\x10\x02\x12\x11\n\rCODE_INTERNAL\x10\x03\x12\x12\n\x0e\x43ODE_CANCELLED\x10\x04\"\xa5\x01\n\rResponseChunk\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.veil.v1.FinishReason\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.veil.v1.Usage\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x13.veil.v1.ChunkError\x12\x0f\n\x07padding\x18\x0f \x01(\x0c*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'veil.proto.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1121
-  _globals['_FINISHREASON']._serialized_end=1270
+  _globals['_FINISHREASON']._serialized_start=1334
+  _globals['_FINISHREASON']._serialized_end=1483
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_CHATMESSAGES']._serialized_start=87
   _globals['_CHATMESSAGES']._serialized_end=141
   _globals['_SAMPLINGPARAMS']._serialized_start=144
   _globals['_SAMPLINGPARAMS']._serialized_end=428
-  _globals['_GENERATEREQUEST']._serialized_start=431
-  _globals['_GENERATEREQUEST']._serialized_end=675
-  _globals['_USAGE']._serialized_start=677
-  _globals['_USAGE']._serialized_end=757
-  _globals['_CHUNKERROR']._serialized_start=760
-  _globals['_CHUNKERROR']._serialized_end=950
-  _globals['_CHUNKERROR_CODE']._serialized_start=831
-  _globals['_CHUNKERROR_CODE']._serialized_end=950
-  _globals['_RESPONSECHUNK']._serialized_start=953
-  _globals['_RESPONSECHUNK']._serialized_end=1118
+  _globals['_RESPONSEFORMAT']._serialized_start=431
+  _globals['_RESPONSEFORMAT']._serialized_end=591
+  _globals['_RESPONSEFORMAT_JSONOBJECT']._serialized_start=569
+  _globals['_RESPONSEFORMAT_JSONOBJECT']._serialized_end=581
+  _globals['_GENERATEREQUEST']._serialized_start=594
+  _globals['_GENERATEREQUEST']._serialized_end=888
+  _globals['_USAGE']._serialized_start=890
+  _globals['_USAGE']._serialized_end=970
+  _globals['_CHUNKERROR']._serialized_start=973
+  _globals['_CHUNKERROR']._serialized_end=1163
+  _globals['_CHUNKERROR_CODE']._serialized_start=1044
+  _globals['_CHUNKERROR_CODE']._serialized_end=1163
+  _globals['_RESPONSECHUNK']._serialized_start=1166
+  _globals['_RESPONSECHUNK']._serialized_end=1331
 # @@protoc_insertion_point(module_scope)

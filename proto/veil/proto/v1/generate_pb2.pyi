@@ -56,8 +56,23 @@ class SamplingParams(_message.Message):
     min_tokens: int
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., min_tokens: _Optional[int] = ...) -> None: ...
 
+class ResponseFormat(_message.Message):
+    __slots__ = ("json_object", "json_schema", "lark_grammar", "name")
+    class JsonObject(_message.Message):
+        __slots__ = ()
+        def __init__(self) -> None: ...
+    JSON_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    LARK_GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    json_object: ResponseFormat.JsonObject
+    json_schema: str
+    lark_grammar: str
+    name: str
+    def __init__(self, json_object: _Optional[_Union[ResponseFormat.JsonObject, _Mapping]] = ..., json_schema: _Optional[str] = ..., lark_grammar: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "chat", "params", "response_key", "stream", "issued_at_ms", "tenant_secret", "padding")
+    __slots__ = ("request_id", "prompt", "chat", "params", "response_key", "stream", "issued_at_ms", "response_format", "tenant_secret", "padding")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +80,7 @@ class GenerateRequest(_message.Message):
     RESPONSE_KEY_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     TENANT_SECRET_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
     request_id: bytes
@@ -74,9 +90,10 @@ class GenerateRequest(_message.Message):
     response_key: bytes
     stream: bool
     issued_at_ms: int
+    response_format: ResponseFormat
     tenant_secret: bytes
     padding: bytes
-    def __init__(self, request_id: _Optional[bytes] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., response_key: _Optional[bytes] = ..., stream: _Optional[bool] = ..., issued_at_ms: _Optional[int] = ..., tenant_secret: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[bytes] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., response_key: _Optional[bytes] = ..., stream: _Optional[bool] = ..., issued_at_ms: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., tenant_secret: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
