@@ -162,7 +162,9 @@ def test_execute_rejects_bad_steps(device: torch.device) -> None:
         SeqStep(0, [VOCAB], 0, [0]),  # token id out of range
         SeqStep(0, [1], 0, [24]),  # block id out of range
         SeqStep(0, [1] * 3, 63, [0] * 17),  # past the context
-        SeqStep(0, [1], 0, [0], SampleSpec(GREEDY.params, 0, 0, torch.zeros(1, dtype=torch.int32))),  # mask
+        SeqStep(
+            0, [1], 0, [0], SampleSpec(GREEDY.params, 0, 0, torch.zeros(VOCAB, dtype=torch.int32))
+        ),  # mask
     ):
         with pytest.raises(InvalidRequestError):
             runner.execute([bad])

@@ -212,7 +212,12 @@ def test_chat_completion_json(http: TestClient) -> None:
             "logprobs": None,
         }
     ]
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+    assert body["usage"] == {
+        "prompt_tokens": 7,
+        "completion_tokens": 4,
+        "total_tokens": 11,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_sse_framing_with_usage(http: TestClient) -> None:
@@ -232,6 +237,7 @@ def test_sse_framing_with_usage(http: TestClient) -> None:
         "prompt_tokens": 7,
         "completion_tokens": 4,
         "total_tokens": 11,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
     assert len({c["id"] for c in chunks}) == 1
 

@@ -38,12 +38,13 @@ class CompletionUsage:
         """``prompt_tokens + completion_tokens``."""
         return self.prompt_tokens + self.completion_tokens
 
-    def to_dict(self) -> dict[str, int]:
-        """A JSON-ready dict."""
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict in the OpenAI shape (``prompt_tokens_details.cached_tokens``)."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 

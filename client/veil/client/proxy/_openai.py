@@ -101,7 +101,8 @@ def error_response(exc: VeilClientError) -> tuple[int, dict[str, Any], dict[str,
         if exc.code == "PROMPT_TOO_LONG":
             return 400, error_body(message, type="invalid_request_error", code="context_length_exceeded"), {}
         if exc.code == "INVALID_REQUEST":  # e.g. "response_format: invalid or unsupported JSON Schema"
-            return 400, error_body(message, type="invalid_request_error", param=_param_of(message)), {}
+            param = _param_of(" ".join(exc.message.split()))
+            return 400, error_body(message, type="invalid_request_error", param=param), {}
         return 500, error_body(message, type="server_error", code=exc.code.lower()), {}
     if isinstance(exc, ServerError):
         if exc.code == "RESOURCE_EXHAUSTED":
@@ -132,7 +133,7 @@ def error_event(body: dict[str, Any]) -> bytes:
     return b"event: error\n" + sse(body)
 
 
-def _usage(usage: CompletionUsage | None) -> dict[str, int] | None:
+def _usage(usage: CompletionUsage | None) -> dict[str, Any] | None:
     return usage.to_dict() if usage else None
 
 

@@ -119,6 +119,13 @@ class MaskJob:
                 out.append(masks[row])
         return out
 
+    def mask(self, grammar: GrammarMatcher) -> torch.Tensor:
+        """The mask of one constrained row (waits for the worker); all-zero if it failed."""
+        masks = self.allowed([grammar])
+        if masks is None or masks[0] is None:  # pragma: no cover - a matcher always gets a row
+            return torch.zeros(1, dtype=torch.int32)
+        return masks[0]
+
     def wait(self) -> None:
         """Block until the worker is done with the matchers (before anything else touches them)."""
         if self._future is not None:

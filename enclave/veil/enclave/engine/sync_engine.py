@@ -29,12 +29,13 @@ import secrets
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any
 
 from veil.enclave.data_policy import log_event
 from veil.enclave.engine.block_manager import BlockManager
 from veil.enclave.engine.detokenizer import FINISH_CANCELLED, FINISH_ERROR, AbortReason, CompletionTracker
-from veil.enclave.engine.grammar import GrammarCompiler, GrammarMatcher
+from veil.enclave.engine.grammar import GrammarCompiler, GrammarMatcher, MaskJob
 from veil.enclave.engine.prefix_cache import ENCLAVE_SECRET_SIZE, check_tenant_secret, tenant_cache_key
 from veil.enclave.engine.sampling import SamplingParams
 from veil.enclave.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -47,9 +48,6 @@ from veil.enclave.errors import (
 )
 from veil.enclave.runner.protocol import Runner, SampleSpec, SeqStep
 from veil.proto.chat import ChatMessageError, check_chat
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "ENGINE_VERSION",
@@ -282,8 +280,11 @@ class LLMEngine:
             return []
         self._zero(sched.zero_blocks)
         outputs: list[RequestOutput] = []
-        allowed = self._masks(sched)  # structured output: the constrained rows' token masks
-        done, tokens, failed = self._execute(sched, allowed)
+        masks = self._start_masks(sched)  # structured output: computed while the model runs
+        try:
+            done, tokens, failed = self._execute(sched, masks)
+        finally:
+            masks.wait()  # the worker is done with the matchers before anything else touches them
         for item in failed:
             outputs.append(self._fail(self._by_seq[item.seq.seq_id], "engine.execute_failed"))
         self.scheduler.commit(SchedulerOutput(done))
@@ -308,10 +309,10 @@ class LLMEngine:
         return outputs
 
     def _execute(
-        self, sched: SchedulerOutput, allowed: dict[int, torch.Tensor]
+        self, sched: SchedulerOutput, masks: MaskJob
     ) -> tuple[list[ScheduledSeq], list[int], list[ScheduledSeq]]:
         """(sequences that ran, their sampled tokens in order, sequences that failed)."""
-        steps = [self._seq_step(item, allowed) for item in sched.scheduled]
+        steps = [self._seq_step(item, masks) for item in sched.scheduled]
         try:
             return sched.scheduled, self.runner.execute(steps), []
         except Exception as exc:
@@ -336,13 +337,12 @@ class LLMEngine:
             tokens.extend(out)
         return done, tokens, failed
 
-    def _seq_step(self, item: ScheduledSeq, allowed: dict[int, torch.Tensor]) -> SeqStep:
+    def _seq_step(self, item: ScheduledSeq, masks: MaskJob) -> SeqStep:
         sample = None
         if item.want_logits:
             req = self._by_seq[item.seq.seq_id]
-            sample = SampleSpec(
-                req.params, req.seed, req.seq.num_completion_tokens, allowed.get(item.seq.seq_id)
-            )
+            allowed = None if req.grammar is None else partial(masks.mask, req.grammar)
+            sample = SampleSpec(req.params, req.seed, req.seq.num_completion_tokens, allowed)
         return SeqStep(
             seq_id=item.seq.seq_id,
             token_ids=item.token_ids,
@@ -351,24 +351,19 @@ class LLMEngine:
             sample=sample,
         )
 
-    def _masks(self, sched: SchedulerOutput) -> dict[int, torch.Tensor]:
-        """The next-token masks of the constrained sequences that sample this step, by seq id.
+    def _start_masks(self, sched: SchedulerOutput) -> MaskJob:
+        """Start the next-token masks of the constrained sequences that sample this step.
 
-        Computed on the grammar worker thread and waited for here: the runner samples on its own
-        device inside ``execute``, so a mask must be there before the forward pass starts. A row
-        whose mask could not be computed gets one that allows nothing: the runner then refuses
-        that row (and the engine fails that request alone), never samples it unconstrained.
+        They are computed on the grammar worker thread while the runner's forward pass runs; each
+        constrained step's :class:`SampleSpec` carries a callable the runner calls only when it
+        samples (see ``SampleSpec.allowed``). A row whose mask could not be computed gets one that
+        allows nothing: the runner refuses that row (the engine fails that request alone), never
+        samples it unconstrained.
         """
         reqs = [self._by_seq[i.seq.seq_id] for i in sched.scheduled if i.want_logits]
-        constrained = [r for r in reqs if r.grammar is not None]
-        if not constrained:
-            return {}
-        job = self.grammar.start_masks(
-            [(r.grammar, r.seq.token_ids[r.seq.num_prompt_tokens :]) for r in constrained if r.grammar]
+        return self.grammar.start_masks(
+            [(r.grammar, r.seq.token_ids[r.seq.num_prompt_tokens :]) for r in reqs if r.grammar is not None]
         )
-        job.wait()
-        masks = job.allowed([r.grammar for r in constrained]) or []
-        return {r.seq.seq_id: m for r, m in zip(constrained, masks, strict=True) if m is not None}
 
     # ------------------------------------------------------------------ helpers
 

@@ -51,13 +51,15 @@ class SampleSpec:
     does not depend on batch-mates or on preemption), and an optional packed token bitmask.
 
     ``allowed``: int32 ``[ceil(vocab / 32)]`` (xgrammar's layout): token ``t`` may be drawn iff
-    ``(allowed[t // 32] >> (t % 32)) & 1``; None allows every token.
+    ``(allowed[t // 32] >> (t % 32)) & 1``; None allows every token. It may also be a callable
+    returning that mask: the runner calls it only after the forward pass, so a mask being computed
+    on another thread (structured output) overlaps the model instead of delaying the batch.
     """
 
     params: SamplingParams
     seed: int
     index: int
-    allowed: torch.Tensor | None = None
+    allowed: torch.Tensor | Callable[[], torch.Tensor] | None = None
 
 
 GREEDY = SampleSpec(SamplingParams(temperature=0.0), seed=0, index=0)
@@ -145,6 +147,8 @@ def validate_steps(
         if any(t < 0 or t >= vocab for t in s.token_ids):
             raise InvalidRequestError(f"sequence {s.seq_id}: token id out of range")
         allowed = s.sample.allowed if s.sample is not None else None
+        if callable(allowed):
+            continue  # a mask still being computed: the sampler checks it when it arrives
         # A mask may be narrower than the model's vocabulary (a tokenizer smaller than the padded
         # embedding): the tokens past its end are not allowed (see ``apply_token_bitmask``).
         if allowed is not None and (
@@ -161,7 +165,7 @@ def sample_steps(sampler: Sampler, logits: torch.Tensor, steps: list[SeqStep]) -
     specs = [s.sample for s in steps if s.sample is not None]
     if not specs:
         return []
-    masks = [sp.allowed for sp in specs]
+    masks = [sp.allowed() if callable(sp.allowed) else sp.allowed for sp in specs]
     return sampler.sample(
         logits,
         [sp.params for sp in specs],
