@@ -56,6 +56,10 @@ KIND_Q4 = 0
 KIND_Q8 = 1
 _DIR = Path(__file__).parent / "cpu"
 _CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
+# Each build runs in a fresh temporary directory; mapping it to one fixed name keeps that random
+# path out of the library (``__FILE__`` in TORCH_CHECK messages, debug info, hence the build id),
+# so the same sources, compiler and flags give the same bytes (a reproducible image, #15).
+_BUILD_PREFIX = "/veil-kernels-build"
 _LDFLAGS = ("-fopenmp",)
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -78,7 +82,7 @@ def configure(cache_dir: Path, prebuilt: Sequence[Path] = ()) -> None:
 def identity() -> tuple[KernelIdentity, dict[str, bytes]]:
     """The identity of the library these sources make here, and the source bytes it was taken from."""
     sources = read_sources(_DIR)
-    flags = (*_CFLAGS, *(f"ld:{f}" for f in _LDFLAGS))
+    flags = (*_CFLAGS, f"-ffile-prefix-map=BUILD={_BUILD_PREFIX}", *(f"ld:{f}" for f in _LDFLAGS))
     return identify(sources, torch.__version__, sys.version, flags), sources
 
 
@@ -106,7 +110,7 @@ def _compile(cache: Path, ident: KernelIdentity, sources: dict[str, bytes], verb
         cpp_extension.load(
             name=ident.name,
             sources=[str(src / n) for n in sorted(sources) if n.endswith((".cpp", ".cc", ".c"))],
-            extra_cflags=list(_CFLAGS),
+            extra_cflags=[*_CFLAGS, f"-ffile-prefix-map={work}={_BUILD_PREFIX}"],
             extra_include_paths=[str(src)],
             extra_ldflags=list(_LDFLAGS),
             build_directory=str(work),
