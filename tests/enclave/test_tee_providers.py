@@ -345,6 +345,55 @@ def test_snp_host_without_certificates_gets_the_vcek_chain_from_kds(
         kds_chain_fetcher(store)(b"\0" * 10)
 
 
+def test_start_hardware_fetches_collateral_caches_it_and_fails_closed_once_it_expires(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """``veil serve``'s start-up path: the sample report names the AMD CRL to staple, fetched from
+    KDS (an httpx transport speaking its URLs) into the state dir; a restart while KDS is down
+    staples the cached set while it is current; once it has expired, start-up is refused, typed."""
+    import datetime as dt
+
+    import httpx
+
+    from veil.attestation.collateral import CollateralStore, Endpoints
+    from veil.enclave.errors import CollateralUnavailableError
+    from veil.enclave.tee.hardware import start_hardware
+
+    crl = world["collateral"].amd.crl
+    asked: list[str] = []
+    kds_up = [True]
+
+    def kds(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if kds_up[0] and request.url.path == "/vcek/v1/Milan/crl":
+            return httpx.Response(200, content=crl)
+        return httpx.Response(503)
+
+    def store(n: int) -> CollateralStore:  # a fresh vendor cache each time: only the state dir carries over
+        return CollateralStore(
+            cache_dir=tmp_path / f"vendor-{n}",
+            endpoints=Endpoints(amd_kds="https://kds.test"),
+            client=httpx.Client(transport=httpx.MockTransport(kds)),
+            kds_min_interval_s=0.0,
+        )
+
+    cpu = ConfigfsTsmSource(ConfigfsTsm(TSM, files=_configfs(world, "sev_guest")), "sev_guest")
+    policy = _policy(world, PlatformName.SEV_SNP)
+    state = tmp_path / "state"
+    provider = start_hardware(cpu, None, state, store=store(0), clock=lambda: NOW)
+    assert asked == ["/vcek/v1/Milan/crl"]
+    assert provider.evidence(bytes(32), b"c", b"k").collateral.amd.crl == crl
+    _check_end_to_end(provider, policy)
+    kds_up[0] = False
+    restarted = start_hardware(cpu, None, state, store=store(1), clock=lambda: NOW + dt.timedelta(days=1))
+    _check_end_to_end(restarted, policy)
+    assert asked == ["/vcek/v1/Milan/crl"]  # not due for a refresh: KDS was not even asked
+    expired = NOW.replace(year=2026) + dt.timedelta(days=1)  # past the CRL's next update
+    with pytest.raises(CollateralUnavailableError, match="no current collateral"):
+        start_hardware(cpu, None, state, store=store(2), clock=lambda: expired)
+    assert asked[1:] and set(asked[1:]) == {"/vcek/v1/Milan/crl"}  # it tried, and KDS was down
+
+
 @pytest.mark.tee
 def test_this_machines_tee_signs_a_bundle_the_client_binds() -> None:
     """On a real confidential VM (`make test` there): the probed provider's report carries this
