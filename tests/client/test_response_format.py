@@ -104,6 +104,8 @@ def test_async_client_seals_it_too(enclave: FakeEnclave) -> None:
         ({"type": "json_schema", "json_schema": {"schema": {"x": {1, 2}}}}, "not JSON-serializable"),
         ({"type": "json_schema", "json_schema": {"name": 3, "schema": {}}}, "name"),
         ({"type": "grammar", "grammar": ""}, "grammar"),
+        ({"type": "json_object", "schema": {}}, "unknown key.*'schema'"),  # not silently ignored
+        ({"type": "json_schema", "json_schema": {"schema": {}, "strcit": True}}, "unknown key.*'strcit'"),
         (dict, "must be a dict"),  # a class without model_json_schema
     ],
 )

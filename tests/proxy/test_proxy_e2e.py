@@ -132,10 +132,14 @@ def test_structured_output_through_the_openai_client(proxy: LocalProxy) -> None:
     assert reply.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
     stream = oai.chat.completions.create(  # type: ignore[call-overload]
-        messages=question, model=model, response_format={"type": "json_object"}, max_tokens=48, stream=True
+        messages=question, model=model, response_format=fmt, max_tokens=96, temperature=0, stream=True
     )
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    assert isinstance(json.loads(text), dict)
+    chunks = [c for c in stream if c.choices]
+    assert chunks[-1].choices[0].finish_reason == "stop"  # else the JSON may be cut short (documented)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), PERSON)
+    bad = {"type": "json_object", "unexpected": 1}  # the SDK checks the shape: a 400 naming it
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        oai.chat.completions.create(model=model, messages=question, response_format=bad)  # type: ignore[call-overload]
 
 
 def test_raw_sse_framing_and_errors(proxy: LocalProxy) -> None:

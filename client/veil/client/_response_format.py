@@ -46,6 +46,7 @@ def check_response_format(response_format: object) -> generate_pb2.ResponseForma
             "response_format must be a dict like {'type': 'json_object'} or a Pydantic model class"
         )
     kind = response_format.get("type")
+    _known_keys(response_format, _KEYS.get(kind, {"type"}), "response_format")
     if kind == "text":
         return None
     if kind == "json_object":
@@ -54,6 +55,7 @@ def check_response_format(response_format: object) -> generate_pb2.ResponseForma
         spec = response_format.get("json_schema")
         if not isinstance(spec, Mapping) or "schema" not in spec:
             raise ConfigurationError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+        _known_keys(spec, {"name", "schema", "strict", "description"}, "response_format json_schema")
         name = spec.get("name", "")
         if not isinstance(name, str) or len(name) > _NAME_CHARS:
             raise ConfigurationError(f"response_format json_schema.name must be a string of <= {_NAME_CHARS}")
@@ -66,6 +68,22 @@ def check_response_format(response_format: object) -> generate_pb2.ResponseForma
     raise ConfigurationError(
         f"response_format type must be 'text', 'json_object', 'json_schema' or 'grammar', got {kind!r}"
     )
+
+
+# The keys each OpenAI shape has (and Veil's grammar extension): anything else is refused by
+# name rather than ignored, as the OpenAI API does (``strict`` is accepted: it is always enforced).
+_KEYS = {
+    "text": {"type"},
+    "json_object": {"type"},
+    "json_schema": {"type", "json_schema"},
+    "grammar": {"type", "grammar"},
+}
+
+
+def _known_keys(spec: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(str(k) for k in spec if k not in known)
+    if unknown:
+        raise ConfigurationError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
 
 
 def _schema_text(schema: Any) -> str:
