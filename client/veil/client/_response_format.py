@@ -46,7 +46,9 @@ def check_response_format(response_format: object) -> generate_pb2.ResponseForma
             "response_format must be a dict like {'type': 'json_object'} or a Pydantic model class"
         )
     kind = response_format.get("type")
-    _known_keys(response_format, _KEYS.get(kind, {"type"}), "response_format")
+    _known_keys(
+        response_format, _KEYS.get(kind, {"type"}) if isinstance(kind, str) else {"type"}, "response_format"
+    )
     if kind == "text":
         return None
     if kind == "json_object":
