@@ -13,11 +13,13 @@ import json
 from typing import Any
 
 import pytest
+import torch  # noqa: F401  (before regopy: torch loaded after rego-cpp's library aborts the process)
+
+# isort: split
+import regopy  # in the dev lock: the policy is evaluated, never skipped
 from manifest_checks import CONFIDENTIAL, K8S, ROOT, pin_module
 
 from veil.attestation.initdata import parse_initdata
-
-regopy = pytest.importorskip("regopy")
 
 IMAGE_PREFIX = 'veil_image := "'
 K8S_ENV = [

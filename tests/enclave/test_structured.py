@@ -42,8 +42,8 @@ def unpack(mask: torch.Tensor, vocab: int) -> set[int]:
 
 
 def mask_of(compiler: GrammarCompiler, m: GrammarMatcher, completion: list[int]) -> torch.Tensor:
-    (mask,) = compiler.start_masks([(m, completion)]).allowed([m]) or [None]
-    assert mask is not None
+    mask = compiler.start_masks([(m, completion)]).mask(m)
+    assert mask.shape[0] > 1  # a computed mask, not the one-word refusal
     return mask
 
 

@@ -95,45 +95,26 @@ class MaskJob:
         self._rows = rows  # id(GrammarMatcher) -> row of the bitmask
         self._future = future
 
-    def allowed(self, grammars: Sequence[GrammarMatcher | None]) -> list[torch.Tensor | None] | None:
-        """One mask (or None) per entry of ``grammars``; None when no entry is constrained.
-
-        A constrained row whose mask was not computed (or whose computation failed) gets an
-        all-zero mask: the sampler then refuses that row alone. Fail closed, never unconstrained.
-        """
-        if self._future is None or all(g is None for g in grammars):
-            return None
-        try:
-            masks: torch.Tensor | None = self._future.result()
-        except Exception:
-            masks = None
-        out: list[torch.Tensor | None] = []
-        for g in grammars:
-            if g is None:
-                out.append(None)
-                continue
-            row = self._rows.get(id(g))
-            if masks is None or row is None:
-                out.append(torch.zeros(self._width(masks), dtype=torch.int32))
-            else:
-                out.append(masks[row])
-        return out
-
     def mask(self, grammar: GrammarMatcher) -> torch.Tensor:
-        """The mask of one constrained row (waits for the worker); all-zero if it failed."""
-        masks = self.allowed([grammar])
-        if masks is None or masks[0] is None:  # pragma: no cover - a matcher always gets a row
-            return torch.zeros(1, dtype=torch.int32)
-        return masks[0]
+        """The next-token mask of one constrained row (waits for the worker).
+
+        A row whose mask was not computed (or whose computation failed) gets an all-zero mask:
+        the sampler then refuses that row alone. Fail closed, never unconstrained.
+        """
+        masks: torch.Tensor | None = None
+        if self._future is not None:
+            with contextlib.suppress(Exception):
+                masks = self._future.result()
+        row = self._rows.get(id(grammar))
+        if masks is None or row is None:
+            return torch.zeros(1 if masks is None else int(masks.shape[1]), dtype=torch.int32)
+        return masks[row]
 
     def wait(self) -> None:
         """Block until the worker is done with the matchers (before anything else touches them)."""
         if self._future is not None:
-            with contextlib.suppress(Exception):  # allowed() turns a failure into refused rows
+            with contextlib.suppress(Exception):  # mask() turns a failure into refused rows
                 self._future.result()
-
-    def _width(self, masks: torch.Tensor | None) -> int:
-        return 1 if masks is None else int(masks.shape[1])
 
 
 _NO_MASKS = MaskJob({}, None)
@@ -241,7 +222,7 @@ class GrammarCompiler:
         """Start computing the next-token masks of ``(matcher, completion so far)`` pairs.
 
         Each matcher is first synced with its completion (here, on the caller's thread); the
-        masks are filled on the worker thread. ``MaskJob.allowed`` waits for them.
+        masks are filled on the worker thread. ``MaskJob.mask`` waits for them.
         """
         if not grammars:
             return _NO_MASKS
